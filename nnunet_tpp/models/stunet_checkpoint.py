@@ -1,0 +1,195 @@
+"""Loading published STU-Net checkpoints (nnU-Net v1 ``.model``, nnU-Net v2 ``.pth``) safely.
+
+Files are read with ``torch.load(weights_only=True)`` and an explicit allow-list of the numpy types that
+nnU-Net v1 stores next to the weights; nothing else is ever unpickled. Every backbone tensor of the model
+must be found in the checkpoint; the segmentation heads are skipped (a new task gets new heads).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_tpp.models.stunet import SIZES, STUNet
+
+_PREFIXES = ("module.", "_orig_mod.")
+_STUNET_MARKER = "conv_blocks_context.0.0.conv1.weight"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used for the requested network."""
+
+
+def _numpy_allow_list() -> list:
+    """The numpy objects that nnU-Net v1 checkpoints pickle (scalars and small arrays in ``plot_stuff``),
+    under both the numpy 1 and numpy 2 module paths."""
+    core = np._core if hasattr(np, "_core") else np.core
+    allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool", "uint8")]
+    aliases = [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+               (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
+    return allowed + aliases
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Reads a checkpoint file without executing arbitrary pickled code.
+
+    Args:
+        path: a ``.model`` / ``.pth`` / ``.pt`` file.
+    Returns:
+        The unpickled dictionary (tensors on the CPU).
+    Raises:
+        CheckpointError: the file is missing, not a torch checkpoint, or contains objects outside the
+            allow-list.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file not found: {path!r}. Pass the path of a published STU-Net "
+                              f"checkpoint (nnU-Net v1 .model or v2 .pth).")
+    try:
+        with torch.serialization.safe_globals(_numpy_allow_list()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path!r} holds objects outside the allow-list of a weights file (tensors, numbers, numpy "
+            f"scalars); it was not unpickled. Expected an STU-Net checkpoint. Detail: {str(e).splitlines()[0]}"
+        ) from None
+    except Exception as e:  # zip/pickle corruption, a NIfTI or text file, ...
+        raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}). Expected an STU-Net checkpoint "
+                              f"(nnU-Net v1 .model or v2 .pth).") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dictionary.")
+    return obj
+
+
+def extract_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """Finds the weights in a checkpoint dictionary and strips DDP / torch.compile prefixes.
+
+    Returns:
+        ``(state_dict, format)`` where format is ``"nnU-Net v2"``, ``"nnU-Net v1"`` or ``"state dict"``.
+    """
+    if "network_weights" in checkpoint:
+        sd, fmt = checkpoint["network_weights"], "nnU-Net v2"
+    elif "state_dict" in checkpoint:
+        sd, fmt = checkpoint["state_dict"], "nnU-Net v1"
+    elif checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        sd, fmt = checkpoint, "state dict"
+    else:
+        raise CheckpointError("no weights found: expected a 'network_weights' (nnU-Net v2) or 'state_dict' "
+                              f"(nnU-Net v1) entry, found keys {sorted(checkpoint)[:8]}")
+    clean = {}
+    for key, value in sd.items():
+        while key.startswith(_PREFIXES):
+            key = key.split(".", 1)[1]
+        clean[key] = value
+    return clean, fmt
+
+
+def describe_stunet(state_dict: dict[str, torch.Tensor]) -> str:
+    """Names the STU-Net size of a state dict (e.g. ``"STU-Net-B"``), or describes what it is instead."""
+    if _STUNET_MARKER not in state_dict:
+        sample = ", ".join(sorted(state_dict)[:3])
+        return f"not an STU-Net (keys like {sample})"
+    width = state_dict[_STUNET_MARKER].shape[0]
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("conv_blocks_context.0.")})
+    for spec in SIZES.values():
+        if spec.base_width == width and spec.depth == depth:
+            return f"STU-Net-{spec.name}"
+    return f"an STU-Net of unpublished size (width {width}, depth {depth})"
+
+
+@dataclass
+class LoadReport:
+    """What a checkpoint load did: tensors loaded, checkpoint tensors skipped, model tensors left as
+    initialised."""
+
+    path: str
+    source_format: str
+    architecture: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    initialised: list[str] = field(default_factory=list)
+    repeated_input_channels: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """A human-readable report, one line per item group."""
+        out = [f"pre-trained weights: {self.path} ({self.source_format}, {self.architecture})",
+               f"  loaded {len(self.loaded)} tensors (every backbone tensor)",
+               f"  skipped {len(self.skipped)} checkpoint tensors: {_short(self.skipped)}",
+               f"  newly initialised {len(self.initialised)} tensors: {_short(self.initialised)}"]
+        if self.repeated_input_channels:
+            out.append(f"  first-layer weights repeated over the input channels: {self.repeated_input_channels}")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def _short(names: list[str], n: int = 6) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def _is_head(key: str, model: STUNet) -> bool:
+    return any(key.startswith(p + ".") for p in model.head_prefixes)
+
+
+def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: set[str] | None = None
+                           ) -> LoadReport:
+    """Loads a published STU-Net checkpoint into ``model`` (an :class:`STUNet`, PEFT layers allowed).
+
+    Args:
+        model: the network to fill; keys must follow the published layout.
+        path: checkpoint file.
+        new_keys: model keys that are expected to be missing from a published checkpoint (parameters
+            added by a PEFT method); they keep their initialisation.
+    Returns:
+        A :class:`LoadReport`.
+    Raises:
+        CheckpointError: wrong architecture or size, missing or mis-shaped backbone tensors. The model is
+            left unchanged in that case.
+    """
+    new_keys = new_keys or set()
+    state, fmt = extract_state_dict(read_checkpoint(path))
+    found = describe_stunet(state)
+    expected = f"STU-Net-{model.size_name}" if getattr(model, "size_name", None) else "STU-Net"
+    if not found.startswith("STU-Net-") or (model.size_name and found != expected):
+        hint = ""
+        if found.startswith("STU-Net-") and model.size_name:
+            hint = f" Use the trainer for that size (suffix _{found[-1]}) or the checkpoint of {expected}."
+        raise CheckpointError(f"{os.fspath(path)!r} is {found}, but this network is {expected}.{hint}")
+
+    target = model.state_dict()
+    report = LoadReport(os.fspath(path), fmt, found)
+    to_load, problems = {}, []
+    for key, tensor in target.items():
+        if _is_head(key, model) or key in new_keys:
+            report.initialised.append(key)
+            continue
+        if key not in state:
+            problems.append(f"missing {key}")
+            continue
+        value = state[key]
+        if value.shape != tensor.shape and key.startswith("conv_blocks_context.0.0.") and value.dim() == 5 \
+                and value.shape[1] == 1 and value.shape[0] == tensor.shape[0] and value.shape[2:] == tensor.shape[2:]:
+            value = value.repeat(1, tensor.shape[1], 1, 1, 1)
+            report.repeated_input_channels.append(key)
+        if value.shape != tensor.shape:
+            problems.append(f"{key}: checkpoint {tuple(value.shape)} vs network {tuple(tensor.shape)}")
+            continue
+        to_load[key] = value
+    if problems:
+        raise CheckpointError(f"{os.fspath(path)!r} ({found}) does not fit this {expected}: "
+                              + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
+    report.skipped = sorted(k for k in state if k not in to_load)
+    report.loaded = sorted(to_load)
+    with torch.no_grad():
+        for key, value in to_load.items():
+            target[key].copy_(value.to(dtype=target[key].dtype))
+    return report

@@ -1,0 +1,225 @@
+"""The PEFT interface every model and trainer in the package uses.
+
+``apply`` adds a method to a model and freezes what the method does not train; the task heads (the
+modules a model lists in ``head_prefixes``) always stay trainable. The method and its options are kept on
+the model as ``model.peft_config`` so that every other function here knows what was applied.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method
+
+FILE_FORMAT = "nnunet_tpp.peft/1"
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """The method applied to a model and its resolved options."""
+
+    method: str
+    options: dict[str, Any]
+    merged: bool = False
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Returns the network inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _config(model: nn.Module) -> PeftConfig:
+    cfg = getattr(unwrap(model), "peft_config", None)
+    if cfg is None:
+        raise PeftError(f"no PEFT method has been applied to this {type(unwrap(model)).__name__}; "
+                        f"call nnunet_tpp.peft.apply(model, method) first")
+    return cfg
+
+
+def _method_and_options(model: nn.Module) -> tuple[PeftMethod, Any]:
+    cfg = _config(model)
+    method = get_method(cfg.method)
+    return method, method.parse_options(cfg.options)
+
+
+def is_head(model: nn.Module, name: str) -> bool:
+    """True when parameter ``name`` belongs to one of the model's task heads."""
+    return any(name == p or name.startswith(p + ".") for p in getattr(unwrap(model), "head_prefixes", ()))
+
+
+def apply(model: nn.Module, method: str, **options) -> nn.Module:
+    """Adds a PEFT method to ``model`` in place and freezes everything the method does not train.
+
+    Args:
+        model: the network (not wrapped in DDP / torch.compile yet).
+        method: a name from :func:`nnunet_tpp.peft.methods`.
+        **options: the method's options (see its options dataclass); unknown ones raise.
+    Returns:
+        ``model``, with ``model.peft_config`` set.
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        raise PeftError("apply PEFT before wrapping the model in DDP or torch.compile")
+    if getattr(model, "peft_config", None) is not None:
+        raise PeftError(f"this model already has PEFT method {model.peft_config.method!r}; build a fresh model")
+    entry = get_method(method)
+    opts = entry.parse_options(options)
+    entry.inject(model, opts)
+    for name, param in model.named_parameters():
+        param.requires_grad_(entry.trains(name) or is_head(model, name))
+    model.peft_config = PeftConfig(method, dataclasses.asdict(opts))
+    return model
+
+
+def target_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters the method added (Conv-Adapter / LoRA weights): what TPP pre-trains.
+
+    Returns:
+        ``{name: parameter}`` in module order; empty for methods that add nothing.
+    """
+    method, _ = _method_and_options(model)
+    return {n: p for n, p in unwrap(model).named_parameters() if method.is_target(n)}
+
+
+def trained_parameter_names(model: nn.Module) -> list[str]:
+    """Names of everything the method trains: its target parameters, its other trainable parameters and
+    the heads (what an adapter-only checkpoint holds)."""
+    method, _ = _method_and_options(model)
+    net = unwrap(model)
+    return [n for n, _ in net.named_parameters() if method.trains(n) or is_head(net, n)]
+
+
+@dataclass(frozen=True)
+class TrainableSummary:
+    """Counts of trainable parameters."""
+
+    method: str
+    trainable: int
+    total: int
+    target: int
+    heads: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable parameters: {self.trainable} of {self.total} ({self.percent:.2f}%)"
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    """Counts trainable, total, target and head parameters of a PEFT model."""
+    method, _ = _method_and_options(model)
+    net = unwrap(model)
+    params = dict(net.named_parameters())
+    trainable = set(trained_parameter_names(net))
+    return TrainableSummary(
+        method=method.name,
+        trainable=sum(params[n].numel() for n in trainable),
+        total=sum(p.numel() for p in params.values()),
+        target=sum(p.numel() for n, p in params.items() if method.is_target(n)),
+        heads=sum(p.numel() for n, p in params.items() if is_head(net, n)))
+
+
+def state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter-only state dict: every parameter the method trains plus the heads (CPU tensors)."""
+    params = dict(unwrap(model).named_parameters())
+    return {n: params[n].detach().cpu().clone() for n in trained_parameter_names(model)}
+
+
+def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Loads an adapter-only state dict into a model that has the same method applied.
+
+    Args:
+        model: the PEFT model (backbone weights already loaded).
+        weights: the output of :func:`state_dict`.
+        strict: raise if a trained parameter is missing from ``weights`` or a key is unknown.
+    Returns:
+        The names that were loaded.
+    """
+    net = unwrap(model)
+    expected = set(trained_parameter_names(net))
+    params = dict(net.named_parameters())
+    missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - set(params))
+    if strict and (missing or unknown):
+        raise PeftError(f"adapter weights do not fit this model: missing {missing[:5]}, unknown {unknown[:5]}")
+    bad = [f"{n}: {tuple(w.shape)} vs {tuple(params[n].shape)}" for n, w in weights.items()
+           if n in params and w.shape != params[n].shape]
+    if bad:
+        raise PeftError(f"adapter weights have other shapes than this model: {bad[:5]}")
+    with torch.no_grad():
+        for n, w in weights.items():
+            if n in params:
+                params[n].copy_(w.to(params[n].device, params[n].dtype))
+    return sorted(n for n in weights if n in params)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Folds a mergeable method into the plain network in place (LoRA; trivially BitFit, linear probe, full).
+
+    Returns:
+        ``model``, now free of PEFT layers. Raises :class:`PeftError` for methods that cannot merge.
+    """
+    net = unwrap(model)
+    cfg = _config(net)
+    method, opts = _method_and_options(net)
+    method.merge(net, opts)
+    net.peft_config = dataclasses.replace(cfg, merged=True)
+    return model
+
+
+def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Writes the adapter-only weights with the method, options and architecture, atomically."""
+    cfg = _config(model)
+    payload = {"format": FILE_FORMAT, "method": cfg.method, "options": cfg.options,
+               "architecture": architecture_name(model), "state_dict": state_dict(model), **(extra or {})}
+    atomic_torch_save(payload, path)
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Loads a file written by :func:`save` into a model with the same method, options and architecture.
+
+    Returns:
+        The file's metadata (everything but the weights).
+    """
+    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise PeftError(f"{os.fspath(path)!r} is not an nnunet_tpp adapter file")
+    cfg = _config(model)
+    if payload["method"] != cfg.method or payload["options"] != cfg.options:
+        raise PeftError(f"{os.fspath(path)!r} was made for {payload['method']} {payload['options']}, "
+                        f"this model has {cfg.method} {cfg.options}")
+    if payload["architecture"] != architecture_name(model):
+        raise PeftError(f"{os.fspath(path)!r} was made for {payload['architecture']}, "
+                        f"this model is {architecture_name(model)}")
+    load_state_dict(model, payload["state_dict"])
+    return {k: v for k, v in payload.items() if k != "state_dict"}
+
+
+def architecture_name(model: nn.Module) -> str:
+    """A short name of the backbone, e.g. ``STUNet-B``."""
+    net = unwrap(model)
+    size = getattr(net, "size_name", None)
+    return f"{type(net).__name__}-{size}" if size else type(net).__name__
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename over ``path``."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,128 @@
+"""Trainer recipes: what a trainer builds and how it optimises, as data.
+
+Defaults per trainer family live in ``recipes.yaml`` next to this file; a user recipe (YAML, given with the
+environment variable ``NNUNET_TPP_RECIPE``) overrides fields; ``NNUNET_TPP_EPOCHS``,
+``NNUNET_TPP_ITERS_PER_EPOCH`` and ``NNUNET_TPP_VAL_ITERS_PER_EPOCH`` override the schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+from nnunet_tpp.peft import get_method
+
+ENV_RECIPE = "NNUNET_TPP_RECIPE"
+ENV_EPOCHS = "NNUNET_TPP_EPOCHS"
+ENV_ITERS = "NNUNET_TPP_ITERS_PER_EPOCH"
+ENV_VAL_ITERS = "NNUNET_TPP_VAL_ITERS_PER_EPOCH"
+
+
+class RecipeError(ValueError):
+    """An invalid recipe file or environment override."""
+
+
+@dataclass
+class TrainerRecipe:
+    """Everything that distinguishes one of our trainers from another.
+
+    Attributes:
+        size: STU-Net size (S, B, L, H).
+        method: PEFT method name, or None to train STU-Net from scratch.
+        options: the method's options.
+        initial_lr: SGD learning rate (nnU-Net's poly schedule).
+        weight_decay: SGD weight decay on trainable parameters.
+        epochs, iterations_per_epoch, val_iterations_per_epoch: schedule (None: nnU-Net's defaults).
+    """
+
+    size: str = "B"
+    method: str | None = "conv_adapter"
+    options: dict[str, Any] = field(default_factory=dict)
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    epochs: int | None = None
+    iterations_per_epoch: int | None = None
+    val_iterations_per_epoch: int | None = None
+
+    def network_spec(self) -> dict[str, Any]:
+        """The part of the recipe that determines the network's parameters (stored in the plans)."""
+        opts = {}
+        if self.method is not None:
+            opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
+            opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
+        return {"size": self.size, "method": self.method, "options": opts}
+
+
+@lru_cache(maxsize=1)
+def _family_defaults() -> dict[str, dict[str, Any]]:
+    text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def family_defaults(family: str) -> dict[str, Any]:
+    """The packaged defaults of a trainer family (e.g. ``ConvAdapterTrainer``)."""
+    return dict(_family_defaults()[family])
+
+
+def read_recipe_file(path: str) -> dict[str, Any]:
+    """Reads a YAML recipe and checks its field names against :class:`TrainerRecipe`."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"{ENV_RECIPE}={path!r}: file not found")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path!r}: a recipe is a mapping of fields, got {type(data).__name__}")
+    data = data.get("trainer", data)
+    known = {f.name for f in dataclasses.fields(TrainerRecipe)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise RecipeError(f"{path!r}: unknown recipe field(s) {unknown}; valid: {sorted(known)}")
+    return data
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise RecipeError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise RecipeError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def resolve_recipe(family: str, size: str) -> TrainerRecipe:
+    """Family defaults, then the user's recipe file, then the schedule environment variables.
+
+    Args:
+        family: trainer family name (class name without the size suffix).
+        size: the class's STU-Net size.
+    Returns:
+        The validated :class:`TrainerRecipe` (unknown PEFT options raise here, before any training).
+    """
+    fields = {"size": size, **family_defaults(family)}
+    user_file = os.environ.get(ENV_RECIPE)
+    if user_file:
+        user = read_recipe_file(user_file)
+        if "method" in user and user["method"] != fields["method"]:
+            raise RecipeError(f"{user_file!r} asks for method {user['method']!r} but this trainer runs "
+                              f"{fields['method']!r}; pick the trainer of that method instead")
+        if "size" in user and str(user["size"]).upper() != size:
+            raise RecipeError(f"{user_file!r} asks for size {user['size']!r} but this trainer builds "
+                              f"STU-Net-{size}; use the trainer with suffix _{str(user['size']).upper()}")
+        fields.update({k: v for k, v in user.items() if k not in ("method", "size")})
+    for key, env in (("epochs", ENV_EPOCHS), ("iterations_per_epoch", ENV_ITERS),
+                     ("val_iterations_per_epoch", ENV_VAL_ITERS)):
+        value = _env_int(env)
+        if value is not None:
+            fields[key] = value
+    recipe = TrainerRecipe(**fields)
+    recipe.network_spec()  # validates method and options now
+    return recipe
