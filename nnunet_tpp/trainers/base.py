@@ -22,6 +22,7 @@ from nnunet_tpp.trainers.recipe import resolve_recipe
 
 PEFT_WEIGHTS_FILE = "peft_weights.pth"
 PLANS_KEY = "nnunet_tpp"
+ENV_SKIP_VALIDATION = "NNUNET_TPP_SKIP_VALIDATION"
 
 
 def build_network(spec: dict, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -36,8 +37,7 @@ def build_network(spec: dict, configuration_manager, num_input_channels: int, nu
     """
     net = stunet_from_plans(spec["size"], configuration_manager, num_input_channels, num_output_channels,
                             enable_deep_supervision)
-    if spec["method"] is not None:
-        peft.apply(net, spec["method"], **spec["options"])
+    peft.apply(net, spec["method"], **spec["options"])
     return net
 
 
@@ -134,6 +134,13 @@ class STUNetPeftTrainer(nnUNetTrainer):
         super().save_checkpoint(tmp)
         if os.path.exists(tmp):
             os.replace(tmp, filename)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get(ENV_SKIP_VALIDATION, "").lower() in ("1", "true", "yes"):
+            self.print_to_log_file(f"{ENV_SKIP_VALIDATION} is set: skipping nnU-Net's final validation",
+                                   also_print_to_console=True)
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def on_train_end(self):
         super().on_train_end()

@@ -33,7 +33,7 @@ class TrainerRecipe:
 
     Attributes:
         size: STU-Net size (S, B, L, H).
-        method: PEFT method name, or None to train STU-Net from scratch.
+        method: PEFT method name (``full`` trains every parameter, also from scratch).
         options: the method's options.
         initial_lr: SGD learning rate (nnU-Net's poly schedule).
         weight_decay: SGD weight decay on trainable parameters.
@@ -41,7 +41,7 @@ class TrainerRecipe:
     """
 
     size: str = "B"
-    method: str | None = "conv_adapter"
+    method: str = "conv_adapter"
     options: dict[str, Any] = field(default_factory=dict)
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
@@ -51,10 +51,8 @@ class TrainerRecipe:
 
     def network_spec(self) -> dict[str, Any]:
         """The part of the recipe that determines the network's parameters (stored in the plans)."""
-        opts = {}
-        if self.method is not None:
-            opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
-            opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
+        opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
+        opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
         return {"size": self.size, "method": self.method, "options": opts}
 
 

@@ -1,0 +1,114 @@
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``trainers``, ``methods``, ``check``, ``restore``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_RECIPE = "demo.yaml"
+
+
+def _demo(args) -> int:
+    from nnunet_tpp.demo.pipeline import DemoConfig, run_demo
+    recipe = Path(args.config) if args.config else None
+    overrides = dict(work_dir=args.work_dir, data=args.data, trainer=args.trainer, pretrained=args.pretrained,
+                     epochs=args.epochs, iterations_per_epoch=args.iters, device=args.device,
+                     dataset_id=args.dataset_id)
+    if args.labels:
+        import json
+        overrides["labels"] = json.loads(args.labels)
+    cfg = DemoConfig.from_yaml(recipe, **overrides) if recipe else DemoConfig(
+        **{k: (Path(v) if k in ("work_dir", "data", "pretrained") else v) for k, v in overrides.items()
+           if v is not None})
+    run_demo(cfg)
+    return 0
+
+
+def _methods(args) -> int:
+    from nnunet_tpp import peft
+    for name in peft.methods():
+        entry = peft.get_method(name)
+        print(f"{name:14s} {'mergeable' if entry.mergeable else 'not mergeable':14s} {entry.description}")
+    return 0
+
+
+def _trainers(args) -> int:
+    from nnunet_tpp.trainers.zoo import TRAINERS
+    for name in sorted(TRAINERS):
+        print(name)
+    return 0
+
+
+def _check(args) -> int:
+    """Checks that nnU-Net finds our trainers the way nnUNetv2_train does."""
+    from nnunet_tpp._startup import VARIABLE, trainer_dir
+    folders = [p for p in os.environ.get(VARIABLE, "").split(os.pathsep) if p]
+    if trainer_dir() not in folders:
+        print(f"{VARIABLE} does not list {trainer_dir()}: the start-up hook did not run. Reinstall with "
+              f"pip, or run:  export {VARIABLE}={trainer_dir()}", file=sys.stderr)
+        return 1
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        cls = recursive_find_trainer_class_by_name("ConvAdapterTrainer")
+    print(f"ok: nnU-Net finds {cls.__name__} ({cls.__module__}) via {VARIABLE}={trainer_dir()}")
+    return 0
+
+
+def _restore(args) -> int:
+    from nnunet_tpp.trainers.restore import restore_checkpoint
+    out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
+    print(f"wrote {out}; nnUNetv2_predict can use this model folder now")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nnunet-tpp``."""
+    parser = argparse.ArgumentParser(prog="nnunet-tpp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the 3-D workflow end to end on a phantom (or --data) with nnU-Net")
+    demo.add_argument("--config", help=f"YAML recipe (default: built-in settings; see configs/3d/{DEFAULT_DEMO_RECIPE})")
+    demo.add_argument("--data", help="folder of NAME.nii.gz + NAME_labels.nii.gz pairs (default: phantom)")
+    demo.add_argument("--labels", help='label names for --data as JSON, e.g. \'{"background":0,"liver":1}\'')
+    demo.add_argument("--work-dir", dest="work_dir", help="output folder (default: ./nnunet_tpp_work)")
+    demo.add_argument("--trainer", help="PEFT trainer (default: ConvAdapterTrainer_S)")
+    demo.add_argument("--pretrained", help="published STU-Net checkpoint (default: pre-train one upstream)")
+    demo.add_argument("--epochs", type=int)
+    demo.add_argument("--iters", type=int, help="iterations per epoch")
+    demo.add_argument("--dataset-id", dest="dataset_id", type=int)
+    demo.add_argument("--device", choices=["cpu", "cuda"])
+    demo.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="step time / memory of PEFT vs full fine-tuning; merged vs unmerged")
+    from nnunet_tpp.bench import add_bench_arguments, bench_main
+    add_bench_arguments(bench)
+    bench.set_defaults(func=bench_main)
+
+    sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
+    sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)
+    sub.add_parser("check", help="check that nnU-Net finds the trainers").set_defaults(func=_check)
+
+    restore = sub.add_parser("restore", help="rebuild checkpoint_final.pth from peft_weights.pth + the backbone")
+    restore.add_argument("model_folder", help="nnU-Net model folder (…/Trainer__Plans__3d_fullres)")
+    restore.add_argument("-f", "--fold", default="0")
+    restore.add_argument("--backbone", required=True, help="the published STU-Net checkpoint used for training")
+    restore.add_argument("--checkpoint-name", dest="checkpoint_name", default="checkpoint_final.pth")
+    restore.set_defaults(func=_restore)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"nnunet-tpp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

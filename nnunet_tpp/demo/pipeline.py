@@ -1,0 +1,198 @@
+"""``nnunet-tpp demo``: the whole 3-D workflow on a small dataset with the stock nnU-Net commands.
+
+raw dataset -> ``nnUNetv2_plan_and_preprocess`` -> (upstream pre-training of a backbone, when no checkpoint
+is given) -> ``nnUNetv2_train -tr ConvAdapterTrainer_S -pretrained_weights ...`` -> ``nnUNetv2_predict`` ->
+evaluation -> a table.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, dataset_folder_name, \
+    write_raw_dataset
+from nnunet_tpp.demo.phantom import LABELS, write_phantom_case
+from nnunet_tpp.evaluation import evaluate_folder, markdown_table
+from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo (``configs/3d/demo.yaml`` holds the defaults as a recipe).
+
+    Attributes:
+        work_dir: everything is written below it (nnUNet_raw/preprocessed/results, predictions, logs).
+        data: folder of ``NAME.nii.gz`` + ``NAME_labels.nii.gz`` pairs; None: the built-in phantom.
+        labels: label names of ``data`` (``{"background": 0, ...}``); None: read ``labels.json`` there.
+        dataset_id: nnU-Net id of the target dataset (the upstream one uses ``dataset_id + 1``).
+        trainer: the PEFT trainer to fine-tune with.
+        pretrained: a published STU-Net checkpoint; None: pre-train one upstream on other phantoms first.
+        num_cases, num_test_cases: phantom cases to train on and to predict.
+        epochs, iterations_per_epoch, val_iterations_per_epoch: fine-tuning schedule.
+        upstream_epochs: schedule of the upstream pre-training (same iterations per epoch).
+        device: cpu or cuda.
+    """
+
+    work_dir: Path = Path("nnunet_tpp_work")
+    data: Path | None = None
+    labels: dict | None = None
+    dataset_id: int = 501
+    trainer: str = "ConvAdapterTrainer_S"
+    pretrained: Path | None = None
+    num_cases: int = 8
+    num_test_cases: int = 2
+    epochs: int = 4
+    iterations_per_epoch: int = 10
+    val_iterations_per_epoch: int = 2
+    upstream_epochs: int = 3
+    device: str = "cpu"
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides) -> "DemoConfig":
+        """Reads a YAML recipe, then applies non-None ``overrides``."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = data.get("demo", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown demo setting(s) {unknown}; valid: {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("work_dir", "data", "pretrained"):
+            if data.get(key) is not None:
+                data[key] = Path(data[key])
+        return cls(**data)
+
+
+def _phantom_cases(folder: Path, seeds: list[int], prefix: str) -> list[Case]:
+    cases = []
+    for seed in seeds:
+        image, label = write_phantom_case(folder, f"{prefix}{seed:03d}", seed)
+        cases.append(Case(f"{prefix}{seed:03d}", image, label))
+    return cases
+
+
+def _read_labels(cfg: DemoConfig) -> dict[str, int]:
+    if cfg.labels:
+        return {str(k): int(v) for k, v in cfg.labels.items()}
+    path = Path(cfg.data) / "labels.json"
+    if not path.exists():
+        raise DatasetError(f"{cfg.data}: give the label names with --labels or a labels.json there "
+                           f"(e.g. {{\"background\": 0, \"liver\": 1}})")
+    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def _trainable_line(results: Path) -> str:
+    for log in sorted(results.rglob("training_log_*.txt"), key=lambda p: p.stat().st_mtime, reverse=True):
+        match = re.search(r"trainable parameters: \d+ of \d+ \(([\d.]+)%\)", log.read_text())
+        if match:
+            return match.group(1)
+    return "?"
+
+
+def run_demo(cfg: DemoConfig, echo=print) -> dict:
+    """Runs the demo end to end and prints the result table.
+
+    Returns:
+        ``{"dice": {label: value}, "mean_dice", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}``.
+    """
+    start = time.time()
+    folders = NNUNetFolders(Path(cfg.work_dir).resolve())
+    folders.make()
+    log = folders.root / "logs" / "demo.log"
+    times: dict[str, float] = {}
+    source = folders.root / "source"
+
+    echo(f"[1/6] preparing data in {folders.root}")
+    if cfg.data is None:
+        labels = dict(LABELS)
+        train = _phantom_cases(source, list(range(cfg.num_cases)), "phantom")
+        test = _phantom_cases(source, [100 + i for i in range(cfg.num_test_cases)], "test")
+    else:
+        labels = _read_labels(cfg)
+        cases = cases_from_folder(Path(cfg.data))
+        test = cases[-1:] if len(cases) >= 6 else cases
+        train = cases[:-1] if len(cases) >= 6 else cases
+        if len(cases) < 6:
+            echo("    fewer than 6 cases: training on all of them (fold 'all') and predicting them too")
+    fold = "0" if len(train) >= 5 else "all"
+    raw = write_raw_dataset(folders.raw, cfg.dataset_id, "Demo", train, labels, test=test, overwrite=True)
+    labels_ts = raw / "labelsTs"
+    labels_ts.mkdir(exist_ok=True)
+    for case in test:
+        shutil.copyfile(case.label, labels_ts / f"{case.name}.nii.gz")
+
+    env = folders.env(NNUNET_TPP_EPOCHS=str(cfg.epochs), NNUNET_TPP_ITERS_PER_EPOCH=str(cfg.iterations_per_epoch),
+                      NNUNET_TPP_VAL_ITERS_PER_EPOCH=str(cfg.val_iterations_per_epoch))
+    echo("[2/6] planning and preprocessing (nnU-Net)")
+    times["plan+preprocess"] = run_nnunet(
+        ["nnUNetv2_plan_and_preprocess", "-d", cfg.dataset_id, "-c", "3d_fullres", "--verify_dataset_integrity",
+         "-np", "1", "-npfp", "1"], env, log, echo)
+
+    pretrained = cfg.pretrained
+    size = cfg.trainer.rsplit("_", 1)[-1] if re.search(r"_[SBLH]$", cfg.trainer) else "B"
+    if pretrained is None:
+        echo(f"[3/6] no checkpoint given: pre-training STU-Net-{size} upstream on other phantoms "
+             f"(one 'organ' label), to adapt afterwards")
+        pretrained, times["upstream pre-training"] = _upstream(cfg, folders, size, env, log, echo)
+    else:
+        echo(f"[3/6] using the pre-trained checkpoint {pretrained}")
+
+    echo(f"[4/6] fine-tuning {cfg.trainer}: {cfg.epochs} epochs x {cfg.iterations_per_epoch} iterations")
+    times["fine-tuning"] = run_nnunet(
+        ["nnUNetv2_train", cfg.dataset_id, "3d_fullres", fold, "-tr", cfg.trainer, "-pretrained_weights",
+         pretrained, "-device", cfg.device], env, log, echo)
+
+    echo("[5/6] predicting the test cases (nnU-Net sliding window)")
+    predictions = folders.root / "predictions"
+    if predictions.exists():
+        shutil.rmtree(predictions)
+    times["prediction"] = run_nnunet(
+        ["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", cfg.dataset_id, "-c", "3d_fullres",
+         "-f", fold, "-tr", cfg.trainer, "-device", cfg.device, "-npp", "1", "-nps", "1", "--disable_tta"],
+        env, log, echo)
+
+    echo("[6/6] evaluating")
+    result = evaluate_folder(labels_ts, predictions, labels)
+    trainable = _trainable_line(folders.results / dataset_folder_name(cfg.dataset_id, "Demo"))
+    total = time.time() - start
+    rows = [[name, value] for name, value in result.dice.items()] + [["mean", result.mean_dice]]
+    echo("")
+    echo(f"{cfg.trainer} on {'the phantom' if cfg.data is None else cfg.data} ({len(train)} training, "
+         f"{len(test)} test cases; a smoke run, not a benchmark)")
+    echo(markdown_table(["label", "Dice"], rows))
+    echo("")
+    echo(markdown_table(["trainable %", "wall time (s)"] + [f"{k} (s)" for k in times],
+                        [[trainable, f"{total:.0f}"] + [f"{v:.0f}" for v in times.values()]]))
+    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "trainable_percent": trainable,
+               "wall_time_s": {"total": total, **times}, "work_dir": str(folders.root)}
+    (folders.root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _upstream(cfg: DemoConfig, folders: NNUNetFolders, size: str, env: dict, log: Path, echo):
+    """Trains STU-Net from scratch on a different phantom task; returns its checkpoint (nnU-Net v2 format)."""
+    upstream_id = cfg.dataset_id + 1
+    source = folders.root / "source_upstream"
+    cases = _phantom_cases(source, [500 + i for i in range(max(cfg.num_cases, 5))], "up")
+    merged = []
+    for case in cases:  # the upstream task: every organ is one label
+        import SimpleITK as sitk
+        label = sitk.ReadImage(str(case.label))
+        organ = sitk.Cast(label > 0, sitk.sitkUInt8)
+        path = source / f"{case.name}_organ.nii.gz"
+        sitk.WriteImage(organ, str(path), useCompression=True)
+        merged.append(Case(case.name, case.image, path))
+    write_raw_dataset(folders.raw, upstream_id, "Upstream", merged, {"background": 0, "organ": 1}, overwrite=True)
+    elapsed = run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", upstream_id, "-c", "3d_fullres", "-np", "1",
+                          "-npfp", "1"], env, log, echo)
+    up_env = dict(env, NNUNET_TPP_EPOCHS=str(cfg.upstream_epochs), NNUNET_TPP_SKIP_VALIDATION="1")
+    elapsed += run_nnunet(["nnUNetv2_train", upstream_id, "3d_fullres", "all", "-tr", f"STUNetTrainer_{size}",
+                           "-device", cfg.device], up_env, log, echo)
+    ckpt = next((folders.results / dataset_folder_name(upstream_id, "Upstream")).rglob("checkpoint_final.pth"))
+    return ckpt, elapsed

@@ -1,0 +1,67 @@
+"""``nnunet_tpp.bench`` on a tiny configuration: checks the structure of the result, never the timings."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_tpp import bench
+
+METHODS = ("full", "conv_adapter", "lora")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = bench.run_bench(sizes=("S",), patch=(32, 32, 32), batch=1, methods=["conv_adapter", "lora"],
+                             device="cpu", steps=1, warmup=0, json_out=str(out), threads=1)
+    return result, json.loads(out.read_text())
+
+
+def test_json_structure(tiny):
+    result, written = tiny
+    assert written == json.loads(json.dumps(result))
+    for data in (written, written["sizes"]["S"]):
+        assert isinstance(data["machine"], str) and data["machine"]
+        assert list(data["methods"]) == list(METHODS)  # full is measured (first) although not asked for
+        for name, m in data["methods"].items():
+            for key in ("step_time_ratio", "peak_memory_ratio", "trainable_ratio", "step_time_s",
+                        "peak_memory_mib"):
+                assert isinstance(m[key], float) and m[key] > 0, (name, key)
+        full = data["methods"]["full"]
+        assert full["step_time_ratio"] == full["peak_memory_ratio"] == full["trainable_ratio"] == 1.0
+        assert data["methods"]["conv_adapter"]["trainable_ratio"] < 0.05
+        assert data["merged_latency_ratio"] > 0 and data["unmerged_latency_ratio"] > 0
+    assert written["latency"]["merge_max_abs_diff"] < 1e-3
+
+
+def test_report_printed(tiny, capsys):
+    text = bench.format_report(tiny[0])
+    assert "| method | trainable | step time (s) | step time vs full | peak memory (MiB) | memory vs full" in text
+    assert all(f"| {m} |" in text for m in METHODS)
+    assert "lora merged" in text
+
+
+def test_unknown_method_lists_known_ones(capsys):
+    parser = argparse.ArgumentParser()
+    bench.add_bench_arguments(parser)
+    args = parser.parse_args(["--methods", "nope", "--patch", "32", "32", "32"])
+    assert bench.bench_main(args) == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and "conv_adapter" in err and "lora" in err
+
+
+def test_bad_patch_and_missing_cuda():
+    with pytest.raises(bench.BenchError, match="divisible"):
+        bench.run_bench(patch=(30, 32, 32))
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(bench.BenchError, match="cuda"):
+            bench.run_bench(device="cuda")
+
+
+def test_import_is_cheap():
+    code = "import sys, nnunet_tpp.bench; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
