@@ -54,10 +54,13 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         with torch.serialization.safe_globals(_numpy_allow_list()):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = next((line.strip() for line in str(e).splitlines() if "global" in line.lower() and "unsupported" in line.lower()), None)
+        if detail is None:
+            raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint (corrupt or another file "
+                                  f"type). Expected an STU-Net checkpoint (nnU-Net v1 .model or v2 .pth).") from None
         raise CheckpointError(
             f"{path!r} holds objects outside the allow-list of a weights file (tensors, numbers, numpy "
-            f"scalars); it was not unpickled. Expected an STU-Net checkpoint. Detail: {str(e).splitlines()[0]}"
-        ) from None
+            f"scalars); it was not unpickled. Expected an STU-Net checkpoint. Detail: {detail}") from None
     except Exception as e:  # zip/pickle corruption, a NIfTI or text file, ...
         raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}). Expected an STU-Net checkpoint "

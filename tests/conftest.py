@@ -1,0 +1,32 @@
+"""Shared fixtures: paths to the real test data in ../shared and small STU-Nets."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NNUNET_TPP_SHARED", REPO.parent / "shared"))
+CT_IMAGE = SHARED / "data" / "ct" / "abdomen_ct_001.nii.gz"
+CT_LABELS = SHARED / "data" / "ct" / "abdomen_ct_001_labels.nii.gz"
+REFERENCE = SHARED / "reference"
+
+
+def require(path: Path) -> Path:
+    """The path, or a test failure that says where the shared data was expected."""
+    if not path.exists():
+        pytest.fail(f"test data missing: {path} (set NNUNET_TPP_SHARED to the shared/ folder)")
+    return path
+
+
+@pytest.fixture
+def tiny_stunet():
+    """A factory for small STU-Nets (size S widths, 2 classes) with a fixed seed."""
+    from nnunet_tpp.models.stunet import build_stunet
+
+    def make(size: str = "S", channels: int = 1, classes: int = 3, seed: int = 0):
+        torch.manual_seed(seed)
+        return build_stunet(size, channels, classes)
+    return make
