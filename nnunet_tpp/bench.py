@@ -5,7 +5,9 @@ Every method trains the same seeded random STU-Net on random data with nnU-Net's
 0.99, Nesterov, lr 1e-2) and a cross-entropy summed over the deep-supervision outputs. On CPU each method
 runs in its own child process (``python -m nnunet_tpp.bench --worker``) so that its peak resident set size
 (``ru_maxrss``) is its own; on CUDA the methods run in this process with autocast + GradScaler and the peak
-of ``torch.cuda.max_memory_allocated``. Importing this module imports neither torch nor the package.
+of ``torch.cuda.max_memory_allocated``. CPU children flush denormal floats to zero: on random data some
+methods otherwise hit x86 denormal stalls (steps 5-15x slower, varying run to run), which would measure the
+FPU rather than the method. Importing this module imports neither torch nor the package.
 """
 from __future__ import annotations
 
@@ -76,8 +78,7 @@ def measure_training(cfg: dict) -> dict:
     import torch.nn.functional as F
     from nnunet_tpp import peft
 
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
+    _setup_threads(cfg)
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
     if cuda:
@@ -135,33 +136,48 @@ def measure_training(cfg: dict) -> dict:
             "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
 
 
-def _measure_in_child(cfg: dict) -> dict:
-    """Runs :func:`measure_training` in a fresh interpreter so its peak RSS belongs to one method only."""
+def _setup_threads(cfg: dict) -> None:
+    """Flushes denormals (CPU children only, before any op so every intra-op thread inherits it), sets threads."""
+    import torch
+    if cfg.get("flush_denormal"):
+        torch.set_flush_denormal(True)
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+
+
+def _in_child(kind: str, cfg: dict) -> dict:
+    """Runs ``measure_<kind>(cfg)`` in a fresh interpreter, so its peak RSS and FPU state are its own."""
     fd, path = tempfile.mkstemp(prefix="nnunet_tpp_bench_", suffix=".json")
     os.close(fd)
     try:
-        rc = subprocess.call([sys.executable, "-m", "nnunet_tpp.bench", "--worker", json.dumps(cfg), path])
+        rc = subprocess.call([sys.executable, "-m", "nnunet_tpp.bench", "--worker", kind, json.dumps(cfg), path])
         if rc != 0:
             why = " (killed: out of memory?)" if rc < 0 else ""
-            raise BenchError(f"benchmark worker for STU-Net-{cfg['size']} {cfg['method']} failed with exit "
-                             f"code {rc}{why}; see the messages above")
+            raise BenchError(f"benchmark worker ({kind}, STU-Net-{cfg['size']} {cfg.get('method', '')}) failed "
+                             f"with exit code {rc}{why}; see the messages above")
         with open(path) as f:
             return json.load(f)
     finally:
         os.remove(path)
 
 
-def measure_latency(size: str, patch, device: str, steps: int, warmup: int, threads: int | None = None) -> dict:
+def measure_latency(cfg: dict) -> dict:
     """Inference latency (batch 1, eval, no_grad, no deep supervision) of the plain backbone, LoRA unmerged
-    and LoRA merged, timed in interleaved rounds; also the largest output difference merged vs unmerged."""
+    and LoRA merged, timed in interleaved rounds; also the largest output difference merged vs unmerged.
+
+    Args:
+        cfg: as for :func:`measure_training` (``method`` and ``batch`` are not used).
+    Returns:
+        ``{"plain_s", "unmerged_s", "merged_s", "merge_max_abs_diff"}`` (median seconds per forward).
+    """
     import copy
     import contextlib
     import torch
     from nnunet_tpp import peft
 
-    if threads:
-        torch.set_num_threads(int(threads))
-    dev = torch.device(device)
+    _setup_threads(cfg)
+    size, patch, steps, warmup = cfg["size"], cfg["patch"], int(cfg["steps"]), int(cfg["warmup"])
+    dev = torch.device(cfg["device"])
     plain = _build(size, False).to(dev).eval()
     unmerged = _build(size, False, LATENCY_METHOD)
     with torch.no_grad():  # LoRA's B starts at zero: make the update non-trivial so merging is checked
@@ -260,13 +276,14 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     if threads:
         torch.set_num_threads(int(threads))
     machine = machine_description(device)
+    on_cpu = device == "cpu"
     per_size = {}
     for size in sizes:
         measured = {}
         for method in names:
             cfg = {"size": size, "method": method, "patch": list(patch), "batch": int(batch), "device": device,
-                   "steps": int(steps), "warmup": int(warmup), "threads": threads}
-            measured[method] = _measure_in_child(cfg) if device == "cpu" else measure_training(cfg)
+                   "steps": int(steps), "warmup": int(warmup), "threads": threads, "flush_denormal": on_cpu}
+            measured[method] = _in_child("training", cfg) if on_cpu else measure_training(cfg)
         ref = measured[REFERENCE]
         table = {}
         for method, m in measured.items():
@@ -276,11 +293,13 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
                 "trainable_ratio": m["trainable"] / m["total"],
                 "trainable_vs_full": m["trainable"] / ref["trainable"],
                 **m}
-        latency = measure_latency(size, patch, device, int(steps), int(warmup), threads)
+        cfg = {**cfg, "method": LATENCY_METHOD}
+        latency = _in_child("latency", cfg) if on_cpu else measure_latency(cfg)
         per_size[size] = {
             "machine": machine, "torch": torch.__version__, "device": device, "size": size,
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
-            "memory_kind": "peak RSS of a child process" if device == "cpu" else "torch.cuda.max_memory_allocated",
+            "memory_kind": "peak RSS of a child process" if on_cpu else "torch.cuda.max_memory_allocated",
+            "flush_denormal": on_cpu,
             "methods": table, "latency": latency,
             "merged_latency_ratio": latency["merged_s"] / latency["plain_s"],
             "unmerged_latency_ratio": latency["unmerged_s"] / latency["plain_s"]}
@@ -302,7 +321,8 @@ def format_report(result: dict) -> str:
     for size, r in result["sizes"].items():
         lines += [f"Machine: {r['machine']}; STU-Net-{size}, patch {'x'.join(map(str, r['patch']))}, "
                   f"batch {r['batch']}, device {r['device']}, {r['steps']} measured + {r['warmup']} warm-up "
-                  f"steps; memory = {r['memory_kind']}", "",
+                  f"steps; memory = {r['memory_kind']}"
+                  + ("; denormals flushed to zero" if r.get("flush_denormal") else ""), "",
                   "| method | trainable | step time (s) | step time vs full | peak memory (MiB) | memory vs full "
                   "| memory after build (MiB) |",
                   "|---|---|---|---|---|---|---|"]
@@ -349,11 +369,13 @@ def bench_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m nnunet_tpp.bench [options]``; ``--worker CFG_JSON OUT_JSON`` is the internal child mode."""
+    """``python -m nnunet_tpp.bench [options]``; ``--worker training|latency CFG_JSON OUT_JSON`` is the
+    internal child mode."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker"]:
-        result = measure_training(json.loads(argv[1]))
-        with open(argv[2], "w") as f:
+        measure = {"training": measure_training, "latency": measure_latency}[argv[1]]
+        result = measure(json.loads(argv[2]))
+        with open(argv[3], "w") as f:
             json.dump(result, f)
         return 0
     import argparse
