@@ -5,9 +5,8 @@ Every method trains the same seeded random STU-Net on random data with nnU-Net's
 0.99, Nesterov, lr 1e-2) and a cross-entropy summed over the deep-supervision outputs. On CPU each method
 runs in its own child process (``python -m nnunet_tpp.bench --worker``) so that its peak resident set size
 (``ru_maxrss``) is its own; on CUDA the methods run in this process with autocast + GradScaler and the peak
-of ``torch.cuda.max_memory_allocated``. CPU children flush denormal floats to zero: on random data some
-methods otherwise hit x86 denormal stalls (steps 5-15x slower, varying run to run), which would measure the
-FPU rather than the method. Importing this module imports neither torch nor the package.
+of ``torch.cuda.max_memory_allocated``. CPU timings are only as good as the machine is quiet: the report
+shows the 1-minute load average before and after. Importing this module imports neither torch nor the package.
 """
 from __future__ import annotations
 
@@ -37,11 +36,11 @@ def _log(message: str) -> None:
 
 def _current_rss_mib() -> float:
     """Resident set size now (MiB), from /proc; falls back to the peak so far."""
+    import resource
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -81,7 +80,7 @@ def measure_training(cfg: dict) -> dict:
     _setup_threads(cfg)
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
-    if cuda:
+    if cuda:  # like nnU-Net; start each method's peak from what is left now
         torch.backends.cudnn.benchmark = True
         gc.collect()
         torch.cuda.empty_cache()
@@ -116,37 +115,34 @@ def measure_training(cfg: dict) -> dict:
             loss.backward()
             optimizer.step()
 
-    name, times = f"STU-Net-{cfg['size']} {cfg['method']}", []
-    for i in range(int(cfg["warmup"])):
-        step()
-        _log(f"{name}: warm-up {i + 1}/{cfg['warmup']}")
-    for i in range(int(cfg["steps"])):
+    name, warmup, steps, times = f"STU-Net-{cfg['size']} {cfg['method']}", int(cfg["warmup"]), int(cfg["steps"]), []
+    for i in range(warmup + steps):
         _sync(device)
         start = time.perf_counter()
         step()
         _sync(device)
-        times.append(time.perf_counter() - start)
-        _log(f"{name}: {i + 1}/{cfg['steps']} steps ({times[-1]:.3f} s)")
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        seconds = time.perf_counter() - start
+        if i < warmup:
+            _log(f"{name}: warm-up {i + 1}/{warmup} ({seconds:.3f} s)")
+        else:
+            times.append(seconds)
+            _log(f"{name}: {i + 1 - warmup}/{steps} steps ({seconds:.3f} s)")
+    import resource  # ru_maxrss: KiB on Linux
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"step_times_s": times, "step_time_s": statistics.median(times), "peak_memory_mib": peak,
             "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
 
 
 def _setup_threads(cfg: dict) -> None:
-    """Flushes denormals (CPU children only, before any op so every intra-op thread inherits it), sets threads."""
+    """Applies ``cfg['threads']`` (torch intra-op threads) when given."""
     import torch
-    if cfg.get("flush_denormal"):
-        torch.set_flush_denormal(True)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
 
 
 def _in_child(kind: str, cfg: dict) -> dict:
-    """Runs ``measure_<kind>(cfg)`` in a fresh interpreter, so its peak RSS and FPU state are its own."""
+    """Runs ``measure_<kind>(cfg)`` in a fresh interpreter, so that its peak RSS is its own."""
     fd, path = tempfile.mkstemp(prefix="nnunet_tpp_bench_", suffix=".json")
     os.close(fd)
     try:
@@ -191,7 +187,7 @@ def measure_latency(cfg: dict) -> dict:
     times: dict[str, list[float]] = {k: [] for k in nets}
     with torch.no_grad(), autocast():
         diff = (merged(x).float() - unmerged(x).float()).abs().max().item()
-        for _ in range(max(0, warmup - 1)):
+        for _ in range(max(1, warmup)):
             for net in nets.values():
                 net(x)
         for i in range(steps):
@@ -207,8 +203,8 @@ def measure_latency(cfg: dict) -> dict:
     return result
 
 
-def machine_description(device: str = "cpu") -> str:
-    """One line: CPU model, cores, torch threads, GPU (on cuda) and torch version."""
+def machine_description(device: str = "cpu", threads: int | None = None) -> str:
+    """One line: CPU model, cores, torch threads (``threads`` or torch's default), GPU (on cuda), torch version."""
     import torch
     cpu = platform.processor() or platform.machine()
     try:
@@ -217,7 +213,7 @@ def machine_description(device: str = "cpu") -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores, {torch.get_num_threads()} torch threads"
+    text = f"{cpu}, {cores} cores, {threads or torch.get_num_threads()} torch threads"
     if device == "cuda":
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return f"{text}, torch {torch.__version__}"
@@ -241,11 +237,9 @@ def _check(sizes, patch, batch, methods, device, steps, warmup) -> list[str]:
         raise BenchError(f"patch must be 3 positive sizes divisible by (16, 16, 32), got {list(patch)}")
     if batch < 1 or steps < 1 or warmup < 0:
         raise BenchError(f"need batch >= 1, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
-    names = [REFERENCE] + [m for m in (methods or peft.methods()) if m != REFERENCE]
-    names = list(dict.fromkeys(names))
-    for name in names:
+    names = list(dict.fromkeys([REFERENCE, *(methods or peft.methods())]))
+    for name in names + [LATENCY_METHOD]:
         peft.get_method(name)  # raises PeftError listing the known methods
-    peft.get_method(LATENCY_METHOD)
     return names
 
 
@@ -267,40 +261,29 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         "step_time_s", "peak_memory_mib", ...}}, "merged_latency_ratio", "unmerged_latency_ratio", ...,
         "sizes": {size: <the same structure>}}``.
     """
-    if isinstance(sizes, str):
-        sizes = (sizes,)
-    sizes = [str(s).upper() for s in sizes]
+    sizes = [str(s).upper() for s in ((sizes,) if isinstance(sizes, str) else sizes)]
     patch = tuple(int(p) for p in (patch or DEFAULT_PATCH.get(device, DEFAULT_PATCH["cpu"])))
     names = _check(sizes, patch, int(batch), methods, device, int(steps), int(warmup))
     import torch
-    if threads:
-        torch.set_num_threads(int(threads))
-    machine = machine_description(device)
-    on_cpu = device == "cpu"
+    machine, on_cpu, load_before = machine_description(device, threads), device == "cpu", _load()
     per_size = {}
     for size in sizes:
         measured = {}
         for method in names:
             cfg = {"size": size, "method": method, "patch": list(patch), "batch": int(batch), "device": device,
-                   "steps": int(steps), "warmup": int(warmup), "threads": threads, "flush_denormal": on_cpu}
+                   "steps": int(steps), "warmup": int(warmup), "threads": threads}
             measured[method] = _in_child("training", cfg) if on_cpu else measure_training(cfg)
         ref = measured[REFERENCE]
-        table = {}
-        for method, m in measured.items():
-            table[method] = {
-                "step_time_ratio": m["step_time_s"] / ref["step_time_s"],
-                "peak_memory_ratio": m["peak_memory_mib"] / ref["peak_memory_mib"],
-                "trainable_ratio": m["trainable"] / m["total"],
-                "trainable_vs_full": m["trainable"] / ref["trainable"],
-                **m}
+        table = {method: {"step_time_ratio": m["step_time_s"] / ref["step_time_s"],
+                          "peak_memory_ratio": m["peak_memory_mib"] / ref["peak_memory_mib"],
+                          "trainable_ratio": m["trainable"] / m["total"], **m} for method, m in measured.items()}
         cfg = {**cfg, "method": LATENCY_METHOD}
         latency = _in_child("latency", cfg) if on_cpu else measure_latency(cfg)
         per_size[size] = {
             "machine": machine, "torch": torch.__version__, "device": device, "size": size,
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
             "memory_kind": "peak RSS of a child process" if on_cpu else "torch.cuda.max_memory_allocated",
-            "flush_denormal": on_cpu,
-            "methods": table, "latency": latency,
+            "load_average": [load_before, _load()], "methods": table, "latency": latency,
             "merged_latency_ratio": latency["merged_s"] / latency["plain_s"],
             "unmerged_latency_ratio": latency["unmerged_s"] / latency["plain_s"]}
     result = {**per_size[sizes[0]], "sizes": per_size}
@@ -309,6 +292,10 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 
 def _count(n: int) -> str:
@@ -321,8 +308,8 @@ def format_report(result: dict) -> str:
     for size, r in result["sizes"].items():
         lines += [f"Machine: {r['machine']}; STU-Net-{size}, patch {'x'.join(map(str, r['patch']))}, "
                   f"batch {r['batch']}, device {r['device']}, {r['steps']} measured + {r['warmup']} warm-up "
-                  f"steps; memory = {r['memory_kind']}"
-                  + ("; denormals flushed to zero" if r.get("flush_denormal") else ""), "",
+                  f"steps; memory = {r['memory_kind']}; 1-min load average before/after "
+                  f"{'/'.join(map(str, r['load_average']))}", "",
                   "| method | trainable | step time (s) | step time vs full | peak memory (MiB) | memory vs full "
                   "| memory after build (MiB) |",
                   "|---|---|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ def _demo(args) -> int:
     recipe = Path(args.config) if args.config else None
     overrides = dict(work_dir=args.work_dir, data=args.data, trainer=args.trainer, pretrained=args.pretrained,
                      epochs=args.epochs, iterations_per_epoch=args.iters, device=args.device,
+                     upstream_epochs=args.upstream_epochs,
                      dataset_id=args.dataset_id)
     if args.labels:
         import json
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pretrained", help="published STU-Net checkpoint (default: pre-train one upstream)")
     demo.add_argument("--epochs", type=int)
     demo.add_argument("--iters", type=int, help="iterations per epoch")
+    demo.add_argument("--upstream-epochs", dest="upstream_epochs", type=int,
+                      help="epochs of the upstream pre-training (when no --pretrained is given)")
     demo.add_argument("--dataset-id", dest="dataset_id", type=int)
     demo.add_argument("--device", choices=["cpu", "cuda"])
     demo.set_defaults(func=_demo)

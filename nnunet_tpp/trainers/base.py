@@ -150,6 +150,7 @@ class STUNetPeftTrainer(nnUNetTrainer):
                 "trainer_name": type(self).__name__, "configuration": self.configuration_name,
                 "plans_name": self.plans_manager.plans_name, "fold": self.fold,
                 "num_input_channels": self.num_input_channels,
-                "num_output_channels": self.label_manager.num_segmentation_heads})
+                "num_output_channels": self.label_manager.num_segmentation_heads,
+                "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes})
             self.print_to_log_file(f"adapter-only weights (trained parameters + heads): {path} "
                                    f"({os.path.getsize(path) / 2**20:.1f} MB)", also_print_to_console=True)

@@ -76,3 +76,25 @@ def test_build_network_architecture_reads_the_spec_from_the_plans():
     assert net.pool_op_kernel_sizes[-2:] == [[1, 1, 1], [1, 1, 1]]
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+
+
+def test_shipped_recipes_are_valid(monkeypatch):
+    from nnunet_tpp.demo.pipeline import DemoConfig
+    from nnunet_tpp.trainers.recipe import family_defaults
+    from tests.conftest import REPO
+    folder = REPO / "configs" / "3d"
+    assert DemoConfig.from_yaml(folder / "demo.yaml") == DemoConfig()
+    families = ["ConvAdapterTrainer", "LoRATrainer", "BitFitTrainer", "LinearProbeTrainer", "FullFinetuneTrainer"]
+    for path in sorted(folder.glob("*.yaml")):
+        if path.name == "demo.yaml":
+            continue
+        monkeypatch.setenv("NNUNET_TPP_RECIPE", str(path))
+        fits = []
+        for family in families:
+            try:
+                resolve_recipe(family, "B")
+                fits.append(family)
+            except (RecipeError, peft.PeftError):
+                pass
+        assert fits, f"{path.name} fits no trainer"
+        assert family_defaults(fits[0])["method"]

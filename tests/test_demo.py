@@ -1,0 +1,34 @@
+"""The main job, ``nnunet-tpp demo``, on a tiny schedule: phantom -> nnU-Net -> table."""
+import json
+
+import pytest
+
+from nnunet_tpp.cli import main
+
+pytestmark = pytest.mark.e2e
+
+
+def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
+    work = tmp_path / "work"
+    code = main(["demo", "--work-dir", str(work), "--epochs", "1", "--iters", "2", "--upstream-epochs", "1",
+                 "--dataset-id", "521"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| label | Dice |" in out and "| lesion |" in out and "trainable %" in out
+    summary = json.loads((work / "demo_summary.json").read_text())
+    assert set(summary["dice"]) == {"liver", "kidney", "lesion"}
+    assert 0 < float(summary["trainable_percent"]) < 5
+    assert (work / "predictions" / "test100.nii.gz").exists()
+
+
+def test_demo_with_bad_data_folder_fails_clearly(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "case1.nii.gz").write_bytes(b"not a nifti")
+    (data / "case1_labels.nii.gz").write_bytes(b"not a nifti")
+    (data / "labels.json").write_text('{"background": 0, "liver": 1}')
+    code = main(["demo", "--work-dir", str(tmp_path / "w"), "--data", str(data)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "case1.nii.gz" in err and "not a valid image file" in err
+    assert (data / "case1.nii.gz").read_bytes() == b"not a nifti"

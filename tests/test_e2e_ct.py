@@ -1,0 +1,99 @@
+"""End to end on the real CT in ../shared/data/ct with the stock nnU-Net commands:
+raw dataset -> plan and preprocess -> ConvAdapterTrainer_S from a v1-format checkpoint -> predict -> evaluate."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
+from nnunet_tpp.evaluation import evaluate_folder, geometry_mismatches
+from nnunet_tpp.models.stunet import build_stunet
+from nnunet_tpp.nnunet_commands import NNUNetCommandError, NNUNetFolders, run_nnunet
+from tests.conftest import CT_IMAGE, CT_LABELS, require
+
+pytestmark = pytest.mark.e2e
+DATASET_ID = 611
+LABELS = {"background": 0, "liver": 1, "kidney": 2}
+
+
+def _write_v1_checkpoint(path, size="S"):
+    """A published-style nnU-Net v1 .model file of random STU-Net weights (105 classes, DDP prefix)."""
+    torch.manual_seed(0)
+    net = build_stunet(size, 1, 105)
+    torch.save({"epoch": 1000, "state_dict": {"module." + k: v for k, v in net.state_dict().items()},
+                "optimizer_state_dict": None, "plot_stuff": ([np.float64(1.0)], [np.float64(0.9)], [], [])}, path)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("seg_outputs")}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    folders = NNUNetFolders(root)
+    folders.make()
+    raw = write_raw_dataset(folders.raw, DATASET_ID, "CT", [Case("ct001", require(CT_IMAGE), require(CT_LABELS))],
+                            LABELS, test=[Case("ct001", CT_IMAGE)])
+    env = folders.env(NNUNET_TPP_EPOCHS="1", NNUNET_TPP_ITERS_PER_EPOCH="2", NNUNET_TPP_VAL_ITERS_PER_EPOCH="1")
+    log = root / "log.txt"
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "--verify_dataset_integrity",
+                "-np", "1", "-npfp", "1"], env, log)
+    return folders, raw, env, log
+
+
+def test_conv_adapter_trainer_end_to_end_on_real_ct(workspace):
+    folders, raw, env, log = workspace
+    ckpt = folders.root / "STUNet_S.model"
+    backbone = _write_v1_checkpoint(ckpt)
+    ckpt_bytes = ckpt.read_bytes()
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S",
+                "-pretrained_weights", ckpt, "-device", "cpu"], env, log)
+    fold = next(folders.results.rglob("ConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+
+    training_log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "trainable parameters: " in training_log and "pre-trained weights:" in training_log
+    assert f"loaded {len(backbone)} tensors" in training_log
+
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, value in backbone.items():  # every pre-trained backbone tensor is unchanged
+        assert torch.equal(final["network_weights"][key], value), key
+    assert any(".adapter." in k for k in final["network_weights"])
+    adapter_file = fold / "peft_weights.pth"
+    assert adapter_file.stat().st_size < 0.1 * (fold / "checkpoint_final.pth").stat().st_size
+    assert ckpt.read_bytes() == ckpt_bytes  # the user's checkpoint is untouched
+
+    predictions = folders.root / "pred"
+    run_nnunet(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", DATASET_ID, "-c", "3d_fullres",
+                "-f", "all", "-tr", "ConvAdapterTrainer_S", "-device", "cpu", "-npp", "1", "-nps", "1",
+                "--disable_tta"], env, log)
+    prediction = predictions / "ct001.nii.gz"
+    assert geometry_mismatches(CT_IMAGE, prediction) == []
+    labels_dir = folders.root / "ref"
+    labels_dir.mkdir()
+    sitk.WriteImage(sitk.ReadImage(str(CT_LABELS)), str(labels_dir / "ct001.nii.gz"))
+    result = evaluate_folder(labels_dir, predictions, LABELS)
+    assert set(result.dice) == {"liver", "kidney"}
+    assert all(0.0 <= v <= 1.0 or np.isnan(v) for v in result.dice.values())
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(prediction))))) <= {0, 1, 2}
+
+
+def test_checkpoint_of_another_size_stops_before_training(workspace):
+    folders, raw, env, log = workspace
+    ckpt = folders.root / "STUNet_B.model"
+    _write_v1_checkpoint(ckpt, size="B")
+    with pytest.raises(NNUNetCommandError) as err:
+        run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "LoRATrainer_S",
+                    "-pretrained_weights", ckpt, "-device", "cpu"], env, log)
+    assert "is STU-Net-B, but this network is STU-Net-S" in str(err.value)
+    fold = next(folders.results.rglob("LoRATrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+    assert not (fold / "checkpoint_final.pth").exists() and not (fold / "checkpoint_latest.pth").exists()
+
+
+def test_missing_checkpoint_file_is_a_clear_error(workspace):
+    folders, raw, env, log = workspace
+    with pytest.raises(NNUNetCommandError, match="checkpoint file not found"):
+        run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "BitFitTrainer_S",
+                    "-pretrained_weights", folders.root / "nope.model", "-device", "cpu"], env, log)
