@@ -50,7 +50,7 @@ def _build(size: str, deep_supervision: bool, method: str | None = None):
     from nnunet_tpp import peft
     from nnunet_tpp.models.stunet import build_stunet
     torch.manual_seed(SEED)
-    net = build_stunet(size, 1, NUM_CLASSES, enable_deep_supervision=deep_supervision)
+    net = build_stunet(size, 1, NUM_CLASSES, enable_deep_supervision=deep_supervision, fast_cpu_kernels=True)
     if method is not None:
         peft.apply(net, method)
     return net

@@ -37,16 +37,29 @@ SIZES: dict[str, STUNetSize] = {
 }
 
 
+class InstanceNorm(nn.InstanceNorm3d):
+    """``InstanceNorm3d(affine=True)``. With ``fast_cpu_kernels`` it is computed as a group norm with one
+    channel per group (the same formula; PyTorch's group-norm kernels keep channels-last tensors
+    channels-last instead of copying them)."""
+
+    fast_cpu_kernels = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast_cpu_kernels and x.device.type == "cpu":
+            return nn.functional.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
 class ResidualBlock(nn.Module):
     """conv-IN-LeakyReLU-conv-IN, plus a (1x1x1 conv) shortcut, then LeakyReLU."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: Sequence[int] | int = 1, shortcut_conv: bool = False):
         super().__init__()
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1)
-        self.norm1 = nn.InstanceNorm3d(out_ch, affine=True)
+        self.norm1 = InstanceNorm(out_ch, affine=True)
         self.act1 = nn.LeakyReLU(inplace=True)
         self.conv2 = nn.Conv3d(out_ch, out_ch, 3, padding=1)
-        self.norm2 = nn.InstanceNorm3d(out_ch, affine=True)
+        self.norm2 = InstanceNorm(out_ch, affine=True)
         self.act2 = nn.LeakyReLU(inplace=True)
         self.conv3 = nn.Conv3d(in_ch, out_ch, 1, stride=stride) if shortcut_conv else None
 
@@ -94,13 +107,16 @@ class STUNet(nn.Module):
         pool_op_kernel_sizes: 5 pool sizes (stride of each downsampling stage).
         enable_deep_supervision: when True ``forward`` returns a list of logits, highest resolution
             first; otherwise the full-resolution logits.
+        fast_cpu_kernels: on CPU, run channels-last with group-norm kernels (about 2x faster training steps
+            with oneDNN; results differ from the reference implementation by float rounding, ~1e-4).
+            Off by default, so the network reproduces the published forward pass exactly.
     """
 
     head_prefixes = ("seg_outputs",)
 
     def __init__(self, input_channels: int, num_classes: int, depth: Sequence[int], dims: Sequence[int],
                  pool_op_kernel_sizes: Sequence[Sequence[int]], enable_deep_supervision: bool = True,
-                 size_name: str | None = None):
+                 size_name: str | None = None, fast_cpu_kernels: bool = False):
         super().__init__()
         if len(dims) != NUM_POOLS + 1 or len(depth) != NUM_POOLS + 1 or len(pool_op_kernel_sizes) != NUM_POOLS:
             raise ValueError(f"STU-Net needs 6 stages and 5 pool sizes, got dims={list(dims)}, "
@@ -120,14 +136,30 @@ class STUNet(nn.Module):
         self.conv_blocks_localization = nn.ModuleList(
             _stage(2 * dims[-2 - u], dims[-2 - u], depth[-2 - u], 1) for u in range(NUM_POOLS))
         self.seg_outputs = nn.ModuleList(nn.Conv3d(dims[-2 - u], num_classes, 1) for u in range(NUM_POOLS))
+        self.fast_cpu_kernels = fast_cpu_kernels
+        for module in self.modules():
+            if isinstance(module, InstanceNorm):
+                module.fast_cpu_kernels = fast_cpu_kernels
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns the output of each encoder stage, highest resolution first (6 tensors)."""
+        if self.fast_cpu_kernels and x.device.type == "cpu":
+            self._use_channels_last()
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         features = []
         for stage in self.conv_blocks_context:
             x = stage(x)
             features.append(x)
         return features
+
+    def _use_channels_last(self) -> None:
+        """On CPU, oneDNN's 3-D convolutions (grouped ones most of all) are several times faster with
+        channels-last weights and activations. Converts the weights once per change of the module tree
+        (PEFT layers added later are converted too); values are unchanged."""
+        count = sum(1 for _ in self.parameters())
+        if getattr(self, "_channels_last_params", None) != count:
+            self.to(memory_format=torch.channels_last_3d)
+            self._channels_last_params = count
 
     def forward(self, x: torch.Tensor):
         features = self.encode(x)
@@ -154,7 +186,7 @@ def plan_pool_sizes(pool_op_kernel_sizes: Sequence[Sequence[int]]) -> list[list[
 
 def build_stunet(size: str, input_channels: int, num_classes: int,
                  pool_op_kernel_sizes: Sequence[Sequence[int]] | None = None,
-                 enable_deep_supervision: bool = True) -> STUNet:
+                 enable_deep_supervision: bool = True, fast_cpu_kernels: bool = False) -> STUNet:
     """Builds a published STU-Net size.
 
     Args:
@@ -162,7 +194,7 @@ def build_stunet(size: str, input_channels: int, num_classes: int,
         input_channels, num_classes: network input and output channels.
         pool_op_kernel_sizes: STU-Net's five pool sizes (see :func:`plan_pool_sizes`); default: the
             published pre-training ones.
-        enable_deep_supervision: see :class:`STUNet`.
+        enable_deep_supervision, fast_cpu_kernels: see :class:`STUNet`.
     Returns:
         A randomly initialised :class:`STUNet`.
     """
@@ -172,11 +204,12 @@ def build_stunet(size: str, input_channels: int, num_classes: int,
     spec = SIZES[key]
     pools = pool_op_kernel_sizes or [[2, 2, 2]] * 4 + [[1, 1, 2]]
     return STUNet(input_channels, num_classes, [spec.depth] * 6, spec.dims, pools, enable_deep_supervision,
-                  size_name=key)
+                  size_name=key, fast_cpu_kernels=fast_cpu_kernels)
 
 
 def stunet_from_plans(size: str, configuration_manager, num_input_channels: int, num_output_channels: int,
-                      enable_deep_supervision: bool = True) -> STUNet:
+                      enable_deep_supervision: bool = True, fast_cpu_kernels: bool = True) -> STUNet:
     """Builds STU-Net for an nnU-Net configuration (pool sizes from the plan, kernels always 3x3x3)."""
     pools = plan_pool_sizes(configuration_manager.pool_op_kernel_sizes)
-    return build_stunet(size, num_input_channels, num_output_channels, pools, enable_deep_supervision)
+    return build_stunet(size, num_input_channels, num_output_channels, pools, enable_deep_supervision,
+                        fast_cpu_kernels)

@@ -51,3 +51,19 @@ def test_plan_pool_sizes_are_cut_or_padded_to_five():
 def test_unknown_size_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown STU-Net size 'XL'"):
         build_stunet("XL", 1, 2)
+
+
+def test_fast_cpu_kernels_give_the_same_network_up_to_float_rounding():
+    ref = torch.load(require(REFERENCE / "stunet_parity_tiny.pt"), weights_only=True)
+    c = ref["config"]
+    net = STUNet(c["input_channels"], c["num_classes"], c["depth"], c["dims"], c["pool_op_kernel_sizes"], True,
+                 fast_cpu_kernels=True)
+    net.load_state_dict(ref["state_dict"])
+    net.eval()
+    with torch.no_grad():
+        outputs = net(ref["input"])
+    for ours, theirs in zip(outputs, ref["outputs"]):
+        assert torch.allclose(ours, theirs, atol=2e-3, rtol=1e-3)
+    assert net.conv_blocks_context[0][0].conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    for key, value in ref["state_dict"].items():  # the layout changed, the values did not
+        assert torch.equal(net.state_dict()[key], value)
