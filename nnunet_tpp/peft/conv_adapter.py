@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_tpp.peft.modules import conv_like, matching_convs, replace_submodule
+from nnunet_tpp.peft.modules import wrap_convs
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -96,18 +96,12 @@ class ConvAdapterMethod(PeftMethod):
     description = "Conv-Adapter beside the residual blocks' convolutions"
 
     def inject(self, model: nn.Module, opts: ConvAdapterOptions) -> None:
-        found = 0
-        for conv_type, wrapper in ((nn.Conv3d, ConvAdapterConv3d), (nn.Conv2d, ConvAdapterConv2d)):
-            for name, conv in matching_convs(model, opts.targets, conv_type):
-                new = conv_like(conv, wrapper)
-                new.adapter = ConvAdapter(conv.in_channels, conv.out_channels, int(opts.reduction),
-                                          int(opts.kernel_size), conv.stride, conv.weight.dim() - 2,
-                                          opts.zero_init).to(conv.weight.device)
-                replace_submodule(model, name, new)
-                found += 1
-        if not found:
-            raise PeftError(f"conv_adapter: no convolution named {list(opts.targets)} in "
-                            f"{type(model).__name__}")
+        def attach(new: nn.Module, conv: nn.Module) -> None:
+            new.adapter = ConvAdapter(conv.in_channels, conv.out_channels, int(opts.reduction), int(opts.kernel_size),
+                                      conv.stride, conv.weight.dim() - 2, opts.zero_init).to(conv.weight.device)
+
+        wrap_convs(model, self.name, opts.targets, {nn.Conv3d: ConvAdapterConv3d, nn.Conv2d: ConvAdapterConv2d},
+                   attach)
 
     def is_target(self, name: str) -> bool:
         return ".adapter." in name

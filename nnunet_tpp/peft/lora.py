@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnunet_tpp.peft.modules import conv_like, matching_convs, replace_submodule
+from nnunet_tpp.peft.modules import replace_submodule, wrap_convs
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -84,23 +84,19 @@ class LoRAMethod(PeftMethod):
     description = "low-rank update of the convolution weights (mergeable)"
 
     def inject(self, model: nn.Module, opts: LoRAOptions) -> None:
-        rank, found = int(opts.rank), 0
-        for conv_type, wrapper in ((nn.Conv3d, LoRAConv3d), (nn.Conv2d, LoRAConv2d)):
-            for name, conv in matching_convs(model, opts.targets, conv_type):
-                if conv.groups != 1:
-                    continue
-                new = conv_like(conv, wrapper)
-                new.lora_A = conv_type(conv.in_channels, rank, conv.kernel_size, stride=conv.stride,
-                                       padding=conv.padding, dilation=conv.dilation, bias=False
-                                       ).to(conv.weight.device)
-                new.lora_B = conv_type(rank, conv.out_channels, 1, bias=False).to(conv.weight.device)
-                nn.init.kaiming_uniform_(new.lora_A.weight, a=math.sqrt(5))
-                nn.init.zeros_(new.lora_B.weight)
-                new.scaling = float(opts.alpha) / rank
-                replace_submodule(model, name, new)
-                found += 1
-        if not found:
-            raise PeftError(f"lora: no convolution named {list(opts.targets)} in {type(model).__name__}")
+        rank = int(opts.rank)
+
+        def attach(new: nn.Module, conv: nn.Module) -> None:
+            conv_type = type(conv)
+            new.lora_A = conv_type(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                                   dilation=conv.dilation, bias=False).to(conv.weight.device)
+            new.lora_B = conv_type(rank, conv.out_channels, 1, bias=False).to(conv.weight.device)
+            nn.init.kaiming_uniform_(new.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(new.lora_B.weight)
+            new.scaling = float(opts.alpha) / rank
+
+        wrap_convs(model, self.name, opts.targets, {nn.Conv3d: LoRAConv3d, nn.Conv2d: LoRAConv2d}, attach,
+                   skip_grouped=True)
 
     def is_target(self, name: str) -> bool:
         return ".lora_A." in name or ".lora_B." in name

@@ -1,9 +1,11 @@
 """Helpers to find and replace the layers a PEFT method adapts."""
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import nn
+
+from nnunet_tpp.peft.registry import PeftError
 
 
 def matching_convs(model: nn.Module, targets: Sequence[str], conv_type: type = nn.Conv3d
@@ -32,3 +34,30 @@ def conv_like(conv: nn.Conv3d | nn.Conv2d, cls: type) -> nn.Module:
     new.weight = conv.weight
     new.bias = conv.bias
     return new
+
+
+def wrap_convs(model: nn.Module, method: str, targets: Sequence[str], wrappers: dict[type, type],
+               attach: Callable[[nn.Module, nn.Module], None], skip_grouped: bool = False) -> int:
+    """Replaces each targeted conv by its PEFT wrapper (same parameters, see :func:`conv_like`) and lets
+    ``attach(new, old)`` add the method's modules.
+
+    Args:
+        method: the method's name, for the error message.
+        targets: attribute names of the convs to adapt.
+        wrappers: ``{nn.Conv3d: Wrapper3d, nn.Conv2d: Wrapper2d}``.
+        skip_grouped: leave grouped convolutions alone.
+    Returns:
+        The number of wrapped convolutions; raises :class:`PeftError` when none matched.
+    """
+    found = 0
+    for conv_type, wrapper in wrappers.items():
+        for name, conv in matching_convs(model, targets, conv_type):
+            if skip_grouped and conv.groups != 1:
+                continue
+            new = conv_like(conv, wrapper)
+            attach(new, conv)
+            replace_submodule(model, name, new)
+            found += 1
+    if not found:
+        raise PeftError(f"{method}: no convolution named {list(targets)} in {type(model).__name__}")
+    return found
