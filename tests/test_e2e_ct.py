@@ -44,7 +44,9 @@ def workspace(tmp_path_factory):
     return folders, raw, env, log
 
 
-def test_conv_adapter_trainer_end_to_end_on_real_ct(workspace):
+@pytest.fixture(scope="module")
+def trained(workspace):
+    """ConvAdapterTrainer_S fine-tuned for one short epoch from a v1-format checkpoint."""
     folders, raw, env, log = workspace
     ckpt = folders.root / "STUNet_S.model"
     backbone = _write_v1_checkpoint(ckpt)
@@ -52,6 +54,12 @@ def test_conv_adapter_trainer_end_to_end_on_real_ct(workspace):
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"], env, log)
     fold = next(folders.results.rglob("ConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+    return ckpt, ckpt_bytes, backbone, fold
+
+
+def test_conv_adapter_trainer_end_to_end_on_real_ct(workspace, trained):
+    folders, raw, env, log = workspace
+    ckpt, ckpt_bytes, backbone, fold = trained
 
     training_log = next(fold.glob("training_log_*.txt")).read_text()
     assert "trainable parameters: " in training_log and "pre-trained weights:" in training_log
@@ -97,3 +105,35 @@ def test_missing_checkpoint_file_is_a_clear_error(workspace):
     with pytest.raises(NNUNetCommandError, match="checkpoint file not found"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "BitFitTrainer_S",
                     "-pretrained_weights", folders.root / "nope.model", "-device", "cpu"], env, log)
+
+
+def test_model_is_restored_from_adapter_weights_and_backbone(workspace, trained):
+    folders, raw, env, log = workspace
+    ckpt, _, _, fold = trained
+    from nnunet_tpp.cli import main
+    assert main(["restore", str(fold.parent), "-f", "all", "--backbone", str(ckpt),
+                 "--checkpoint-name", "restored.pth"]) == 0
+    original = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    restored = torch.load(fold / "restored.pth", map_location="cpu", weights_only=False)
+    assert restored["trainer_name"] == "ConvAdapterTrainer_S"
+    assert set(restored["network_weights"]) == set(original["network_weights"])
+    for key, value in original["network_weights"].items():
+        assert torch.equal(restored["network_weights"][key], value), key
+    assert main(["restore", str(fold.parent), "-f", "all", "--backbone", str(ckpt),
+                 "--checkpoint-name", "restored.pth"]) == 2  # never overwrites
+
+
+def test_interrupted_run_resumes_with_c(workspace, trained):
+    folders, raw, env, log = workspace
+    _, _, backbone, fold = trained
+    before = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert before["current_epoch"] == 1
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S", "--c",
+                "-device", "cpu"], dict(env, NNUNET_TPP_EPOCHS="2", NNUNET_TPP_SKIP_VALIDATION="1"), log)
+    after = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert after["current_epoch"] == 2
+    assert len(after["logging"]["train_losses"]) == 2  # epoch 0 from the first run, epoch 1 from the resumed one
+    for key, value in backbone.items():
+        assert torch.equal(after["network_weights"][key], value), key
+    adapters = [k for k in after["network_weights"] if ".adapter." in k]
+    assert any(not torch.equal(after["network_weights"][k], before["network_weights"][k]) for k in adapters)

@@ -47,10 +47,10 @@ class DemoConfig:
     pretrained: Path | None = None
     num_cases: int = 8
     num_test_cases: int = 2
-    epochs: int = 4
-    iterations_per_epoch: int = 10
+    epochs: int = 15
+    iterations_per_epoch: int = 20
     val_iterations_per_epoch: int = 2
-    upstream_epochs: int = 3
+    upstream_epochs: int = 10
     device: str = "cpu"
 
     @classmethod
