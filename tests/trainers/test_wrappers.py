@@ -1,0 +1,57 @@
+"""PEFT models under the wrappers nnU-Net uses: DDP (here with the gloo backend, world size 1) and
+torch.compile (dynamo tracing with the eager backend; the GPU inductor path needs a GPU)."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from nnunet_tpp import peft
+from nnunet_tpp.models.stunet import STUNet
+
+
+def _tiny(method):
+    torch.manual_seed(0)
+    net = STUNet(1, 2, [1] * 6, [4, 8, 8, 8, 8, 8], [[2, 2, 2]] * 4 + [[1, 1, 1]])
+    return peft.apply(net, method)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def process_group():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("method", ["conv_adapter", "lora", "bitfit", "linear_probe"])
+def test_ddp_trains_peft_models_without_unused_parameter_errors(process_group, method):
+    ddp = torch.nn.parallel.DistributedDataParallel(_tiny(method))
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(1, 1, 16, 32, 32), torch.randint(0, 2, (1, 16, 32, 32))
+    for _ in range(2):  # an unused trainable parameter would make the second step fail
+        opt.zero_grad()
+        out = ddp(x)
+        sum(torch.nn.functional.cross_entropy(o, torch.nn.functional.interpolate(
+            y[:, None].float(), size=o.shape[2:]).long()[:, 0]) for o in out).backward()
+        opt.step()
+    assert peft.unwrap(ddp) is ddp.module
+    assert peft.trainable_summary(ddp).trainable == peft.trainable_summary(ddp.module).trainable
+    assert set(peft.state_dict(ddp)) == set(peft.trained_parameter_names(ddp.module))
+
+
+def test_compiled_peft_model_matches_eager_and_unwraps():
+    net = _tiny("conv_adapter").eval()
+    compiled = torch.compile(net, backend="eager")
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x)[0], net(x)[0])
+    assert peft.unwrap(compiled) is net
+    assert set(peft.target_parameters(compiled)) == set(peft.target_parameters(net))
