@@ -1,4 +1,4 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``trainers``, ``methods``, ``check``, ``restore``."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``trainers``, ``methods``, ``check``, ``restore``."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,36 @@ def _check(args) -> int:
     return 0
 
 
+def _dataset_labels(dataset: str) -> dict[str, int]:
+    """The label map of an nnU-Net dataset (id or name), from nnUNet_raw or nnUNet_preprocessed."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
+    for root in ("nnUNet_raw", "nnUNet_preprocessed"):
+        path = Path(os.environ.get(root, "")) / name / "dataset.json"
+        if os.environ.get(root) and path.exists():
+            import json
+            labels = json.loads(path.read_text())["labels"]
+            return {k: int(v) for k, v in labels.items() if not isinstance(v, (list, tuple))}
+    raise FileNotFoundError(f"no dataset.json for {name} under $nnUNet_raw or $nnUNet_preprocessed")
+
+
+def _evaluate(args) -> int:
+    import json
+    from nnunet_tpp.evaluation import evaluate_folder, write_json
+    if args.labels:
+        labels = {k: int(v) for k, v in json.loads(args.labels).items()}
+    elif args.dataset:
+        labels = _dataset_labels(args.dataset)
+    else:
+        raise ValueError("give the label set with -d DATASET or --labels JSON")
+    result = evaluate_folder(Path(args.reference), Path(args.prediction), labels)
+    print(result.markdown())
+    print(f"({len(result.per_case)} cases; per-case values with --json)")
+    if args.json:
+        write_json(result, Path(args.json))
+    return 0
+
+
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
     out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
@@ -89,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunet_tpp.bench import add_bench_arguments, bench_main
     add_bench_arguments(bench)
     bench.set_defaults(func=bench_main)
+
+    evaluate = sub.add_parser("evaluate", help="Dice and HD95 per label, region and case")
+    evaluate.add_argument("reference", help="folder of reference label maps")
+    evaluate.add_argument("prediction", help="folder of predictions (same file names)")
+    evaluate.add_argument("-d", "--dataset", help="nnU-Net dataset id or name whose dataset.json names the labels")
+    evaluate.add_argument("--labels", help='label names as JSON instead of -d, e.g. \'{"background":0,"liver":1}\'')
+    evaluate.add_argument("--json", help="also write the results (per label, region and case) to this file")
+    evaluate.set_defaults(func=_evaluate)
 
     sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)

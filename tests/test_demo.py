@@ -14,7 +14,7 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
                  "--dataset-id", "521"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "| label | Dice |" in out and "| lesion |" in out and "trainable %" in out
+    assert "| label / region | Dice | HD95 (mm) |" in out and "| lesion |" in out and "trainable %" in out
     summary = json.loads((work / "demo_summary.json").read_text())
     assert set(summary["dice"]) == {"liver", "kidney", "lesion"}
     assert 0 < float(summary["trainable_percent"]) < 5

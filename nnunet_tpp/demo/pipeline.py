@@ -161,15 +161,15 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     result = evaluate_folder(labels_ts, predictions, labels)
     trainable = _trainable_line(folders.results / dataset_folder_name(cfg.dataset_id, "Demo"))
     total = time.time() - start
-    rows = [[name, value] for name, value in result.dice.items()] + [["mean", result.mean_dice]]
     echo("")
     echo(f"{cfg.trainer} on {'the phantom' if cfg.data is None else cfg.data} ({len(train)} training, "
          f"{len(test)} test cases; a smoke run, not a benchmark)")
-    echo(markdown_table(["label", "Dice"], rows))
+    echo(result.markdown())
     echo("")
     echo(markdown_table(["trainable %", "wall time (s)"] + [f"{k} (s)" for k in times],
                         [[trainable, f"{total:.0f}"] + [f"{v:.0f}" for v in times.values()]]))
-    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "trainable_percent": trainable,
+    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "evaluation": result.to_json(),
+               "trainable_percent": trainable,
                "wall_time_s": {"total": total, **times}, "work_dir": str(folders.root)}
     (folders.root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
