@@ -1,4 +1,4 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``trainers``, ``methods``, ``check``, ``restore``."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``trainers``, ``methods``, ``check``, ``restore``."""
 from __future__ import annotations
 
 import argparse
@@ -88,6 +88,22 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from nnunet_tpp.data.converters import convert
+    raw = args.raw or os.environ.get("nnUNet_raw")
+    if not raw:
+        raise ValueError("set nnUNet_raw or pass --raw DIR: the converted dataset is written there")
+    folder = convert(args.kind, Path(args.source), Path(raw), args.dataset_id, args.name, args.overwrite,
+                     args.skip_invalid)
+    import json
+    info = json.loads((folder / "dataset.json").read_text())
+    print(f"wrote {folder}: {info['numTraining']} training cases, labels {info['labels']}")
+    skipped = folder / "skipped_cases.json"
+    if skipped.exists():
+        print(f"skipped {len(json.loads(skipped.read_text()))} invalid case(s), listed in {skipped}")
+    return 0
+
+
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
     out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
@@ -127,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--labels", help='label names as JSON instead of -d, e.g. \'{"background":0,"liver":1}\'')
     evaluate.add_argument("--json", help="also write the results (per label, region and case) to this file")
     evaluate.set_defaults(func=_evaluate)
+
+    conv = sub.add_parser("convert", help="LiTS / KiTS release folder -> nnU-Net raw dataset")
+    conv.add_argument("kind", choices=["lits", "kits"])
+    conv.add_argument("source", help="the release folder (read only)")
+    conv.add_argument("-d", "--dataset-id", dest="dataset_id", type=int, required=True)
+    conv.add_argument("--name", help="dataset name (default LiTS / KiTS)")
+    conv.add_argument("--raw", help="nnUNet_raw folder (default: $nnUNet_raw)")
+    conv.add_argument("--overwrite", action="store_true", help="replace a dataset this command wrote before")
+    conv.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
+                      help="convert the valid cases and list the others, instead of stopping")
+    conv.set_defaults(func=_convert)
 
     sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)

@@ -75,8 +75,26 @@ def check_case(case: Case, labels: dict[str, int]) -> None:
                            f"{labels}; add them to the labels or fix the segmentation")
 
 
+def check_cases(cases: list[Case], labels: dict[str, int], need_labels: bool = True) -> dict[str, str]:
+    """Checks every case (see :func:`check_case`) and collects the problems instead of stopping at the first.
+
+    Returns:
+        ``{case name: what is wrong}`` for the cases that cannot be used (empty when all are fine).
+    """
+    problems = {}
+    for case in cases:
+        try:
+            if need_labels and case.label is None:
+                raise DatasetError(f"training case {case.name} has no label file")
+            check_case(case if need_labels else Case(case.name, case.image), labels)
+        except DatasetError as e:
+            problems[case.name] = str(e)
+    return problems
+
+
 def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, train: list[Case], labels: dict[str, int],
-                      channel_name: str = "CT", test: list[Case] | None = None, overwrite: bool = False) -> Path:
+                      channel_name: str = "CT", test: list[Case] | None = None, overwrite: bool = False,
+                      skip_invalid: bool = False) -> Path:
     """Checks all cases, then writes an nnU-Net raw dataset.
 
     Args:
@@ -88,19 +106,22 @@ def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, train: list[Ca
         test: optional cases written to ``imagesTs``.
         overwrite: replace an existing dataset folder of the same name (ours only: we refuse to touch a
             folder that is not a dataset written by this function).
+        skip_invalid: leave out the cases that fail the checks (they are listed in the folder's
+            ``skipped_cases.json``) instead of stopping with an error that names all of them.
     Returns:
         The dataset folder.
     """
-    if not train:
-        raise DatasetError("no training cases")
     if labels.get("background") != 0:
         raise DatasetError(f"labels must map 'background' to 0, got {labels}")
-    for case in train:
-        if case.label is None:
-            raise DatasetError(f"training case {case.name} has no label file")
-        check_case(case, labels)
-    for case in test or []:
-        check_case(Case(case.name, case.image), labels)
+    problems = check_cases(train, labels)
+    problems.update(check_cases(test or [], labels, need_labels=False))
+    if problems and not skip_invalid:
+        listing = "\n".join(f"  {case}: {why}" for case, why in problems.items())
+        raise DatasetError(f"{len(problems)} case(s) cannot be used; nothing was written:\n{listing}")
+    train = [c for c in train if c.name not in problems]
+    test = [c for c in test or [] if c.name not in problems]
+    if not train:
+        raise DatasetError("no usable training cases")
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
     marker = folder / ".written_by_nnunet_tpp"
     if folder.exists():
@@ -121,6 +142,8 @@ def write_raw_dataset(raw_root: Path, dataset_id: int, name: str, train: list[Ca
     dataset_json = {"channel_names": {"0": channel_name}, "labels": labels, "numTraining": len(train),
                     "file_ending": FILE_ENDING, "name": name}
     (folder / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    if problems:
+        (folder / "skipped_cases.json").write_text(json.dumps(problems, indent=2))
     return folder
 
 
