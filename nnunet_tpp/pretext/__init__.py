@@ -1,0 +1,1 @@
+"""Self-supervised pretext objectives used for target parameter pre-training (TPP)."""
