@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import SimpleITK as sitk
 import yaml
 
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, dataset_folder_name, \
@@ -182,7 +183,6 @@ def _upstream(cfg: DemoConfig, folders: NNUNetFolders, size: str, env: dict, log
     cases = _phantom_cases(source, [500 + i for i in range(max(cfg.num_cases, 5))], "up")
     merged = []
     for case in cases:  # the upstream task: every organ is one label
-        import SimpleITK as sitk
         label = sitk.ReadImage(str(case.label))
         organ = sitk.Cast(label > 0, sitk.sitkUInt8)
         path = source / f"{case.name}_organ.nii.gz"
