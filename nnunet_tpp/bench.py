@@ -44,13 +44,13 @@ def _current_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _build(size: str, deep_supervision: bool, method: str | None = None):
+def _build(size: str, deep_supervision: bool, method: str | None = None, pools=None):
     """The seeded random STU-Net (identical backbone in every process), with ``method`` applied."""
     import torch
     from nnunet_tpp import peft
     from nnunet_tpp.models.stunet import build_stunet
     torch.manual_seed(SEED)
-    net = build_stunet(size, 1, NUM_CLASSES, enable_deep_supervision=deep_supervision, fast_cpu_kernels=True)
+    net = build_stunet(size, 1, NUM_CLASSES, pools, enable_deep_supervision=deep_supervision, fast_cpu_kernels=True)
     if method is not None:
         peft.apply(net, method)
     return net
@@ -85,7 +85,7 @@ def measure_training(cfg: dict) -> dict:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    net = _build(cfg["size"], True, cfg["method"]).to(device).train()
+    net = _build(cfg["size"], True, cfg["method"], cfg.get("pools")).to(device).train()
     summary = peft.trainable_summary(net)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-2, momentum=0.99,
                                 nesterov=True, weight_decay=3e-5)
@@ -174,8 +174,8 @@ def measure_latency(cfg: dict) -> dict:
     _setup_threads(cfg)
     size, patch, steps, warmup = cfg["size"], cfg["patch"], int(cfg["steps"]), int(cfg["warmup"])
     dev = torch.device(cfg["device"])
-    plain = _build(size, False).to(dev).eval()
-    unmerged = _build(size, False, LATENCY_METHOD)
+    plain = _build(size, False, pools=cfg.get("pools")).to(dev).eval()
+    unmerged = _build(size, False, LATENCY_METHOD, cfg.get("pools"))
     with torch.no_grad():  # LoRA's B starts at zero: make the update non-trivial so merging is checked
         for p in peft.target_parameters(unmerged).values():
             p.add_(torch.randn_like(p) * 1e-3)
@@ -219,7 +219,7 @@ def machine_description(device: str = "cpu", threads: int | None = None) -> str:
     return f"{text}, torch {torch.__version__}"
 
 
-def _check(sizes, patch, batch, methods, device, steps, warmup) -> list[str]:
+def _check(sizes, patch, batch, methods, device, steps, warmup, pools=None) -> list[str]:
     """Validates the settings and returns the method list, ``full`` first."""
     import torch
     from nnunet_tpp import peft
@@ -232,9 +232,12 @@ def _check(sizes, patch, batch, methods, device, steps, warmup) -> list[str]:
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device "
                          f"(torch {torch.__version__}); use --device cpu")
-    # default pools: 4x (2, 2, 2) then (1, 1, 2): the patch must divide by 16, 16, 32
-    if len(patch) != 3 or any(int(p) <= 0 or int(p) % d for p, d in zip(patch, (16, 16, 32))):
-        raise BenchError(f"patch must be 3 positive sizes divisible by (16, 16, 32), got {list(patch)}")
+    # the patch must divide by the product of the pool sizes (default 4x (2, 2, 2) then (1, 1, 2))
+    divisors = [1, 1, 1]
+    for pool in pools or [[2, 2, 2]] * 4 + [[1, 1, 2]]:
+        divisors = [d * int(k) for d, k in zip(divisors, pool)]
+    if len(patch) != 3 or any(int(p) <= 0 or int(p) % d for p, d in zip(patch, divisors)):
+        raise BenchError(f"patch must be 3 positive sizes divisible by {tuple(divisors)}, got {list(patch)}")
     if batch < 1 or steps < 1 or warmup < 0:
         raise BenchError(f"need batch >= 1, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
     names = list(dict.fromkeys([REFERENCE, *(methods or peft.methods())]))
@@ -244,7 +247,7 @@ def _check(sizes, patch, batch, methods, device, steps, warmup) -> list[str]:
 
 
 def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", steps=3, warmup=1, json_out=None,
-              threads=None) -> dict:
+              threads=None, pools=None) -> dict:
     """Runs the benchmark, prints the markdown report to stdout and optionally writes JSON.
 
     Args:
@@ -256,6 +259,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         steps, warmup: measured and warm-up training steps (and latency rounds).
         json_out: path for the JSON result.
         threads: ``torch.set_num_threads`` for every measurement (default: torch's choice).
+        pools: STU-Net's five pool sizes (default: the published pre-training ones); see :func:`plan_settings`.
     Returns:
         ``{"machine", "methods": {name: {"step_time_ratio", "peak_memory_ratio", "trainable_ratio",
         "step_time_s", "peak_memory_mib", ...}}, "merged_latency_ratio", "unmerged_latency_ratio", ...,
@@ -263,7 +267,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     """
     sizes = [str(s).upper() for s in ((sizes,) if isinstance(sizes, str) else sizes)]
     patch = tuple(int(p) for p in (patch or DEFAULT_PATCH.get(device, DEFAULT_PATCH["cpu"])))
-    names = _check(sizes, patch, int(batch), methods, device, int(steps), int(warmup))
+    names = _check(sizes, patch, int(batch), methods, device, int(steps), int(warmup), pools)
     import torch
     machine, on_cpu, load_before = machine_description(device, threads), device == "cpu", _load()
     per_size = {}
@@ -271,7 +275,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         measured = {}
         for method in names:
             cfg = {"size": size, "method": method, "patch": list(patch), "batch": int(batch), "device": device,
-                   "steps": int(steps), "warmup": int(warmup), "threads": threads}
+                   "steps": int(steps), "warmup": int(warmup), "threads": threads, "pools": pools}
             measured[method] = _in_child("training", cfg) if on_cpu else measure_training(cfg)
         ref = measured[REFERENCE]
         table = {method: {"step_time_ratio": m["step_time_s"] / ref["step_time_s"],
@@ -328,13 +332,26 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_settings(plans_file: str, configuration: str = "3d_fullres") -> dict:
+    """Patch, batch size and STU-Net pool sizes of an nnU-Net plan (``nnUNetPlans.json``)."""
+    from nnunet_tpp.models.stunet import plan_pool_sizes
+    with open(plans_file) as f:
+        plans = json.load(f)
+    try:
+        config = plans["configurations"][configuration]
+        return {"patch": config["patch_size"], "batch": config["batch_size"],
+                "pools": plan_pool_sizes(config["architecture"]["arch_kwargs"]["strides"])}
+    except KeyError as e:
+        raise BenchError(f"{plans_file}: no {e} in configuration {configuration!r} of these plans") from None
+
+
 def add_bench_arguments(parser) -> None:
     """Adds the ``nnunet-tpp bench`` options to an ``argparse`` parser."""
     parser.add_argument("--size", nargs="+", default=["S"], type=str.upper, metavar="SIZE",
                         help="STU-Net size(s): S B L H (default: S)")
     parser.add_argument("--patch", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
                         help="patch size (default: 64 64 64 on cpu, 128 128 128 on cuda)")
-    parser.add_argument("--batch", type=int, default=2, help="training batch size (default: 2)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch size (default: 2)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="PEFT methods (default: all registered; full is always measured)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
@@ -342,13 +359,18 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default: 1)")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the result as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--plans", default=None, metavar="nnUNetPlans.json",
+                        help="take patch, batch size and pool sizes from an nnU-Net plan (--patch/--batch win)")
+    parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
 
 
 def bench_main(args) -> int:
     """Runs :func:`run_bench` with parsed ``args``; returns the exit code (2 with a message on bad input)."""
     try:
-        run_bench(sizes=args.size, patch=args.patch, batch=args.batch, methods=args.methods, device=args.device,
-                  steps=args.steps, warmup=args.warmup, json_out=args.json_out, threads=args.threads)
+        plan = plan_settings(args.plans, args.configuration) if getattr(args, "plans", None) else {}
+        run_bench(sizes=args.size, patch=args.patch or plan.get("patch"), batch=args.batch or plan.get("batch", 2),
+                  methods=args.methods, device=args.device, steps=args.steps, warmup=args.warmup,
+                  json_out=args.json_out, threads=args.threads, pools=plan.get("pools"))
     except ValueError as exc:  # BenchError, PeftError
         print(f"nnunet-tpp bench: error: {exc}", file=sys.stderr)
         return 2

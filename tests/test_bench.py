@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from nnunet_tpp import bench
+from nnunet_tpp.cli import main
 
 METHODS = ("full", "conv_adapter", "lora")
 
@@ -65,3 +66,16 @@ def test_import_is_cheap():
     code = "import sys, nnunet_tpp.bench; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_bench_takes_patch_batch_and_pools_from_an_nnunet_plan(tmp_path, capsys):
+    plans = {"configurations": {"3d_fullres": {"patch_size": [16, 32, 32], "batch_size": 1, "architecture": {
+        "arch_kwargs": {"strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]]}}}}}
+    (tmp_path / "plans.json").write_text(json.dumps(plans))
+    assert bench.plan_settings(str(tmp_path / "plans.json"))["pools"][-1] == [1, 1, 1]
+    code = main(["bench", "--plans", str(tmp_path / "plans.json"), "--methods", "conv_adapter", "--steps", "1",
+                 "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert code == 0
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["patch"] == [16, 32, 32] and result["batch"] == 1
+    assert set(result["methods"]) == {"full", "conv_adapter"}
