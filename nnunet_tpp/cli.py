@@ -1,4 +1,4 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``trainers``, ``methods``, ``check``, ``restore``."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``trainers``, ``methods``, ``check``, ``restore``."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,15 @@ def _convert(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    from nnunet_tpp.trainers.pretrain import pretrain
+    out = pretrain(args.dataset, args.trainer, args.pretrained_weights, args.output, args.fold, args.configuration,
+                   args.plans, args.device)
+    print(f"wrote {out}; fine-tune from it with  NNUNET_TPP_TARGET_PARAMETERS={out} nnUNetv2_train ... "
+          f"-tr <a trainer of the same method and size> -pretrained_weights {args.pretrained_weights}")
+    return 0
+
+
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
     out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
@@ -154,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
                       help="convert the valid cases and list the others, instead of stopping")
     conv.set_defaults(func=_convert)
+
+    pre = sub.add_parser("pretrain", help="the TPP pretext stage alone -> a target-parameter file")
+    pre.add_argument("-d", "--dataset", required=True, help="nnU-Net dataset id or name (preprocessed)")
+    pre.add_argument("-tr", "--trainer", required=True, help="a TPP trainer, e.g. TPPConvAdapterTrainer_S")
+    pre.add_argument("-pretrained_weights", "--pretrained-weights", dest="pretrained_weights", required=True,
+                     help="the published STU-Net checkpoint")
+    pre.add_argument("-o", "--output", required=True, help="target-parameter file to write")
+    pre.add_argument("-f", "--fold", default="all", help="use this fold's training cases (default: all cases)")
+    pre.add_argument("-c", "--configuration", default="3d_fullres")
+    pre.add_argument("-p", "--plans", default="nnUNetPlans")
+    pre.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
+    pre.set_defaults(func=_pretrain)
 
     sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)

@@ -3,7 +3,6 @@ raw dataset -> plan and preprocess -> ConvAdapterTrainer_S from a v1-format chec
 from __future__ import annotations
 
 import json
-import subprocess
 
 import numpy as np
 import pytest
@@ -137,3 +136,47 @@ def test_interrupted_run_resumes_with_c(workspace, trained):
         assert torch.equal(after["network_weights"][key], value), key
     adapters = [k for k in after["network_weights"] if ".adapter." in k]
     assert any(not torch.equal(after["network_weights"][k], before["network_weights"][k]) for k in adapters)
+
+
+def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trained):
+    folders, raw, env, log = workspace
+    ckpt, _, backbone, _ = trained
+    tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2",
+                   NNUNET_TPP_SKIP_VALIDATION="1")
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
+                "-pretrained_weights", ckpt, "-device", "cpu"], tpp_env, log)
+    fold = next(folders.results.rglob("TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+    result = torch.load(fold / "tpp_target_parameters.pth", map_location="cpu", weights_only=True)
+    assert result["method"] == "conv_adapter" and result["architecture"] == "STUNet-S"
+    assert all(".adapter." in k for k in result["target_parameters"])
+    assert (fold / "tpp_progress.png").exists()
+    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "TPP: pretext stage finished" in text and "starts from the pre-trained target parameters" in text
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, value in backbone.items():
+        assert torch.equal(final["network_weights"][key], value), key
+
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
+                "-pretrained_weights", ckpt, "-device", "cpu"], tpp_env, log)  # a new run in the same fold
+    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert "pretext stage already finished" in text and "not repeated" in text
+
+
+def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, trained):
+    folders, raw, env, log = workspace
+    ckpt, _, _, _ = trained
+    out = folders.root / "ct_target_parameters.pth"
+    pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1")
+    run_nnunet(["nnunet-tpp", "pretrain", "-d", DATASET_ID, "-tr", "TPPConvAdapterTrainer_S",
+                "-pretrained_weights", ckpt, "-o", out], pre_env, log)
+    assert torch.load(out, weights_only=True)["method"] == "conv_adapter"
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S",
+                "-pretrained_weights", ckpt, "-device", "cpu"],
+               dict(env, NNUNET_TPP_TARGET_PARAMETERS=str(out), NNUNET_TPP_SKIP_VALIDATION="1"), log)
+    fold = next(folders.results.rglob("ConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    assert f"starts from the pre-trained target parameters in {out}" in text
+    with pytest.raises(NNUNetCommandError, match="holds target parameters of conv_adapter"):
+        run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "LoRATrainer_S",
+                    "-pretrained_weights", ckpt, "-device", "cpu"],
+                   dict(env, NNUNET_TPP_TARGET_PARAMETERS=str(out)), log)

@@ -93,6 +93,7 @@ class ConvAdapterMethod(PeftMethod):
     name = "conv_adapter"
     options = ConvAdapterOptions
     mergeable = False
+    adds_parameters = True
     description = "Conv-Adapter beside the residual blocks' convolutions"
 
     def inject(self, model: nn.Module, opts: ConvAdapterOptions) -> None:

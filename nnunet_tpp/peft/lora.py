@@ -81,6 +81,7 @@ class LoRAMethod(PeftMethod):
     name = "lora"
     options = LoRAOptions
     mergeable = True
+    adds_parameters = True
     description = "low-rank update of the convolution weights (mergeable)"
 
     def inject(self, model: nn.Module, opts: LoRAOptions) -> None:

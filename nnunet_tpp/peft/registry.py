@@ -30,6 +30,7 @@ class PeftMethod:
     name: ClassVar[str] = ""
     options: ClassVar[type] = NoOptions
     mergeable: ClassVar[bool] = True
+    adds_parameters: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     def inject(self, model: nn.Module, opts) -> None:

@@ -23,6 +23,7 @@ from nnunet_tpp.trainers.recipe import resolve_recipe
 PEFT_WEIGHTS_FILE = "peft_weights.pth"
 PLANS_KEY = "nnunet_tpp"
 ENV_SKIP_VALIDATION = "NNUNET_TPP_SKIP_VALIDATION"
+ENV_TARGET_PARAMETERS = "NNUNET_TPP_TARGET_PARAMETERS"
 
 
 def build_network(spec: dict, configuration_manager, num_input_channels: int, num_output_channels: int,
@@ -122,6 +123,12 @@ class STUNetPeftTrainer(nnUNetTrainer):
     # --- training life cycle -------------------------------------------------------------------------
     def on_train_start(self):
         super().on_train_start()
+        given = os.environ.get(ENV_TARGET_PARAMETERS)
+        if given and self.current_epoch == 0:
+            from nnunet_tpp.pretext.stage import load_target_parameters
+            load_target_parameters(self.network, given)
+            self.print_to_log_file(f"fine-tuning starts from the pre-trained target parameters in {given} "
+                                   f"({ENV_TARGET_PARAMETERS})", also_print_to_console=True)
         if self.expects_pretrained and self.pretrained_report is None and self.current_epoch == 0:
             self.print_to_log_file(
                 f"WARNING: {type(self).__name__} adapts a pre-trained backbone, but no -pretrained_weights "

@@ -21,6 +21,8 @@ ENV_RECIPE = "NNUNET_TPP_RECIPE"
 ENV_EPOCHS = "NNUNET_TPP_EPOCHS"
 ENV_ITERS = "NNUNET_TPP_ITERS_PER_EPOCH"
 ENV_VAL_ITERS = "NNUNET_TPP_VAL_ITERS_PER_EPOCH"
+ENV_PRETEXT_EPOCHS = "NNUNET_TPP_PRETEXT_EPOCHS"
+ENV_PRETEXT_ITERS = "NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH"
 
 
 class RecipeError(ValueError):
@@ -38,6 +40,9 @@ class TrainerRecipe:
         initial_lr: SGD learning rate (nnU-Net's poly schedule).
         weight_decay: SGD weight decay on trainable parameters.
         epochs, iterations_per_epoch, val_iterations_per_epoch: schedule (None: nnU-Net's defaults).
+        tpp: pretext objective run before fine-tuning (``dino``), or None.
+        pretext_epochs, pretext_iterations_per_epoch: length of the pretext stage.
+        pretext_feature_stages: encoder stages pooled into the DINO head's input.
     """
 
     size: str = "B"
@@ -48,6 +53,10 @@ class TrainerRecipe:
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
+    tpp: str | None = None
+    pretext_epochs: int = 50
+    pretext_iterations_per_epoch: int = 100
+    pretext_feature_stages: list[int] = field(default_factory=lambda: [4, 5])
 
     def network_spec(self) -> dict[str, Any]:
         """The part of the recipe that determines the network's parameters (stored in the plans)."""
@@ -56,10 +65,19 @@ class TrainerRecipe:
         return {"size": self.size, "method": self.method, "options": opts}
 
 
+TPP_PREFIX = "TPP"
+
+
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
+    """The packaged families, plus a ``TPP<family>`` (DINO pretext first) for every family whose method adds
+    parameters: TPP wraps the registry, not one method."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
-    return yaml.safe_load(text)
+    families = yaml.safe_load(text)
+    for family, fields in list(families.items()):
+        if get_method(fields["method"]).adds_parameters:
+            families[TPP_PREFIX + family] = {**fields, "tpp": "dino"}
+    return families
 
 
 def family_defaults(family: str) -> dict[str, Any]:
@@ -112,12 +130,16 @@ def resolve_recipe(family: str, size: str) -> TrainerRecipe:
         if "method" in user and user["method"] != fields["method"]:
             raise RecipeError(f"{user_file!r} asks for method {user['method']!r} but this trainer runs "
                               f"{fields['method']!r}; pick the trainer of that method instead")
+        if "tpp" in user and user["tpp"] != fields.get("tpp"):
+            raise RecipeError(f"{user_file!r} sets tpp={user['tpp']!r}; pick the TPP trainer (TPP{family}) "
+                              f"or the plain one instead")
         if "size" in user and str(user["size"]).upper() != size:
             raise RecipeError(f"{user_file!r} asks for size {user['size']!r} but this trainer builds "
                               f"STU-Net-{size}; use the trainer with suffix _{str(user['size']).upper()}")
-        fields.update({k: v for k, v in user.items() if k not in ("method", "size")})
+        fields.update({k: v for k, v in user.items() if k not in ("method", "size", "tpp")})
     for key, env in (("epochs", ENV_EPOCHS), ("iterations_per_epoch", ENV_ITERS),
-                     ("val_iterations_per_epoch", ENV_VAL_ITERS)):
+                     ("val_iterations_per_epoch", ENV_VAL_ITERS), ("pretext_epochs", ENV_PRETEXT_EPOCHS),
+                     ("pretext_iterations_per_epoch", ENV_PRETEXT_ITERS)):
         value = _env_int(env)
         if value is not None:
             fields[key] = value

@@ -8,18 +8,22 @@ from __future__ import annotations
 from nnunet_tpp.models.stunet import SIZES
 from nnunet_tpp.trainers.base import STUNetPeftTrainer
 from nnunet_tpp.trainers.recipe import _family_defaults
+from nnunet_tpp.trainers.tpp import STUNetTPPTrainer
 
 DEFAULT_SIZE = "B"
 FROM_SCRATCH = {"STUNetTrainer"}
 
 
 def _make_family(family: str) -> dict[str, type]:
-    method = _family_defaults()[family]["method"]
-    doc = (f"nnU-Net trainer: STU-Net-{{size}} with PEFT method {method!r}"
+    fields = _family_defaults()[family]
+    doc = (f"nnU-Net trainer: STU-Net-{{size}} with PEFT method {fields['method']!r}"
            + (" (trained from scratch)" if family in FROM_SCRATCH else
-              " on a pre-trained backbone (-pretrained_weights)") + ".")
+              " on a pre-trained backbone (-pretrained_weights)")
+           + (", its target parameters first pre-trained with DINO on the fold's images (TPP)" if fields.get("tpp")
+              else "") + ".")
     attrs = {"family": family, "expects_pretrained": family not in FROM_SCRATCH, "__module__": __name__}
-    base = type(family, (STUNetPeftTrainer,), {**attrs, "stunet_size": DEFAULT_SIZE,
+    parent = STUNetTPPTrainer if fields.get("tpp") else STUNetPeftTrainer
+    base = type(family, (parent,), {**attrs, "stunet_size": DEFAULT_SIZE,
                                                "__doc__": doc.format(size=DEFAULT_SIZE)})
     classes = {family: base}
     for size in SIZES:
