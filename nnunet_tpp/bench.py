@@ -203,6 +203,49 @@ def measure_latency(cfg: dict) -> dict:
     return result
 
 
+def measure_pretext(cfg: dict) -> dict:
+    """Times TPP pretext (DINO) steps of ``conv_adapter`` on random views (2 global at the patch size, 4 local
+    at half of it) and measures memory like :func:`measure_training`.
+
+    Returns:
+        ``{"step_time_s", "volumes_per_s", "peak_memory_mib"}`` (one volume = one sample's set of views).
+    """
+    import resource
+    import numpy as np
+    import torch
+    from nnunet_tpp.pretext.crops3d import view_sizes
+    from nnunet_tpp.pretext.dino import DINOConfig
+    from nnunet_tpp.pretext.stage import PretextSchedule, run_dino_stage
+
+    _setup_threads(cfg)
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    pools = cfg.get("pools") or [[2, 2, 2]] * 4 + [[1, 1, 2]]
+    net = _build(cfg["size"], True, "conv_adapter", cfg.get("pools")).to(device)
+    global_size, local_size = view_sizes(cfg["patch"], np.prod(np.array(pools), axis=0))
+    gen = torch.Generator().manual_seed(SEED + 3)
+
+    def sample(batch: int):
+        return ([torch.randn((batch, 1, *global_size), generator=gen) for _ in range(2)],
+                [torch.randn((batch, 1, *local_size), generator=gen) for _ in range(4)])
+
+    stamps: list[float] = []
+    warmup, steps = int(cfg["warmup"]), int(cfg["steps"])
+    with tempfile.TemporaryDirectory() as tmp:
+        _sync(device)
+        stamps.append(time.perf_counter())
+        run_dino_stage(net, sample, PretextSchedule(epochs=warmup + steps, iterations_per_epoch=1,
+                                                    batch_size=int(cfg["batch"])),
+                       DINOConfig(), device, os.path.join(tmp, "state.pth"),
+                       log=lambda message: (_sync(device), stamps.append(time.perf_counter())))
+    step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    _log(f"STU-Net-{cfg['size']} TPP pretext: {steps} steps, {step:.3f} s each")
+    return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": peak}
+
+
 def machine_description(device: str = "cpu", threads: int | None = None) -> str:
     """One line: CPU model, cores, torch threads (``threads`` or torch's default), GPU (on cuda), torch version."""
     import torch
@@ -281,13 +324,18 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         table = {method: {"step_time_ratio": m["step_time_s"] / ref["step_time_s"],
                           "peak_memory_ratio": m["peak_memory_mib"] / ref["peak_memory_mib"],
                           "trainable_ratio": m["trainable"] / m["total"], **m} for method, m in measured.items()}
+        pretext = None
+        if "conv_adapter" in measured:
+            pretext = _in_child("pretext", cfg) if on_cpu else measure_pretext(cfg)
+            pretext["supervised_volumes_per_s"] = int(batch) / measured["conv_adapter"]["step_time_s"]
+            pretext["supervised_peak_memory_mib"] = measured["conv_adapter"]["peak_memory_mib"]
         cfg = {**cfg, "method": LATENCY_METHOD}
         latency = _in_child("latency", cfg) if on_cpu else measure_latency(cfg)
         per_size[size] = {
             "machine": machine, "torch": torch.__version__, "device": device, "size": size,
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
             "memory_kind": "peak RSS of a child process" if on_cpu else "torch.cuda.max_memory_allocated",
-            "load_average": [load_before, _load()], "methods": table, "latency": latency,
+            "load_average": [load_before, _load()], "methods": table, "latency": latency, "pretext": pretext,
             "merged_latency_ratio": latency["merged_s"] / latency["plain_s"],
             "unmerged_latency_ratio": latency["unmerged_s"] / latency["plain_s"]}
     result = {**per_size[sizes[0]], "sizes": per_size}
@@ -328,6 +376,13 @@ def format_report(result: dict) -> str:
         for key, label in (("plain", "plain backbone"), ("unmerged", f"{LATENCY_METHOD} unmerged"),
                            ("merged", f"{LATENCY_METHOD} merged")):
             lines.append(f"| {label} | {lat[key + '_s']:.4f} | {lat[key + '_s'] / lat['plain_s']:.2f}x |")
+        if r.get("pretext"):
+            p = r["pretext"]
+            lines += ["", "TPP with conv_adapter: DINO pretext step (2 global + 4 local views per volume) vs the "
+                      "supervised step:", "", "| stage | volumes/s | peak memory (MiB) |", "|---|---|---|",
+                      f"| pretext (DINO) | {p['volumes_per_s']:.2f} | {p['peak_memory_mib']:.0f} |",
+                      f"| supervised fine-tuning | {p['supervised_volumes_per_s']:.2f} "
+                      f"| {p['supervised_peak_memory_mib']:.0f} |"]
         lines.append("")
     return "\n".join(lines)
 
@@ -382,7 +437,7 @@ def main(argv=None) -> int:
     internal child mode."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--worker"]:
-        measure = {"training": measure_training, "latency": measure_latency}[argv[1]]
+        measure = {"training": measure_training, "latency": measure_latency, "pretext": measure_pretext}[argv[1]]
         result = measure(json.loads(argv[2]))
         with open(argv[3], "w") as f:
             json.dump(result, f)

@@ -35,6 +35,8 @@ def test_json_structure(tiny):
         assert data["methods"]["conv_adapter"]["trainable_ratio"] < 0.05
         assert data["merged_latency_ratio"] > 0 and data["unmerged_latency_ratio"] > 0
     assert written["latency"]["merge_max_abs_diff"] < 1e-3
+    pretext = written["pretext"]  # TPP pretext throughput next to the supervised stage's
+    assert pretext["volumes_per_s"] > 0 and pretext["supervised_volumes_per_s"] > 0 and pretext["peak_memory_mib"] > 0
 
 
 def test_report_printed(tiny, capsys):
@@ -42,6 +44,7 @@ def test_report_printed(tiny, capsys):
     assert "| method | trainable | step time (s) | step time vs full | peak memory (MiB) | memory vs full" in text
     assert all(f"| {m} |" in text for m in METHODS)
     assert "lora merged" in text
+    assert "| pretext (DINO) |" in text and "| supervised fine-tuning |" in text
 
 
 def test_unknown_method_lists_known_ones(capsys):
