@@ -1,4 +1,4 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``trainers``, ``methods``, ``check``, ``restore``."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``, ``methods``, ``check``, ``restore``."""
 from __future__ import annotations
 
 import argparse
@@ -113,6 +113,18 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from nnunet_tpp.experiment import Experiment, commands, evaluation_note, run_experiment
+    exp = Experiment.from_yaml(Path(args.recipe))
+    if args.run:
+        run_experiment(exp, args.source, args.pretrained)
+        return 0
+    for cmd in commands(exp, args.source, args.pretrained):
+        print(" ".join(cmd))
+    print(f"# {evaluation_note(exp)}")
+    return 0
+
+
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
     out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
@@ -175,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("-p", "--plans", default="nnUNetPlans")
     pre.add_argument("-device", "--device", default="cpu", choices=["cpu", "cuda"])
     pre.set_defaults(func=_pretrain)
+
+    exp = sub.add_parser("experiment", help="a 3-D comparison from a recipe (configs/3d/*_table10.yaml)")
+    exp.add_argument("recipe")
+    exp.add_argument("--source", required=True, help="the dataset's release folder (for nnunet-tpp convert)")
+    exp.add_argument("--pretrained", required=True, help="the published STU-Net checkpoint")
+    exp.add_argument("--run", action="store_true", help="run the commands (default: print them)")
+    exp.set_defaults(func=_experiment)
 
     sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)
