@@ -156,10 +156,17 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trai
     for key, value in backbone.items():
         assert torch.equal(final["network_weights"][key], value), key
 
+    # a new run in the same fold, with learning rate 0 so that fine-tuning cannot move any parameter: its final
+    # network must hold exactly the pretext stage's target parameters
+    frozen_lr = folders.root / "lr0.yaml"
+    frozen_lr.write_text("initial_lr: 0.0\n")
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
-                "-pretrained_weights", ckpt, "-device", "cpu"], tpp_env, log)  # a new run in the same fold
+                "-pretrained_weights", ckpt, "-device", "cpu"], dict(tpp_env, NNUNET_TPP_RECIPE=str(frozen_lr)), log)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "pretext stage already finished" in text and "not repeated" in text
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    for key, value in result["target_parameters"].items():
+        assert torch.equal(final["network_weights"][key], value), key
 
 
 def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, trained):
