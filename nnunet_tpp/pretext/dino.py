@@ -51,12 +51,15 @@ class DINOConfig:
 
 
 class DINOHead(nn.Module):
-    """MLP (3 layers, GELU) -> L2-normalised bottleneck -> weight-normalised prototypes (norm fixed to 1)."""
+    """Batch-standardised input -> MLP (3 layers, GELU) -> L2-normalised bottleneck -> weight-normalised
+    prototypes (norm fixed to 1)."""
 
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 1024, bottleneck_dim: int = 256):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
-                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        # standardising the input across the batch removes what all views share, so the sample-to-sample
+        # variation drives the prototypes (pooled CNN features share a large common component)
+        self.mlp = nn.Sequential(nn.BatchNorm1d(in_dim, affine=False), nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)

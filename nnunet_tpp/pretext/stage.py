@@ -44,7 +44,11 @@ class PretextSchedule:
 
 
 class EncoderEmbedding(nn.Module):
-    """An STU-Net's encoder stages, globally average-pooled and concatenated into one vector per sample."""
+    """An STU-Net's encoder stages pooled into one vector per sample: per channel the spatial maximum and mean.
+
+    Every STU-Net block ends in an instance norm, which removes each channel's spatial mean; an average alone
+    would make all views look alike (and DINO collapse), the maximum keeps what the view contains.
+    """
 
     def __init__(self, network: nn.Module, stages: tuple[int, ...]):
         super().__init__()
@@ -52,11 +56,14 @@ class EncoderEmbedding(nn.Module):
 
     @property
     def dim(self) -> int:
-        return sum(self.network.conv_blocks_context[s][-1].conv2.out_channels for s in self.stages)
+        return 2 * sum(self.network.conv_blocks_context[s][-1].conv2.out_channels for s in self.stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.network.encode(x)
-        return torch.cat([features[s].mean(dim=tuple(range(2, features[s].dim()))) for s in self.stages], 1)
+        encoded = self.network.encode(x)
+        features = [encoded[s] for s in self.stages]
+        pooled = [torch.cat([f.amax(dim=tuple(range(2, f.dim()))), f.mean(dim=tuple(range(2, f.dim())))], 1)
+                  for f in features]
+        return torch.cat(pooled, 1)
 
 
 class DINOStudent(nn.Module):
