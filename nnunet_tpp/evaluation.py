@@ -31,6 +31,15 @@ class Evaluation:
     per_region: dict[str, dict[str, float]] = field(default_factory=dict)
     per_case: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_cases(cls, per_case: list[dict]) -> "Evaluation":
+        """Means over cases of the per-case metrics (``{"labels": {name: {"dice", "hd95"}}, "regions": ...}``)."""
+        def mean(kind: str) -> dict[str, dict[str, float]]:
+            names = per_case[0][kind] if per_case else {}
+            return {n: {m: float(np.mean([c[kind][n][m] for c in per_case])) for m in ("dice", "hd95")}
+                    for n in names}
+        return cls(mean("labels"), mean("regions"), per_case)
+
     @property
     def dice(self) -> dict[str, float]:
         """Mean Dice per label."""
@@ -135,11 +144,7 @@ def evaluate_folder(reference_dir: Path, prediction_dir: Path, labels: dict[str,
             dice, hd = dice_hd95(np.isin(ref, values), np.isin(pred, values), spacing)
             case["regions"][name] = {"dice": dice, "hd95": hd}
         per_case.append(case)
-
-    def mean(kind: str, name: str) -> dict[str, float]:
-        return {m: float(np.mean([c[kind][name][m] for c in per_case])) for m in ("dice", "hd95")}
-
-    return Evaluation({n: mean("labels", n) for n in foreground}, {n: mean("regions", n) for n in regions}, per_case)
+    return Evaluation.from_cases(per_case)
 
 
 def write_json(evaluation: Evaluation, path: Path) -> None:

@@ -65,7 +65,7 @@ def run_experiment(exp: Experiment, source: str, pretrained: str, echo=print) ->
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnunet_tpp.evaluation import evaluate_folder
+    from nnunet_tpp.evaluation import Evaluation, evaluate_folder
     from nnunet_tpp.nnunet_commands import run_nnunet
 
     log = Path(os.environ.get("nnUNet_results", ".")) / f"experiment_{exp.name}.log"
@@ -78,14 +78,7 @@ def run_experiment(exp: Experiment, source: str, pretrained: str, echo=print) ->
     for trainer in exp.trainers:
         base = Path(nnUNet_results) / dataset / f"{trainer}__{exp.plans}__{exp.configuration}"
         per_fold = [evaluate_folder(gt, base / f"fold_{f}" / "validation", labels) for f in exp.folds]
-        merged = per_fold[0]
-        for other in per_fold[1:]:
-            merged.per_case += other.per_case
-        names = list(merged.per_label)
-        regions = list(merged.per_region)
-        mean = lambda kind, n, m: sum(c[kind][n][m] for c in merged.per_case) / len(merged.per_case)  # noqa: E731
-        merged.per_label = {n: {m: mean("labels", n, m) for m in ("dice", "hd95")} for n in names}
-        merged.per_region = {n: {m: mean("regions", n, m) for m in ("dice", "hd95")} for n in regions}
+        merged = Evaluation.from_cases([case for fold in per_fold for case in fold.per_case])
         echo(f"\n{trainer} ({len(merged.per_case)} validation cases over folds {exp.folds})\n{merged.markdown()}")
         results[trainer] = merged.to_json()
     (Path(nnUNet_results) / dataset / f"experiment_{exp.name}.json").write_text(json.dumps(results, indent=2))

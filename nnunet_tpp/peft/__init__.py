@@ -1,11 +1,11 @@
 """One PEFT interface for every model in nnunet_tpp: a registry of methods and the functions that apply,
 count, save, load and merge them."""
 from nnunet_tpp.peft import basic, conv_adapter, lora  # noqa: F401  (registers the methods)
-from nnunet_tpp.peft.api import (PeftConfig, TrainableSummary, apply, architecture_name, atomic_torch_save, is_head, load,
+from nnunet_tpp.peft.api import (PeftConfig, TrainableSummary, apply, architecture_name, atomic_torch_save, freeze, identity, is_head, load,
                                  load_state_dict, merge, save, state_dict, target_parameters,
                                  trainable_summary, trained_parameter_names, unwrap)
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method, methods, register
 
-__all__ = ["PeftConfig", "PeftError", "PeftMethod", "TrainableSummary", "apply", "architecture_name", "atomic_torch_save",
+__all__ = ["PeftConfig", "PeftError", "PeftMethod", "TrainableSummary", "apply", "architecture_name", "atomic_torch_save", "freeze", "identity",
            "get_method", "is_head", "load", "load_state_dict", "merge", "methods", "register", "save",
            "state_dict", "target_parameters", "trainable_summary", "trained_parameter_names", "unwrap"]

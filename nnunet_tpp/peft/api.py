@@ -75,9 +75,17 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     entry = get_method(method)
     opts = entry.parse_options(options)
     entry.inject(model, opts)
-    for name, param in model.named_parameters():
-        param.requires_grad_(entry.trains(name) or is_head(model, name))
     model.peft_config = PeftConfig(method, dataclasses.asdict(opts))
+    return freeze(model)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Sets ``requires_grad`` as the applied method wants: its trained parameters and the heads train,
+    everything else is frozen (also to restore the freezing after a stage that trained a subset)."""
+    method, _ = _method_and_options(model)
+    net = unwrap(model)
+    for name, param in net.named_parameters():
+        param.requires_grad_(method.trains(name) or is_head(net, name))
     return model
 
 
@@ -180,10 +188,14 @@ def merge(model: nn.Module) -> nn.Module:
 
 def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
     """Writes the adapter-only weights with the method, options and architecture, atomically."""
-    cfg = _config(model)
-    payload = {"format": FILE_FORMAT, "method": cfg.method, "options": cfg.options,
-               "architecture": architecture_name(model), "state_dict": state_dict(model), **(extra or {})}
+    payload = {"format": FILE_FORMAT, **identity(model), "state_dict": state_dict(model), **(extra or {})}
     atomic_torch_save(payload, path)
+
+
+def identity(model: nn.Module) -> dict:
+    """What a weights file must match to be loaded into ``model``: method, options and architecture."""
+    cfg = _config(model)
+    return {"method": cfg.method, "options": cfg.options, "architecture": architecture_name(model)}
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> dict:
@@ -195,13 +207,13 @@ def load(model: nn.Module, path: str | os.PathLike) -> dict:
     payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
         raise PeftError(f"{os.fspath(path)!r} is not an nnunet_tpp adapter file")
-    cfg = _config(model)
-    if payload["method"] != cfg.method or payload["options"] != cfg.options:
+    ours = identity(model)
+    if (payload["method"], payload["options"]) != (ours["method"], ours["options"]):
         raise PeftError(f"{os.fspath(path)!r} was made for {payload['method']} {payload['options']}, "
-                        f"this model has {cfg.method} {cfg.options}")
-    if payload["architecture"] != architecture_name(model):
+                        f"this model has {ours['method']} {ours['options']}")
+    if payload["architecture"] != ours["architecture"]:
         raise PeftError(f"{os.fspath(path)!r} was made for {payload['architecture']}, "
-                        f"this model is {architecture_name(model)}")
+                        f"this model is {ours['architecture']}")
     load_state_dict(model, payload["state_dict"])
     return {k: v for k, v in payload.items() if k != "state_dict"}
 

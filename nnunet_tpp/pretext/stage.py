@@ -88,9 +88,7 @@ def _teacher_of(student: nn.Module) -> nn.Module:
 
 def save_target_parameters(network: nn.Module, path: str, extra: dict | None = None) -> None:
     """Writes the method's target parameters with the method, options and backbone they belong to."""
-    cfg = peft.unwrap(network).peft_config
-    payload = {"format": TARGET_FORMAT, "method": cfg.method, "options": cfg.options,
-               "architecture": peft.architecture_name(network),
+    payload = {"format": TARGET_FORMAT, **peft.identity(network),
                "target_parameters": {n: p.detach().cpu().clone() for n, p in peft.target_parameters(network).items()},
                **(extra or {})}
     peft.atomic_torch_save(payload, path)
@@ -108,12 +106,12 @@ def load_target_parameters(network: nn.Module, path: str) -> dict:
     payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != TARGET_FORMAT:
         raise TargetParameterError(f"{path!r} is not a target-parameter file (written by TPP / nnunet-tpp pretrain)")
-    cfg = peft.unwrap(network).peft_config
-    arch = peft.architecture_name(network)
-    if (payload["method"], payload["options"], payload["architecture"]) != (cfg.method, cfg.options, arch):
+    ours = peft.identity(network)
+    if any(payload[key] != value for key, value in ours.items()):
         raise TargetParameterError(
             f"{path!r} holds target parameters of {payload['method']} {payload['options']} on "
-            f"{payload['architecture']}; this network is {cfg.method} {cfg.options} on {arch}")
+            f"{payload['architecture']}; this network is {ours['method']} {ours['options']} on "
+            f"{ours['architecture']}")
     params = peft.target_parameters(network)
     weights = payload["target_parameters"]
     if set(weights) != set(params):
@@ -211,9 +209,7 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
                 plot_losses(losses, plot_file)
         return losses
     finally:  # back to the supervised method's freezing (target parameters + heads + what the method trains)
-        method = peft.get_method(net.peft_config.method)
-        for name, param in net.named_parameters():
-            param.requires_grad_(method.trains(name) or peft.is_head(net, name))
+        peft.freeze(net)
 
 
 def plot_losses(losses: list[float], path: str) -> None:
