@@ -64,7 +64,9 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     Args:
         model: the network (not wrapped in DDP / torch.compile yet).
         method: a name from :func:`nnunet_tpp.peft.methods`.
-        **options: the method's options (see its options dataclass); unknown ones raise.
+        **options: the method's options (see its options dataclass); unknown ones raise. Options not given
+            come from ``model.peft_defaults[method]`` when the model has such defaults (a ViT's LoRA adapts
+            q and v, an STU-Net's LoRA its convolutions), else from the dataclass.
     Returns:
         ``model``, with ``model.peft_config`` set.
     """
@@ -73,6 +75,7 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     if getattr(model, "peft_config", None) is not None:
         raise PeftError(f"this model already has PEFT method {model.peft_config.method!r}; build a fresh model")
     entry = get_method(method)
+    options = {**getattr(model, "peft_defaults", {}).get(method, {}), **options}
     opts = entry.parse_options(options)
     entry.inject(model, opts)
     model.peft_config = PeftConfig(method, dataclasses.asdict(opts))
