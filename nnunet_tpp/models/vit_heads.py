@@ -17,6 +17,10 @@ from torch import nn
 from nnunet_tpp.models.vit import VisionTransformer
 
 
+# Options a PEFT method takes on these models when the user gives none (see nnunet_tpp.peft.apply).
+VIT_PEFT_DEFAULTS = {"lora": {"targets": ("q", "v")}}
+
+
 def _size_name(backbone: VisionTransformer) -> str:
     c = backbone.config
     return f"d{c.embed_dim}x{c.depth}-p{c.patch_size}-r{c.num_register_tokens}"
@@ -32,6 +36,7 @@ class ViTClassifier(nn.Module):
     """
 
     head_prefixes = ("head",)
+    peft_defaults = VIT_PEFT_DEFAULTS
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, pool: str = "cls"):
         super().__init__()
@@ -110,6 +115,7 @@ class ViTSegmenter(nn.Module):
     """Image -> per-pixel class logits with a :class:`UNETRDecoder2d` (``decoder``) on the ViT."""
 
     head_prefixes = ("decoder",)
+    peft_defaults = VIT_PEFT_DEFAULTS
 
     def __init__(self, backbone: VisionTransformer, num_classes: int, feature_size: int = 16):
         super().__init__()
