@@ -1,4 +1,5 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``, ``methods``, ``check``, ``restore``."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``,
+``methods``, ``check``, ``restore`` (3-D) and ``train2d`` (2-D)."""
 from __future__ import annotations
 
 import argparse
@@ -205,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("--backbone", required=True, help="the published STU-Net checkpoint used for training")
     restore.add_argument("--checkpoint-name", dest="checkpoint_name", default="checkpoint_final.pth")
     restore.set_defaults(func=_restore)
+
+    from nnunet_tpp.vision2d.cli import add_train2d_parser
+    add_train2d_parser(sub)
     return parser
 
 

@@ -281,10 +281,23 @@ class VisionTransformer(nn.Module):
         pos = self.pos_embed[:, int(self.config.cls_pos_embed):]
         return resample_patch_pos_embed(pos, grid)
 
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``)."""
+    def embed(self, image: torch.Tensor, masked: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``).
+
+        Args:
+            masked: optional (B, N) bool; those patches' embeddings are replaced by ``mask_token`` (1, 1, D)
+                before the position embedding (iBOT / DINOv2 masked-token training).
+            keep: optional (B, K) long indices of the patches to keep, the others dropped after the position
+                embedding (MAE's encoder sees only the visible patches).
+        """
         grid = self.grid_for(image)
-        x = self.patch_embed(image) + self.patch_pos_embed(grid)
+        x = self.patch_embed(image)
+        if masked is not None:
+            x = torch.where(masked[..., None], mask_token.to(x.dtype), x)
+        x = x + self.patch_pos_embed(grid)
+        if keep is not None:
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
         cls = self.cls_token
         if self.config.cls_pos_embed:
             cls = cls + self.pos_embed[:, :1]
@@ -293,19 +306,22 @@ class VisionTransformer(nn.Module):
             parts.append(self.reg_token.expand(x.shape[0], -1, -1))
         return self.norm_pre(torch.cat(parts + [x], dim=1))
 
-    def forward_features(self, image: torch.Tensor, taps: tuple[int, ...] = ()
+    def forward_features(self, image: torch.Tensor, taps: tuple[int, ...] = (), masked: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None, keep: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Runs the transformer.
 
         Args:
             image: (B, C, H, W).
             taps: 0-based block indices whose outputs are returned too (e.g. (2, 5, 8, 11) for UNETR skips).
+            masked, mask_token, keep: see :meth:`embed`. A tuner finds ``keep`` in ``state["keep"]`` (None when
+                every patch is present) so that per-patch additions can follow the kept patches.
         Returns:
             ``(tokens, tapped)``: the final normalised tokens (B, prefix + N, D) and the raw outputs of the
             tapped blocks, each (B, prefix + N, D), both without any tokens a tuner added.
         """
-        x = self.embed(image)
-        prefix, tuner, state, tapped = self.num_prefix_tokens, self.tuner, {}, []
+        x = self.embed(image, masked, mask_token, keep)
+        prefix, tuner, state, tapped = self.num_prefix_tokens, self.tuner, {"keep": keep}, []
         if tuner is not None:
             x = tuner.start(x, image, prefix, state)
         for i, block in enumerate(self.blocks):

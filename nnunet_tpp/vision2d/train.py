@@ -1,0 +1,330 @@
+"""One supervised 2D run (``nnunet-tpp train2d``): ViT backbone + task head + a PEFT method, AdamW with
+warm-up and cosine decay, model selection on the validation split, metrics on the test split.
+
+Files in the run folder:
+    metrics.json    test metrics + trainable_ratio, peak_memory_mb, images_per_s (written last: a run
+                    folder with metrics.json is finished and never trained over)
+    adapter.pth     the adapter-only weights of the best epoch (``nnunet_tpp.peft.load`` reads it)
+    config.yaml     the settings of the run
+    history.json, progress.png   loss and validation metric per epoch
+    checkpoint.pth  while training: written atomically after every epoch, so a killed run resumes
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from nnunet_tpp import peft
+from nnunet_tpp.models.vit import VisionTransformer, build_vit
+from nnunet_tpp.models.vit_heads import ViTClassifier, ViTSegmenter
+from nnunet_tpp.vision2d.config import Train2dConfig
+from nnunet_tpp.vision2d.metrics import classification_metrics, segmentation_metrics
+
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "checkpoint.pth"
+
+
+class RunExistsError(RuntimeError):
+    """The run folder already holds a finished run."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; other names as given (an unavailable CUDA raises)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def checkpoint_in_chans(path: Path, fmt: str) -> int:
+    """The input channels of a ViT checkpoint's patch embedding."""
+    from nnunet_tpp.models.vit_checkpoint import vit_state_dict_from_file
+    state, _ = vit_state_dict_from_file(path, fmt)
+    return int(state["patch_embed.proj.weight"].shape[1])
+
+
+def build_backbone(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None] = print) -> VisionTransformer:
+    """The ViT of ``cfg.arch`` at ``cfg.img_size``, randomly initialised or loaded from ``cfg.backbone``."""
+    overrides = dict(cfg.arch_options)
+    if cfg.patch_size:
+        overrides["patch_size"] = cfg.patch_size
+    backbone = build_vit(cfg.arch, img_size=cfg.img_size, in_chans=in_chans, **overrides)
+    if cfg.backbone is not None:
+        from nnunet_tpp.models.vit_checkpoint import load_vit_checkpoint
+        log(str(load_vit_checkpoint(backbone, cfg.backbone, fmt=cfg.backbone_format)))
+    return backbone
+
+
+def build_model(cfg: Train2dConfig, backbone: VisionTransformer, num_classes: int,
+                log: Callable[[str], None] = print) -> nn.Module:
+    """The task model on ``backbone`` with the PEFT method applied: a classifier, a segmenter, or (with
+    ``cfg.combine_backbones``) a :class:`CombinedClassifier` of ``backbone`` and the further checkpoints.
+
+    Returns:
+        The model, with ``peft_config`` set.
+    """
+    if cfg.combine_backbones:
+        from nnunet_tpp.models.vit_combine import CombinedClassifier
+        others = [build_backbone(replace(cfg, backbone=p, combine_backbones=[]), backbone.config.in_chans, log)
+                  for p in cfg.combine_backbones]
+        model = CombinedClassifier([backbone, *others], num_classes, mode=cfg.combine, pool=cfg.pool)
+    elif cfg.task == "cls":
+        model = ViTClassifier(backbone, num_classes, pool=cfg.pool)
+    else:
+        model = ViTSegmenter(backbone, num_classes)
+    return peft.apply(model, cfg.method, **cfg.method_options)
+
+
+def start_target_parameters(model: nn.Module, cfg: Train2dConfig, train_set, device: torch.device,
+                            log: Callable[[str], None]) -> str | None:
+    """Runs the TPP pretext stage (``cfg.tpp``) or reads ``cfg.target_parameters``, and copies the result
+    into the model's target parameters.
+
+    Returns:
+        The target-parameter file used, or None.
+    """
+    from nnunet_tpp.pretext.stage import load_target_parameters
+    path = cfg.target_parameters
+    if cfg.tpp != "none":
+        from nnunet_tpp.vision2d.tpp import run_tpp_2d
+        path = run_tpp_2d(model, train_set, cfg, cfg.out / "tpp", device, log)
+    if path is None:
+        return None
+    load_target_parameters(model, str(path))
+    log(f"fine-tuning starts from the target parameters in {path}")
+    return str(path)
+
+
+def _loss_fn(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    if task == "cls":
+        return nn.functional.cross_entropy
+    from monai.losses import DiceCELoss
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
+    return lambda logits, target: dice_ce(logits, target[:, None])
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset, task: str, device: torch.device, batch_size: int, amp: bool
+            ) -> tuple[list, list]:
+    """Runs ``model`` over a dataset in order.
+
+    Returns:
+        classification: ``(labels (N,), probabilities (N, K))``; segmentation: ``(masks, predicted maps)``,
+        lists of (H, W) arrays.
+    """
+    from nnunet_tpp.vision2d.data import make_loader
+    model.eval()
+    targets, outputs = [], []
+    for images, target in make_loader(dataset, batch_size, shuffle=False, seed=0):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+            logits = model(images.to(device, non_blocking=True)).float()
+        if task == "cls":
+            outputs.append(torch.softmax(logits, 1).cpu().numpy())
+            targets.append(target.numpy())
+        else:
+            outputs.extend(logits.argmax(1).cpu().numpy())
+            targets.extend(target.numpy())
+    if task == "cls":
+        return np.concatenate(targets), np.concatenate(outputs)
+    return targets, outputs
+
+
+def evaluate(model: nn.Module, dataset, task: str, num_classes: int, device: torch.device, batch_size: int,
+             amp: bool = True) -> dict[str, float]:
+    """Classification ``{"acc", "auc", "f1"}`` or segmentation ``{"dice", "hd95"}`` of ``model`` on ``dataset``."""
+    targets, outputs = predict(model, dataset, task, device, batch_size, amp)
+    if task == "cls":
+        return classification_metrics(targets, outputs)
+    return segmentation_metrics(targets, outputs, num_classes)
+
+
+def selection_score(task: str, metrics: dict[str, float]) -> float:
+    """The validation number the best epoch is chosen by: accuracy, or Dice."""
+    return metrics["acc"] if task == "cls" else metrics["dice"]
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far and what it measures: CUDA allocated memory, or this process' peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    best_weights: dict | None = None
+    history: list | None = None
+    train_images: int = 0
+    train_seconds: float = 0.0
+
+
+def _learning_rates(cfg: Train2dConfig, steps_per_epoch: int) -> list[float]:
+    from nnunet_tpp.pretext.dino import cosine_schedule
+    total = cfg.epochs * steps_per_epoch
+    return cosine_schedule(cfg.learning_rate, 0.0, total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+
+def _save_checkpoint(path: Path, cfg: Train2dConfig, model: nn.Module, optimizer, state: _State) -> None:
+    peft.atomic_torch_save({"config": cfg.to_dict(), "weights": peft.state_dict(model),
+                            "optimizer": optimizer.state_dict(), "epoch": state.epoch,
+                            "best_score": state.best_score, "best_epoch": state.best_epoch,
+                            "best_weights": state.best_weights, "history": state.history,
+                            "train_images": state.train_images, "train_seconds": state.train_seconds}, path)
+
+
+def _resume(path: Path, cfg: Train2dConfig, model: nn.Module, optimizer, log) -> _State:
+    if not path.exists():
+        return _State(history=[])
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["config"] != cfg.to_dict():
+        changed = sorted(k for k in cfg.to_dict() if saved["config"].get(k) != cfg.to_dict()[k])
+        raise RunExistsError(f"{path} belongs to an unfinished run with other settings ({', '.join(changed)}); "
+                             f"resume it with the same settings or choose another --out")
+    peft.load_state_dict(model, saved["weights"])
+    optimizer.load_state_dict(saved["optimizer"])
+    log(f"resuming after epoch {saved['epoch']} from {path}")
+    return _State(saved["epoch"], saved["best_score"], saved["best_epoch"], saved["best_weights"],
+                  saved["history"], saved["train_images"], saved["train_seconds"])
+
+
+def plot_history(history: list[dict], metric: str, path: Path) -> None:
+    """A PNG with the training loss and the validation ``metric`` per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(epochs, [h["loss"] for h in history], "b-o", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    other = ax.twinx()
+    other.plot(epochs, [h["val"][metric] for h in history], "g-s", label=f"val {metric}")
+    other.set_ylabel(f"val {metric}")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+    """Trains, selects the best epoch on the validation split, evaluates it on the test split.
+
+    Args:
+        cfg: the run's settings.
+        log: where progress lines go.
+        progress: show a progress bar per epoch.
+    Returns:
+        The content of ``metrics.json``. Raises :class:`RunExistsError` when ``cfg.out`` holds a finished run.
+    """
+    from tqdm import tqdm
+
+    from nnunet_tpp.vision2d.data import load_dataset, make_loader
+    peft.get_method(cfg.method)  # an unknown method fails before anything is read or written
+    out = cfg.out
+    if (out / METRICS_FILE).exists():
+        raise RunExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another --out")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    in_chans = cfg.in_chans or (checkpoint_in_chans(cfg.backbone, cfg.backbone_format) if cfg.backbone else None)
+    splits = load_dataset(cfg.data, cfg.task, cfg.img_size, in_chans=in_chans, seed=cfg.seed,
+                          label_fraction=cfg.label_fraction)
+    log(splits.describe())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    backbone = build_backbone(cfg, splits.in_chans, log)
+    stages = {}
+    if cfg.ssa != "none":
+        from nnunet_tpp.vision2d.ssa import run_ssa
+        stages["ssa"] = run_ssa(backbone, splits.train_plain, cfg, out / "ssa", device, log)
+    model = build_model(cfg, backbone, splits.num_classes, log)
+    summary = peft.trainable_summary(model)
+    log(f"{cfg.method}: {summary}")
+    model.to(device)
+    stages["target_parameters"] = start_target_parameters(model, cfg, splits.train_plain, device, log)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    state = _resume(out / CHECKPOINT_FILE, cfg, model, optimizer, log)
+    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               num_workers=cfg.num_workers)
+    lrs = _learning_rates(cfg, len(train_loader))
+    runner = torch.compile(model) if cfg.compile else model
+    loss_fn = _loss_fn(cfg.task)
+    use_amp = cfg.amp and device.type == "cuda"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    metric = "acc" if cfg.task == "cls" else "dice"
+    for epoch in range(state.epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        losses, started = [], time.perf_counter()
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
+        for i, (images, target) in enumerate(bar):
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[epoch * len(train_loader) + i]
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss = loss_fn(runner(images).float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            state.train_images += images.shape[0]
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        state.train_seconds += time.perf_counter() - started
+        val = evaluate(model, splits.val, cfg.task, splits.num_classes, device, cfg.batch_size, cfg.amp)
+        score = selection_score(cfg.task, val)
+        best = score > state.best_score
+        if best:
+            state.best_score, state.best_epoch, state.best_weights = score, epoch + 1, peft.state_dict(model)
+        state.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": val})
+        state.epoch = epoch + 1
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val {metric} {val[metric]:.2f}"
+            f"{' (best)' if best else ''} lr {lrs[min(state.epoch * len(train_loader), len(lrs)) - 1]:.2e} "
+            f"{state.train_images / max(state.train_seconds, 1e-9):.1f} img/s")
+        _save_checkpoint(out / CHECKPOINT_FILE, cfg, model, optimizer, state)
+        plot_history(state.history, metric, out / "progress.png")
+    peft.load_state_dict(model, state.best_weights)
+    test = evaluate(model, splits.test, cfg.task, splits.num_classes, device, cfg.batch_size, cfg.amp)
+    memory, memory_kind = peak_memory_mb(device)
+    peft.save(model, out / "adapter.pth", extra={"train2d": cfg.to_dict(), "best_epoch": state.best_epoch})
+    metrics = {**test, "trainable_ratio": summary.percent, "trainable_params": summary.trainable,
+               "total_params": summary.total, "peak_memory_mb": memory, "memory_kind": memory_kind,
+               "images_per_s": state.train_images / max(state.train_seconds, 1e-9),
+               "best_epoch": state.best_epoch, "val": state.history[state.best_epoch - 1]["val"],
+               "method": cfg.method, "task": cfg.task, "arch": cfg.arch, "img_size": cfg.img_size,
+               "seed": cfg.seed, "label_fraction": cfg.label_fraction, "device": str(device),
+               "test_images": len(splits.test), "train_images": len(splits.train), "tpp": cfg.tpp,
+               "ssa": cfg.ssa, **stages}
+    _write_json(state.history, out / "history.json")
+    _write_json(metrics, out / METRICS_FILE)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in (("acc", "auc", "f1") if cfg.task == "cls" else ("dice", "hd95")))
+    log(f"test: {shown}; trainable {summary.percent:.2f}%; {metrics['images_per_s']:.1f} img/s; "
+        f"peak memory {memory:.0f} MB ({memory_kind}); results in {out}")
+    return metrics

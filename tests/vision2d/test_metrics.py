@@ -1,0 +1,39 @@
+"""2D metrics against hand-computed values."""
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_tpp.vision2d.metrics import classification_metrics, segmentation_metrics
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.3, 0.7], [0.2, 0.8]])
+    m = classification_metrics(labels, probs)
+    assert m["acc"] == pytest.approx(75.0)
+    # every positive scores above every negative but one (0.6 < 0.7, 0.8): AUC = 4/4 = 1.0
+    assert m["auc"] == pytest.approx(100.0)
+    # class 0: precision 1, recall 0.5 -> 2/3; class 1: precision 2/3, recall 1 -> 0.8
+    assert m["f1"] == pytest.approx(100 * (2 / 3 + 0.8) / 2)
+
+
+def test_auc_is_nan_for_one_class_and_multiclass_works():
+    assert math.isnan(classification_metrics(np.array([1, 1]), np.array([[0.2, 0.8], [0.6, 0.4]]))["auc"])
+    labels = np.array([0, 1, 2, 2])
+    probs = np.eye(3)[labels] * 0.7 + 0.1
+    assert classification_metrics(labels, probs)["auc"] == pytest.approx(100.0)
+
+
+def test_segmentation_dice_and_hd95_by_hand():
+    ref = np.zeros((20, 20), int)
+    ref[5:10, 5:10] = 1
+    pred = np.zeros((20, 20), int)
+    pred[5:10, 5:12] = 1  # 25 vs 35 pixels, 25 shared: Dice 50/60; the extra columns lie 1 and 2 px away
+    m = segmentation_metrics([ref], [pred], num_classes=2)
+    assert m["dice"] == pytest.approx(100 * 50 / 60)
+    assert 1.0 <= m["hd95"] <= 2.0
+    both_empty = segmentation_metrics([np.zeros((8, 8), int)], [np.zeros((8, 8), int)], 2)
+    assert both_empty == {"dice": 100.0, "hd95": 0.0}
+    missed = segmentation_metrics([ref], [np.zeros_like(ref)], 2)
+    assert missed["dice"] == 0.0 and missed["hd95"] == pytest.approx(math.hypot(20, 20))
