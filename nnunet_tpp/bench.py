@@ -283,7 +283,8 @@ def _check(sizes, patch, batch, methods, device, steps, warmup, pools=None) -> l
         raise BenchError(f"patch must be 3 positive sizes divisible by {tuple(divisors)}, got {list(patch)}")
     if batch < 1 or steps < 1 or warmup < 0:
         raise BenchError(f"need batch >= 1, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
-    names = list(dict.fromkeys([REFERENCE, *(methods or peft.methods())]))
+    stunet_methods = [m for m in peft.methods() if "STUNet" in peft.get_method(m).models]
+    names = list(dict.fromkeys([REFERENCE, *(methods or stunet_methods)]))
     for name in names + [LATENCY_METHOD]:
         peft.get_method(name)  # raises PeftError listing the known methods
     return names
@@ -297,7 +298,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         sizes: STU-Net sizes (``S``, ``B``, ``L``, ``H``); the first one fills the top-level keys.
         patch: 3 patch sizes; default 64^3 on CPU, 128^3 on CUDA.
         batch: training batch size (latency uses batch 1).
-        methods: PEFT method names; default all registered ones. ``full`` is always measured.
+        methods: PEFT method names; default all registered ones that adapt STU-Net. ``full`` is always measured.
         device: ``cpu`` or ``cuda``.
         steps, warmup: measured and warm-up training steps (and latency rounds).
         json_out: path for the JSON result.

@@ -31,7 +31,8 @@ def _methods(args) -> int:
     from nnunet_tpp import peft
     for name in peft.methods():
         entry = peft.get_method(name)
-        print(f"{name:14s} {'mergeable' if entry.mergeable else 'not mergeable':14s} {entry.description}")
+        print(f"{name:14s} {'/'.join(entry.models):12s} {'mergeable' if entry.mergeable else 'not mergeable':14s} "
+              f"{entry.description}")
     return 0
 
 

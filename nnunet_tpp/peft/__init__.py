@@ -1,6 +1,7 @@
 """One PEFT interface for every model in nnunet_tpp: a registry of methods and the functions that apply,
 count, save, load and merge them."""
-from nnunet_tpp.peft import basic, conv_adapter, lora  # noqa: F401  (registers the methods)
+from nnunet_tpp.peft import (adapter, adaptformer, apla, basic, conv_adapter, dtl, evp, lora, partial,  # noqa: F401
+                             ssf, vpt)  # (importing registers the methods)
 from nnunet_tpp.peft.api import (PeftConfig, TrainableSummary, apply, architecture_name, atomic_torch_save, freeze, identity, is_head, load,
                                  load_state_dict, merge, save, state_dict, target_parameters,
                                  trainable_summary, trained_parameter_names, unwrap)

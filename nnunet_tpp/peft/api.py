@@ -26,6 +26,7 @@ class PeftConfig:
     method: str
     options: dict[str, Any]
     merged: bool = False
+    trained_modules: tuple[str, ...] = ()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -78,8 +79,15 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     options = {**getattr(model, "peft_defaults", {}).get(method, {}), **options}
     opts = entry.parse_options(options)
     entry.inject(model, opts)
-    model.peft_config = PeftConfig(method, dataclasses.asdict(opts))
+    model.peft_config = PeftConfig(method, dataclasses.asdict(opts), trained_modules=entry.trained_modules(model, opts))
     return freeze(model)
+
+
+def _trains(method: PeftMethod, net: nn.Module, name: str) -> bool:
+    """Whether parameter ``name`` trains: the method's own, the heads', or inside a module the method trains."""
+    if method.trains(name) or is_head(net, name):
+        return True
+    return any(name.startswith(prefix + ".") for prefix in _config(net).trained_modules)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -88,7 +96,7 @@ def freeze(model: nn.Module) -> nn.Module:
     method, _ = _method_and_options(model)
     net = unwrap(model)
     for name, param in net.named_parameters():
-        param.requires_grad_(method.trains(name) or is_head(net, name))
+        param.requires_grad_(_trains(method, net, name))
     return model
 
 
@@ -107,7 +115,7 @@ def trained_parameter_names(model: nn.Module) -> list[str]:
     the heads (what an adapter-only checkpoint holds)."""
     method, _ = _method_and_options(model)
     net = unwrap(model)
-    return [n for n, _ in net.named_parameters() if method.trains(n) or is_head(net, n)]
+    return [n for n, _ in net.named_parameters() if _trains(method, net, n)]
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,8 @@ class TrainableSummary:
 
 
 def trainable_summary(model: nn.Module) -> TrainableSummary:
-    """Counts trainable, total, target and head parameters of a PEFT model."""
+    """Counts trainable, total, target and head parameters of a PEFT model. The total is the adapted
+    network's size: trainable copies of existing weights (APLA rows) are not counted twice."""
     method, _ = _method_and_options(model)
     net = unwrap(model)
     params = dict(net.named_parameters())
@@ -137,7 +146,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     return TrainableSummary(
         method=method.name,
         trainable=sum(params[n].numel() for n in trainable),
-        total=sum(p.numel() for p in params.values()),
+        total=sum(p.numel() for n, p in params.items() if not method.is_copy(n)),
         target=sum(p.numel() for n, p in params.items() if method.is_target(n)),
         heads=sum(p.numel() for n, p in params.items() if is_head(net, n)))
 

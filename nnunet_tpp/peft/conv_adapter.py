@@ -91,6 +91,7 @@ class ConvAdapterMethod(PeftMethod):
     """Registry entry ``conv_adapter``."""
 
     name = "conv_adapter"
+    models = ("STUNet",)
     options = ConvAdapterOptions
     mergeable = False
     adds_parameters = True

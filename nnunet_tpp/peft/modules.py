@@ -1,20 +1,34 @@
 """Helpers to find and replace the layers a PEFT method adapts."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
+import torch
 from torch import nn
 
+from nnunet_tpp.models.vit import VisionTransformer
 from nnunet_tpp.peft.registry import PeftError
+
+
+def name_matches(name: str, target: str) -> bool:
+    """True when the dotted module path ``name`` is ``target`` or ends with ``.target`` (a bare target such
+    as ``conv1`` matches the attribute name, a dotted one such as ``attn.proj`` a path suffix)."""
+    return name == target or name.endswith("." + target)
+
+
+def has_part(name: str, part: str) -> bool:
+    """True when ``part`` (e.g. ``tuner`` or ``adapter_mlp``) is one whole component of the dotted ``name``."""
+    return f".{part}." in f".{name}."
 
 
 def matching_convs(model: nn.Module, targets: Sequence[str], conv_type: type = nn.Conv3d
                    ) -> Iterator[tuple[str, nn.Module]]:
     """Yields ``(qualified_name, conv)`` for each plain ``conv_type`` whose attribute name is in ``targets``
-    (e.g. ``("conv1", "conv2")`` selects both convolutions of every STU-Net residual block)."""
-    wanted = set(targets)
+    (e.g. ``("conv1", "conv2")`` selects both convolutions of every STU-Net residual block); a dotted target
+    (``patch_embed.proj``) matches the end of the qualified name (see :func:`name_matches`)."""
     for name, module in list(model.named_modules()):
-        if type(module) is conv_type and name.rsplit(".", 1)[-1] in wanted:
+        if type(module) is conv_type and any(name_matches(name, t) for t in targets):
             yield name, module
 
 
@@ -37,7 +51,8 @@ def conv_like(conv: nn.Conv3d | nn.Conv2d, cls: type) -> nn.Module:
 
 
 def wrap_convs(model: nn.Module, method: str, targets: Sequence[str], wrappers: dict[type, type],
-               attach: Callable[[nn.Module, nn.Module], None], skip_grouped: bool = False) -> int:
+               attach: Callable[[nn.Module, nn.Module], None], skip_grouped: bool = False,
+               required: bool = True, exclude: Callable[[str], bool] | None = None) -> int:
     """Replaces each targeted conv by its PEFT wrapper (same parameters, see :func:`conv_like`) and lets
     ``attach(new, old)`` add the method's modules.
 
@@ -46,18 +61,95 @@ def wrap_convs(model: nn.Module, method: str, targets: Sequence[str], wrappers: 
         targets: attribute names of the convs to adapt.
         wrappers: ``{nn.Conv3d: Wrapper3d, nn.Conv2d: Wrapper2d}``.
         skip_grouped: leave grouped convolutions alone.
+        required: raise :class:`PeftError` when no convolution matched.
+        exclude: ``exclude(qualified_name)`` True leaves that convolution alone.
     Returns:
-        The number of wrapped convolutions; raises :class:`PeftError` when none matched.
+        The number of wrapped convolutions.
     """
     found = 0
     for conv_type, wrapper in wrappers.items():
         for name, conv in matching_convs(model, targets, conv_type):
-            if skip_grouped and conv.groups != 1:
+            if (skip_grouped and conv.groups != 1) or (exclude is not None and exclude(name)):
                 continue
             new = conv_like(conv, wrapper)
             attach(new, conv)
             replace_submodule(model, name, new)
             found += 1
-    if not found:
+    if not found and required:
         raise PeftError(f"{method}: no convolution named {list(targets)} in {type(model).__name__}")
     return found
+
+
+def module_like(module: nn.Module, cls: type) -> nn.Module:
+    """Creates ``cls`` (the module's own type, a subclass of it, or a plain base type) with the module's
+    hyper-parameters, sharing its weight and bias objects (names, values and ``requires_grad`` unchanged).
+    Handles ``nn.Linear``, ``nn.LayerNorm`` and convolutions."""
+    if isinstance(module, nn.Linear):
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    elif isinstance(module, nn.LayerNorm):
+        new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                  bias=module.bias is not None, device="meta")
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return conv_like(module, cls)
+    else:
+        raise TypeError(f"module_like cannot copy a {type(module).__name__}")
+    new.weight = module.weight
+    new.bias = module.bias
+    return new
+
+
+def find_vits(model: nn.Module, method: str) -> list[tuple[str, VisionTransformer]]:
+    """The Vision Transformers inside ``model`` as ``(qualified_name, vit)`` (``""`` for the model itself);
+    a combined classifier has several. Raises :class:`PeftError` when there is none."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, VisionTransformer)]
+    if not found:
+        raise PeftError(f"PEFT method {method!r} adapts Vision Transformers, and {type(model).__name__} has no "
+                        f"VisionTransformer inside; for convolutional networks (STU-Net) use conv_adapter, "
+                        f"lora (convolutions), bitfit, linear_probe or full")
+    return found
+
+
+def set_slot(owner: nn.Module, slot: str, module: nn.Module, method: str) -> None:
+    """Puts ``module`` into a free PEFT slot of a ViT block / backbone (``adapter_mlp``, ``tuner``, ...)."""
+    if getattr(owner, slot, None) is not None:
+        raise PeftError(f"{method}: the {slot} slot of this {type(owner).__name__} is already in use")
+    setattr(owner, slot, module)
+
+
+class BottleneckAdapter(nn.Module):
+    """A bottleneck adapter ``scale * up(dropout(act(down(x))))``: ``down`` D -> m, ``up`` m -> D.
+
+    ``down`` keeps PyTorch's Linear initialisation (Kaiming-uniform, a = sqrt(5)) with a zero bias and ``up``
+    starts at zero, so a new adapter adds nothing (AdaptFormer's "lora" initialisation).
+
+    Args:
+        dim: token width D.
+        bottleneck: hidden width m.
+        act: ``"gelu"`` or ``"relu"``.
+        scale: fixed output scale.
+        dropout: dropout on the hidden activations.
+    """
+
+    def __init__(self, dim: int, bottleneck: int, act: str = "gelu", scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.act = nn.GELU() if act == "gelu" else nn.ReLU()
+        self.dropout = nn.Dropout(dropout)
+        self.up = nn.Linear(bottleneck, dim)
+        self.scale = float(scale)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D)."""
+        out = self.up(self.dropout(self.act(self.down(x))))
+        return out * self.scale if self.scale != 1.0 else out
+
+
+def positive_int(method: str, option: str, value) -> int:
+    """``int(value)`` when it is a positive integer, else a :class:`PeftError` naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or int(value) < 1:
+        raise PeftError(f"{method}: {option} must be a positive integer, got {value!r}")
+    return int(value)

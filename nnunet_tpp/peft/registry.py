@@ -31,6 +31,7 @@ class PeftMethod:
     options: ClassVar[type] = NoOptions
     mergeable: ClassVar[bool] = True
     adds_parameters: ClassVar[bool] = False
+    models: ClassVar[tuple[str, ...]] = ("STUNet", "ViT")  # the backbones the method can adapt
     description: ClassVar[str] = ""
 
     def inject(self, model: nn.Module, opts) -> None:
@@ -43,6 +44,16 @@ class PeftMethod:
     def trains(self, name: str) -> bool:
         """True for every parameter the method trains besides the task heads."""
         return self.is_target(name)
+
+    def is_copy(self, name: str) -> bool:
+        """True for trainable copies of parts of existing weights (APLA's rows): they count as trainable but
+        not a second time in the model's total."""
+        return False
+
+    def trained_modules(self, model: nn.Module, opts) -> tuple[str, ...]:
+        """Names of whole submodules the method trains that depend on the model (e.g. a quarter of its
+        blocks); resolved once when the method is applied and kept in ``model.peft_config``."""
+        return ()
 
     def merge(self, model: nn.Module, opts) -> None:
         """Folds the method's parameters into the plain network in place (default: nothing to fold)."""

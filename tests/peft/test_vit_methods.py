@@ -1,0 +1,294 @@
+"""The ViT PEFT methods (VPT, SSF, Adapter, AdaptFormer, LoRA on linear layers, EVP, DTL, APLA, partial,
+and the generic ones) on a tiny ViT: they run, train exactly what they should, count, start as the
+pre-trained network where zero-initialised, merge where mergeable and save/load."""
+import pytest
+import torch
+from torch import nn
+
+from nnunet_tpp import peft
+from nnunet_tpp.models.vit import build_vit
+from nnunet_tpp.models.vit_heads import ViTClassifier, ViTSegmenter
+from nnunet_tpp.peft import PeftError
+
+D, DEPTH, CLASSES = 48, 4, 3
+VIT_METHODS = ["vpt", "ssf", "adapter", "adaptformer", "lora", "evp", "dtl", "apla", "partial", "bitfit",
+               "linear_probe", "full"]
+OPTIONS = {"evp": {"scale_factor": 4}}
+# what each method trains besides the head, by parameter name (classifier: backbone.<timm name>)
+TRAINS = {
+    "vpt": lambda n: n == "backbone.tuner.prompts",
+    "ssf": lambda n: n.endswith((".ssf_scale", ".ssf_shift")),
+    "adapter": lambda n: ".adapter_attn." in n or ".adapter_mlp." in n,
+    "adaptformer": lambda n: ".adapter_parallel." in n,
+    "lora": lambda n: ".attn.qkv.lora_" in n,
+    "evp": lambda n: n.startswith("backbone.tuner."),
+    "dtl": lambda n: n.startswith("backbone.tuner."),
+    "apla": lambda n: n.endswith((".attn.proj.apla_weight", ".attn.proj.apla_bias")),
+    "partial": lambda n: n.startswith(("backbone.blocks.1.",)),
+    "bitfit": lambda n: n.endswith(".bias"),
+    "linear_probe": lambda n: False,
+    "full": lambda n: True,
+}
+
+
+def vit(depth=DEPTH, seed=0):
+    torch.manual_seed(seed)
+    return build_vit("vit_tiny", img_size=32, patch_size=4, in_chans=1, depth=depth, embed_dim=D, num_heads=3)
+
+
+def classifier(depth=DEPTH, seed=0):
+    backbone = vit(depth, seed)
+    return ViTClassifier(backbone, CLASSES)
+
+
+def segmenter(seed=0):
+    backbone = vit(seed=seed)
+    return ViTSegmenter(backbone, CLASSES, feature_size=8)
+
+
+def image(batch=2, seed=1):
+    return torch.randn(batch, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_registry_flags():
+    names = set(peft.methods())
+    assert set(VIT_METHODS) | {"conv_adapter"} <= names
+    for name in ("vpt", "ssf", "adapter", "adaptformer", "lora", "evp", "dtl"):
+        assert peft.get_method(name).adds_parameters, name
+    for name in ("apla", "partial", "bitfit", "linear_probe", "full"):
+        assert not peft.get_method(name).adds_parameters, name
+    for name in ("lora", "ssf", "bitfit", "apla", "linear_probe", "full", "partial"):
+        assert peft.get_method(name).mergeable, name
+    for name in ("vpt", "adapter", "adaptformer", "evp", "dtl"):
+        assert not peft.get_method(name).mergeable, name
+        with pytest.raises(PeftError, match=f"{name} cannot be merged"):
+            peft.merge(peft.apply(classifier(), name, **OPTIONS.get(name, {})))
+
+
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_forward_on_classifier_and_segmenter(method):
+    x = image()
+    cls = peft.apply(classifier(), method, **OPTIONS.get(method, {}))
+    seg = peft.apply(segmenter(), method, **OPTIONS.get(method, {}))
+    assert cls(x).shape == (2, CLASSES)
+    assert seg(x).shape == (2, CLASSES, 32, 32)
+    tokens = cls.backbone(x)
+    assert tokens.shape == (2, 1 + 64, D)  # prompt tokens are stripped
+    keep = torch.stack([torch.randperm(64)[:16] for _ in range(2)])  # MAE-style visible patches
+    assert cls.backbone.forward_features(x, keep=keep)[0].shape == (2, 17, D)
+
+
+@pytest.mark.parametrize("method", VIT_METHODS)
+def test_training_changes_exactly_the_trained_parameters(method):
+    options = dict(OPTIONS.get(method, {}), **({"quarter": 2} if method == "partial" else {}))
+    net = peft.apply(classifier(), method, **options)
+    expected = {n for n, _ in net.named_parameters() if TRAINS[method](n) or n.startswith("head.")}
+    trained = set(peft.trained_parameter_names(net))
+    assert trained == expected
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == expected
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.05)
+    x, y = image(4), torch.tensor([0, 1, 2, 1])
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    after = dict(net.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed <= expected and all(after[n].grad is None for n in set(before) - expected)
+    own = {n for n in expected if not n.startswith("head.")}
+    assert own == set() or changed & own, "the method's own parameters did not train"
+    if method not in ("bitfit", "full"):  # some biases get exactly zero gradient (softmax ignores k's bias)
+        assert changed == expected
+
+
+def test_trainable_counts():
+    head = D * CLASSES + CLASSES
+    r, m, rows, length = 4, 16, 8, 5
+    counts = {
+        ("lora", (("rank", r),)): DEPTH * 2 * r * (D + D),
+        ("lora", (("rank", r), ("targets", ("fc1",)))): DEPTH * r * (D + 4 * D),
+        ("adapter", (("bottleneck", m),)): DEPTH * 2 * (D * m + m + m * D + D),
+        ("adaptformer", (("bottleneck", m),)): DEPTH * (D * m + m + m * D + D),
+        ("vpt", (("length", length), ("deep", False))): length * D,
+        ("vpt", (("length", length), ("deep", True))): DEPTH * length * D,
+        ("apla", (("rows", rows),)): DEPTH * rows * (D + 1),
+        ("apla", (("rows", rows), ("bias", False))): DEPTH * rows * D,
+        ("apla", (("rows", "all"),)): DEPTH * D * (D + 1),
+        ("dtl", (("rank", 2),)): DEPTH * 2 * 2 * D,
+        ("ssf", ()): 2 * (D + DEPTH * (D + 3 * D + D + D + 4 * D + D) + D),
+        ("evp", (("scale_factor", 4),)): (D * 12 + 12) + (16 * 12 + 12) + DEPTH * (12 * 12 + 12) + (12 * D + D),
+    }
+    for (method, options), count in counts.items():
+        summary = peft.trainable_summary(peft.apply(classifier(), method, **dict(options)))
+        assert summary.trainable == count + head, (method, options)
+        assert summary.heads == head
+        assert summary.target == (0 if method == "apla" else count), (method, options)
+        plain_total = sum(p.numel() for p in classifier().parameters())
+        added = 0 if method == "apla" else count  # APLA's rows replace existing rows: the size is unchanged
+        assert summary.total == plain_total + added, (method, options)
+
+
+@pytest.mark.parametrize("method,options", [("adapter", {}), ("adaptformer", {}), ("lora", {}),
+                                            ("lora", {"targets": ["fc1", "proj", "k"]}), ("dtl", {})])
+def test_zero_initialised_methods_start_as_the_plain_model(method, options):
+    x = image()
+    plain, adapted = classifier(seed=3).eval(), peft.apply(classifier(seed=3), method, **options).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(x), adapted(x), atol=1e-6)
+    seg_plain, seg = segmenter(seed=3).eval(), peft.apply(segmenter(seed=3), method, **options).eval()
+    with torch.no_grad():
+        assert torch.allclose(seg_plain(x), seg(x), atol=1e-5)
+
+
+def _randomise(net):
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad and not name.startswith("head."):
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+@pytest.mark.parametrize("method,options", [("lora", {"rank": 4, "alpha": 8}), ("lora", {"targets": ["fc1"]}),
+                                            ("lora", {"targets": ["q", "k", "v", "proj", "fc2"]}),
+                                            ("ssf", {}), ("bitfit", {}), ("apla", {}), ("apla", {"rows": -1}),
+                                            ("partial", {})])
+def test_merge_gives_a_plain_model_with_the_same_outputs(method, options):
+    x = image()
+    plain = classifier(seed=5)
+    net = peft.apply(classifier(seed=5), method, **options)
+    _randomise(net)
+    net.eval()
+    with torch.no_grad():
+        before = net(x)
+        peft.merge(net)
+        after = net(x)
+    assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    assert list(net.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in net.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert all(type(m).__module__.startswith(("torch.", "nnunet_tpp.models")) for m in net.modules())
+    assert peft.target_parameters(net) == {}
+
+
+def test_apla_rows_are_seeded_stored_and_survive_save_and_load(tmp_path):
+    net = peft.apply(classifier(), "apla", rows=8, seed=7)
+    index = net.backbone.blocks[0].attn.proj.apla_index
+    assert index.shape == (8,) and "backbone.blocks.0.attn.proj.apla_index" in net.state_dict()
+    assert not torch.equal(index, net.backbone.blocks[1].attn.proj.apla_index)  # drawn per block
+    other_seed = peft.apply(classifier(), "apla", rows=8, seed=8)
+    assert not torch.equal(index, other_seed.backbone.blocks[0].attn.proj.apla_index)
+    _randomise(net)
+    peft.save(net, tmp_path / "apla.pth")
+    fresh = peft.apply(classifier(), "apla", rows=8, seed=7)
+    peft.load(fresh, tmp_path / "apla.pth")
+    for a, b in zip(net.backbone.blocks, fresh.backbone.blocks):
+        assert torch.equal(a.attn.proj.apla_index, b.attn.proj.apla_index)
+    net.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(net(image()), fresh(image()))
+    # frozen rows of the projection are untouched; the merged weight differs only in the chosen rows
+    plain_w = classifier().backbone.blocks[0].attn.proj.weight
+    merged = peft.merge(fresh).backbone.blocks[0].attn.proj.weight
+    differs = (merged != plain_w).any(dim=1).nonzero().flatten()
+    assert set(differs.tolist()) <= set(index.tolist())
+
+
+def test_partial_trains_one_quarter_of_the_blocks(tiny_stunet):
+    net = peft.apply(classifier(depth=8), "partial", quarter=2)
+    blocks = {int(n.split(".")[2]) for n in peft.trained_parameter_names(net) if n.startswith("backbone.blocks.")}
+    assert blocks == {2, 3}
+    assert {n for n in peft.trained_parameter_names(net) if not n.startswith("backbone.blocks.")} == \
+        {"head.weight", "head.bias"}
+    assert peft.trainable_summary(net).heads == D * CLASSES + CLASSES
+    last = peft.apply(classifier(depth=8), "partial", quarter=4)
+    assert {int(n.split(".")[2]) for n in peft.trained_parameter_names(last) if ".blocks." in n} == {6, 7}
+    with pytest.raises(PeftError, match="quarter must be 1, 2, 3 or 4"):
+        peft.apply(classifier(), "partial", quarter=5)
+    with pytest.raises(PeftError, match="adapts Vision Transformers.*STUNet"):
+        peft.apply(tiny_stunet(), "partial")
+
+
+def test_vpt_places_and_strips_prompts():
+    x = image()
+    net = peft.apply(classifier(), "vpt", length=3, deep=False)
+    tuner = net.backbone.tuner
+    tokens = net.backbone.embed(x)
+    with_prompts = tuner.start(tokens, x, 1, {})
+    assert with_prompts.shape[1] == 1 + 3 + 64
+    assert torch.equal(with_prompts[:, 1:4], tuner.prompts[0].expand(2, -1, -1))
+    assert torch.equal(tuner.strip(with_prompts, 1, {}), tokens)
+    bound = (6 / (3 * 4 * 4 + D)) ** 0.5
+    assert tuner.prompts.abs().max() <= bound
+    deep = peft.apply(classifier(), "vpt", length=3, deep=True).backbone.tuner
+    replaced = deep.before_block(2, deep.start(tokens, x, 1, {}), 1, {})
+    assert torch.equal(replaced[:, 1:4], deep.prompts[2].expand(2, -1, -1))
+    assert replaced.shape[1] == 1 + 3 + 64
+
+
+def test_errors_are_clear(tiny_stunet):
+    with pytest.raises(PeftError, match=r"unknown option\(s\) \['depth'\] for PEFT method 'vpt'"):
+        peft.apply(classifier(), "vpt", depth=3)
+    for method in ("vpt", "ssf", "adapter", "adaptformer", "evp", "dtl", "apla"):
+        with pytest.raises(PeftError, match=f"'{method}' adapts Vision Transformers.*STUNet"):
+            peft.apply(tiny_stunet(), method)
+    with pytest.raises(PeftError, match="slices of a fused attention projection"):
+        peft.apply(tiny_stunet(), "lora", targets=["q", "v"])
+    with pytest.raises(PeftError, match="not both"):
+        peft.apply(classifier(), "lora", targets=["qkv", "q"])
+    with pytest.raises(PeftError, match="no convolution named.*nor a linear layer"):
+        peft.apply(classifier(), "lora", targets=["fc9"])
+    with pytest.raises(PeftError, match="rows=100 exceeds"):
+        peft.apply(classifier(), "apla", rows=100)
+    with pytest.raises(PeftError, match="rows must be"):
+        peft.apply(classifier(), "apla", rows=0)
+    with pytest.raises(PeftError, match="mask_rate"):
+        peft.apply(classifier(), "evp", mask_rate=1.5)
+    with pytest.raises(PeftError, match="start_block 4 is not a block"):
+        peft.apply(classifier(), "dtl", start_block=4)
+    with pytest.raises(PeftError, match="bottleneck must be a positive integer"):
+        peft.apply(classifier(), "adapter", bottleneck=0)
+
+
+def test_lora_on_linear_layers_and_stunet_convs_share_one_entry(tiny_stunet):
+    net = peft.apply(classifier(), "lora", rank=2, targets=["q", "v", "proj"])
+    qkv, proj = net.backbone.blocks[0].attn.qkv, net.backbone.blocks[0].attn.proj
+    assert set(qkv.lora_A) == {"q", "v"} and proj.lora_A.weight.shape == (2, D)
+    assert type(net.backbone.patch_embed.proj) is nn.Conv2d  # a bare "proj" leaves the patch embedding alone
+    embed = peft.apply(classifier(), "lora", targets=["patch_embed.proj"])
+    assert hasattr(embed.backbone.patch_embed.proj, "lora_A")
+    # a LoRA on the k slice changes only the k rows of the fused projection's output
+    only_k = peft.apply(classifier(), "lora", targets=["k"])
+    layer = only_k.backbone.blocks[0].attn.qkv
+    with torch.no_grad():
+        layer.lora_B["k"].weight.normal_()
+        tokens = torch.randn(2, 5, D)
+        delta = layer(tokens) - nn.functional.linear(tokens, layer.weight, layer.bias)
+    assert delta[..., :D].abs().max() == 0 and delta[..., 2 * D:].abs().max() == 0
+    assert delta[..., D:2 * D].abs().max() > 0
+    conv = peft.apply(tiny_stunet(), "lora")  # STU-Net keeps its conv defaults
+    assert any(".lora_A." in n for n in peft.target_parameters(conv))
+
+
+def test_methods_adapt_every_backbone_of_a_combined_classifier():
+    from nnunet_tpp.models.vit_combine import CombinedClassifier
+    x = image()
+    for method in ("vpt", "ssf", "apla", "partial"):
+        net = peft.apply(CombinedClassifier([vit(seed=1), vit(seed=2)], CLASSES), method)
+        names = peft.trained_parameter_names(net)
+        assert any(n.startswith("backbones.0.") for n in names) and any(n.startswith("backbones.1.") for n in names)
+        assert net(x).shape == (2, CLASSES)
+
+
+def test_ssf_and_evp_follow_the_papers():
+    net = peft.apply(classifier(depth=2), "ssf")
+    scales = torch.cat([p for n, p in net.named_parameters() if n.endswith("ssf_scale")])
+    assert abs(scales.mean().item() - 1) < 0.01 and 0.01 < scales.std().item() < 0.03
+    wrapped = {n.rsplit(".", 1)[0] for n, _ in net.named_parameters() if n.endswith("ssf_scale")}
+    assert wrapped == {"backbone.patch_embed.proj", "backbone.norm"} | {
+        f"backbone.blocks.{i}.{m}" for i in range(2) for m in ("norm1", "attn.qkv", "attn.proj", "norm2",
+                                                                 "mlp.fc1", "mlp.fc2")}
+    from nnunet_tpp.peft.evp import high_frequency
+    flat = torch.ones(1, 1, 16, 16)
+    assert high_frequency(flat, 0.25).abs().max() < 1e-6  # a constant image has no high frequencies
+    edge = torch.zeros(1, 1, 16, 16)
+    edge[..., 8:] = 1
+    assert high_frequency(edge, 0.25).abs().max() > 0.1
