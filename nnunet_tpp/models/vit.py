@@ -7,7 +7,8 @@ Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls
 Token order: ``[cls, registers..., patches]``. The position embedding covers the class token and the
 patches (``cls_pos_embed=True``, timm/MAE/DINO) or the patches only (``cls_pos_embed=False``, MedCoSS);
 register tokens never get a position. ``pre_norm`` adds a LayerNorm after the position embedding
-(``norm_pre``, MedCoSS).
+(``norm_pre``, MedCoSS), over all tokens or (``pre_norm_prefix=False``, MedCoSS) over the patch tokens only;
+``final_norm=False`` drops the output LayerNorm (MedCoSS).
 
 PEFT methods extend the network through documented slots instead of editing its code:
 
@@ -41,6 +42,11 @@ class ViTConfig:
         num_register_tokens: extra learned tokens after the class token (DINOv2 with registers).
         cls_pos_embed: whether the class token has a position (False: MedCoSS).
         pre_norm: LayerNorm after the position embedding (MedCoSS).
+        pre_norm_prefix: whether ``norm_pre`` normalises the class and register tokens too (True, timm); False
+            normalises the patch tokens only (MedCoSS normalises the patch embeddings before the class token
+            joins them).
+        final_norm: LayerNorm ``norm`` on the output tokens (True); False makes ``norm`` an identity (MedCoSS's
+            encoder has no output norm).
         dynamic_img_size: interpolate the position embedding when an input has another size; when False
             such an input raises an error.
         drop_path_rate: stochastic depth at the last block (linearly increasing).
@@ -62,6 +68,8 @@ class ViTConfig:
     dynamic_img_size: bool = True
     drop_path_rate: float = 0.0
     eps: float = 1e-6
+    pre_norm_prefix: bool = True
+    final_norm: bool = True
 
     @property
     def grid(self) -> int:
@@ -242,7 +250,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(
             Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, config.layer_scale, r, config.eps)
             for r in rates)
-        self.norm = nn.LayerNorm(d, eps=config.eps)
+        self.norm = nn.LayerNorm(d, eps=config.eps) if config.final_norm else nn.Identity()
         self.tuner: TokenTuner | None = None
         self._init_weights()
 
@@ -283,7 +291,8 @@ class VisionTransformer(nn.Module):
 
     def embed(self, image: torch.Tensor, masked: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
               keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``).
+        """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``, over
+        every token or, with ``pre_norm_prefix=False``, over the patch tokens only).
 
         Args:
             masked: optional (B, N) bool; those patches' embeddings are replaced by ``mask_token`` (1, 1, D)
@@ -304,6 +313,8 @@ class VisionTransformer(nn.Module):
         parts = [cls.expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
             parts.append(self.reg_token.expand(x.shape[0], -1, -1))
+        if not self.config.pre_norm_prefix:
+            return torch.cat(parts + [self.norm_pre(x)], dim=1)
         return self.norm_pre(torch.cat(parts + [x], dim=1))
 
     def forward_features(self, image: torch.Tensor, taps: tuple[int, ...] = (), masked: torch.Tensor | None = None,
