@@ -243,7 +243,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     from tqdm import tqdm
 
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
-    peft.get_method(cfg.method)  # an unknown method fails before anything is read or written
+    peft.get_method(cfg.method).parse_options(cfg.method_options)  # unknown method / option: fail before any write
     out = cfg.out
     if (out / METRICS_FILE).exists():
         raise RunExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another --out")

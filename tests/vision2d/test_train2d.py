@@ -1,0 +1,101 @@
+"""``train2d`` end to end on the real 2D sets: metrics file, adapter weights that reproduce the model,
+resume after a kill, refusal to overwrite, bad input caught before anything is written."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet_tpp import peft
+from nnunet_tpp.cli import main
+from nnunet_tpp.vision2d.config import Train2dConfig
+from nnunet_tpp.vision2d.train import RunExistsError, run_train2d
+from tests.conftest import SHARED, require
+
+PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
+GLAS = SHARED / "data" / "2d" / "glas_mini"
+TINY = {"depth": 4, "embed_dim": 48, "num_heads": 3}
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    """300/60/120 random images of PneumoniaMNIST, both classes (keeps the CPU run short)."""
+    data = np.load(require(PNEUMONIA))
+    path = tmp_path_factory.mktemp("npz") / "pneumonia_small.npz"
+    rng = np.random.default_rng(0)
+    picks = {s: rng.choice(len(data[f"{s}_labels"]), n, replace=False)
+             for s, n in (("train", 300), ("val", 60), ("test", 120))}
+    np.savez(path, **{f"{s}_{k}": data[f"{s}_{k}"][idx] for s, idx in picks.items() for k in ("images", "labels")})
+    return path
+
+
+def cls_config(data, out, **kw):
+    base = dict(task="cls", data=data, out=out, arch="vit_tiny", img_size=28, patch_size=4, arch_options=TINY,
+                method="adapter", epochs=2, batch_size=32, device="cpu")
+    return Train2dConfig(**{**base, **kw})
+
+
+def test_classification_run_writes_metrics_and_adapter_weights(small_npz, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_train2d(cls_config(small_npz, out), progress=False)
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert {k: on_disk[k] for k in ("acc", "auc", "f1")} == pytest.approx({k: metrics[k] for k in ("acc", "auc", "f1")})
+    for key in ("acc", "auc", "f1", "trainable_ratio", "peak_memory_mb", "images_per_s"):
+        assert np.isfinite(on_disk[key]), key
+    assert 0 < on_disk["trainable_ratio"] < 100 and on_disk["test_images"] == 120
+    assert (out / "progress.png").stat().st_size > 0 and not (out / "checkpoint.pth").exists()
+    # the adapter file alone (plus the same random backbone, seed 0) reproduces the test accuracy
+    from nnunet_tpp.vision2d.data import load_dataset
+    from nnunet_tpp.vision2d.train import build_backbone, build_model, evaluate
+    cfg = cls_config(small_npz, out)
+    torch.manual_seed(cfg.seed)
+    splits = load_dataset(cfg.data, "cls", cfg.img_size, seed=cfg.seed)
+    model = build_model(cfg, build_backbone(cfg, splits.in_chans), splits.num_classes)
+    peft.load(model, out / "adapter.pth")
+    again = evaluate(model, splits.test, "cls", splits.num_classes, torch.device("cpu"), 64)
+    assert again["acc"] == pytest.approx(metrics["acc"])
+    with pytest.raises(RunExistsError, match="finished run"):
+        run_train2d(cls_config(small_npz, out), progress=False)
+
+
+def test_a_killed_run_resumes_after_its_last_epoch(small_npz, tmp_path):
+    out = tmp_path / "run"
+    lines = []
+
+    def killed_in_epoch_2(line):
+        lines.append(line)
+        if line.startswith("epoch 2/3"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train2d(cls_config(small_npz, out, epochs=3, method="lora"), log=killed_in_epoch_2, progress=False)
+    assert (out / "checkpoint.pth").exists() and not (out / "metrics.json").exists()
+    lines.clear()
+    run_train2d(cls_config(small_npz, out, epochs=3, method="lora"), log=lines.append, progress=False)
+    assert any("resuming after epoch 1" in line for line in lines)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+def test_segmentation_run_on_glas(tmp_path):
+    out = tmp_path / "seg"
+    code = main(["train2d", "--task", "seg", "--data", str(require(GLAS)), "--out", str(out), "--arch", "vit_tiny",
+                 "--img-size", "64", "--patch-size", "8", "--method", "lora", "--method-option", "rank=4",
+                 "--arch-option", "depth=4", "--arch-option", "embed_dim=48", "--arch-option", "num_heads=3",
+                 "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["dice"] <= 100 and metrics["hd95"] >= 0
+    saved = torch.load(out / "adapter.pth", weights_only=True)
+    assert saved["method"] == "lora" and saved["options"]["rank"] == 4
+
+
+def test_bad_input_fails_before_anything_is_written(small_npz, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["train2d", "--task", "cls", "--data", str(small_npz), "--out", str(out), "--method", "nope"]) == 2
+    assert "unknown PEFT method 'nope'" in capsys.readouterr().err and not out.exists()
+    assert main(["train2d", "--task", "cls", "--data", str(small_npz), "--out", str(out), "--method", "lora",
+                 "--method-option", "rnak=4", "--arch", "vit_tiny", "--img-size", "28", "--patch-size", "4"]) == 2
+    assert "rnak" in capsys.readouterr().err
+    assert main(["train2d", "--task", "cls", "--data", str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
+    assert "data not found" in capsys.readouterr().err and not (out / "metrics.json").exists()
