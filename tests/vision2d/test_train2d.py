@@ -99,3 +99,14 @@ def test_bad_input_fails_before_anything_is_written(small_npz, tmp_path, capsys)
     assert "rnak" in capsys.readouterr().err
     assert main(["train2d", "--task", "cls", "--data", str(tmp_path / "missing.npz"), "--out", str(out)]) == 2
     assert "data not found" in capsys.readouterr().err and not (out / "metrics.json").exists()
+
+
+def test_packaged_train2d_recipe_parses(monkeypatch, tmp_path):
+    from tests.conftest import REPO
+    monkeypatch.chdir(REPO)
+    cfg = Train2dConfig.from_yaml(REPO / "configs" / "2d" / "train2d" / "pneumonia_tiny.yaml",
+                                  data=require(PNEUMONIA), out=tmp_path / "run")
+    assert (cfg.task, cfg.arch, cfg.method, cfg.method_options) == ("cls", "vit_tiny", "adapter", {"bottleneck": 16})
+    with pytest.raises(ValueError, match="unknown setting"):
+        (tmp_path / "bad.yaml").write_text("task: cls\nmethdo: lora\n")
+        Train2dConfig.from_yaml(tmp_path / "bad.yaml")
