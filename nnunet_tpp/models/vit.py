@@ -325,14 +325,15 @@ class VisionTransformer(nn.Module):
         Args:
             image: (B, C, H, W).
             taps: 0-based block indices whose outputs are returned too (e.g. (2, 5, 8, 11) for UNETR skips).
-            masked, mask_token, keep: see :meth:`embed`. A tuner finds ``keep`` in ``state["keep"]`` (None when
-                every patch is present) so that per-patch additions can follow the kept patches.
+            masked, mask_token, keep: see :meth:`embed`. A tuner finds them in ``state["keep"]`` and
+                ``state["masked"]`` (None when unused) so that per-patch additions can follow the kept patches
+                and leave masked ones alone.
         Returns:
             ``(tokens, tapped)``: the final normalised tokens (B, prefix + N, D) and the raw outputs of the
             tapped blocks, each (B, prefix + N, D), both without any tokens a tuner added.
         """
         x = self.embed(image, masked, mask_token, keep)
-        prefix, tuner, state, tapped = self.num_prefix_tokens, self.tuner, {"keep": keep}, []
+        prefix, tuner, state, tapped = self.num_prefix_tokens, self.tuner, {"keep": keep, "masked": masked}, []
         if tuner is not None:
             x = tuner.start(x, image, prefix, state)
         for i, block in enumerate(self.blocks):
