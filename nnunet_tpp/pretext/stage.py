@@ -212,16 +212,16 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
         peft.freeze(net)
 
 
-def plot_losses(losses: list[float], path: str) -> None:
-    """A PNG of the DINO loss per epoch, like nnU-Net's progress.png."""
+def plot_losses(losses: list[float], path: str, objective: str = "DINO") -> None:
+    """A PNG of the pretext loss per epoch, like nnU-Net's progress.png."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(range(1, len(losses) + 1), losses, color="b", marker="o", linewidth=2)
     ax.set_xlabel("pretext epoch")
-    ax.set_ylabel("DINO loss")
-    ax.set_title("TPP pretext stage (DINO, target parameters only)")
+    ax.set_ylabel(f"{objective} loss")
+    ax.set_title(f"TPP pretext stage ({objective}, target parameters only)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = f"{path}.tmp-{os.getpid()}.png"
