@@ -20,8 +20,7 @@ def _options(pairs: list[str]) -> dict:
 
 def add_train2d_parser(sub) -> None:
     """Adds the ``train2d`` sub-command to an argparse sub-parser collection."""
-    p = sub.add_parser("train2d", help="2-D classification / segmentation with a ViT and a PEFT method",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("train2d", help="2-D classification / segmentation with a ViT and a PEFT method")
     p.add_argument("--config", help="a YAML recipe (configs/2d/); flags given here override it")
     p.add_argument("--task", choices=("cls", "seg"))
     p.add_argument("--data", help="dataset: .npz (MedMNIST), MHIST folder, class folders, images/ + masks/")
@@ -37,6 +36,12 @@ def add_train2d_parser(sub) -> None:
     p.add_argument("--backbone", help="checkpoint file to start from (no download ever happens)")
     p.add_argument("--backbone-format", dest="backbone_format", help="auto | timm | dinov2 | medcoss")
     p.add_argument("--target-parameters", dest="target_parameters", help="TPP target-parameter file")
+    p.add_argument("--tpp", choices=("none", "mae", "dino"), help="target parameter pre-training first")
+    p.add_argument("--tpp-data", dest="tpp_data", help="pretext images from another dataset")
+    p.add_argument("--tpp-epochs", dest="tpp_epochs", type=int)
+    p.add_argument("--ssa", choices=("none", "dinov2"), help="self-supervised adaptation of the backbone first")
+    p.add_argument("--ssa-method", dest="ssa_method", help="PEFT method of the SSA stage (default apla)")
+    p.add_argument("--ssa-epochs", dest="ssa_epochs", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seed", type=int)
@@ -54,7 +59,8 @@ def add_train2d_parser(sub) -> None:
 
 FIELDS = ("task", "data", "out", "arch", "img_size", "patch_size", "backbone", "backbone_format",
           "target_parameters", "method", "epochs", "batch_size", "seed", "lr", "label_fraction", "pool",
-          "in_chans", "device", "amp", "compile", "num_workers")
+          "in_chans", "device", "amp", "compile", "num_workers", "tpp", "tpp_data", "tpp_epochs", "ssa", "ssa_method",
+          "ssa_epochs")
 
 
 def train2d_main(args) -> int:

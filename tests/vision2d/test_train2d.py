@@ -110,3 +110,14 @@ def test_packaged_train2d_recipe_parses(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="unknown setting"):
         (tmp_path / "bad.yaml").write_text("task: cls\nmethdo: lora\n")
         Train2dConfig.from_yaml(tmp_path / "bad.yaml")
+
+
+def test_tpp_then_fine_tuning_from_the_command_line(small_npz, tmp_path):
+    out = tmp_path / "tpp_run"
+    assert main(["train2d", "--task", "cls", "--data", str(small_npz), "--out", str(out), "--arch", "vit_tiny",
+                 "--img-size", "28", "--patch-size", "4", "--arch-option", "depth=2", "--arch-option", "embed_dim=48",
+                 "--arch-option", "num_heads=3", "--method", "lora", "--tpp", "mae", "--tpp-epochs", "1",
+                 "--epochs", "1", "--device", "cpu", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tpp"] == "mae" and metrics["target_parameters"] == str(out / "tpp" / "tpp_target_parameters.pth")
+    assert (out / "tpp" / "tpp_progress.png").exists()
