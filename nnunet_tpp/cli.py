@@ -1,5 +1,5 @@
 """The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``,
-``methods``, ``check``, ``restore`` (3-D) and ``train2d`` (2-D)."""
+``methods``, ``check``, ``restore`` (3-D), ``train2d`` and ``bench2d`` (2-D)."""
 from __future__ import annotations
 
 import argparse
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nnunet_tpp.vision2d.cli import add_train2d_parser
     add_train2d_parser(sub)
+    from nnunet_tpp.vision2d.bench2d_cli import add_bench2d_parser
+    add_bench2d_parser(sub)
     return parser
 
 

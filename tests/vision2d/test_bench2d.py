@@ -1,0 +1,154 @@
+"""``bench2d`` suites on a small slice of the real PneumoniaMNIST: runs in child processes, results files,
+resuming without repeating finished runs, a failing run that does not stop the suite, YAML paths relative to
+the YAML, missing data caught before anything runs, the shipped recipes, the upstream MAE checkpoint."""
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from nnunet_tpp.cli import main
+from nnunet_tpp.vision2d.bench2d import SuiteError, load_suite, run_suite
+from tests.conftest import REPO, SHARED, require
+
+PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
+CONFIGS = REPO / "configs" / "2d"
+PAPER_RECIPES = ("mhist", "oct_c8", "chest_xray_pa", "glas", "qata_cov19")
+TINY = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "epochs": 1, "batch_size": 64, "device": "cpu",
+        "arch_options": {"depth": 2, "embed_dim": 48, "num_heads": 3}}
+
+
+@pytest.fixture(scope="module")
+def small_npz(tmp_path_factory):
+    """200 training, 40 validation and 80 test images of PneumoniaMNIST, half of each class (the file is
+    sorted by class)."""
+    data = np.load(require(PNEUMONIA))
+    arrays = {}
+    for split, n in (("train", 200), ("val", 40), ("test", 80)):
+        labels = data[f"{split}_labels"].reshape(-1)
+        keep = np.concatenate([np.flatnonzero(labels == c)[:n // 2] for c in (0, 1)])
+        arrays.update({f"{split}_images": data[f"{split}_images"][keep], f"{split}_labels": labels[keep]})
+    path = tmp_path_factory.mktemp("data") / "pneumonia_small.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def write_suite(folder: Path, datasets: dict, methods: list, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = {"name": "tiny", "out": str(folder / "out"), "defaults": TINY, "datasets": datasets,
+            "methods": methods, "tpp": ["none"], "seeds": [0], **extra}
+    path = folder / "suite.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_a_suite_runs_writes_results_and_skips_finished_runs_when_run_again(small_npz, tmp_path):
+    path = write_suite(tmp_path, {"pneumonia": {"task": "cls", "data": str(small_npz)}}, ["linear_probe", "adapter"])
+    lines = []
+    result = run_suite(load_suite(path), log=lines.append, progress=False)
+    assert result["failed"] == [] and result["ran"] == 2
+    assert any(line.startswith("run 2/2: pneumonia adapter seed 0 ... done in") and "(acc " in line for line in lines)
+    out = tmp_path / "out"
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], r["tpp"], r["seed"]) for r in rows] == [("linear_probe", "none", "0"), ("adapter", "none", "0")]
+    for row in rows:
+        for key in ("acc", "auc", "f1", "trainable_ratio", "peak_memory_mb", "images_per_s", "seconds"):
+            assert np.isfinite(float(row[key])), key
+        assert 100 < float(row["peak_memory_mb"]) < 8000  # the run's own process, not the suite's
+    md = (out / "results.md").read_text()
+    assert "| Method | TPP | n | ACC | AUC | F1 | Ratio (%) |" in md and "torch" in md
+    assert (out / "results.png").stat().st_size > 0
+    metrics = out / "pneumonia" / "adapter" / "none" / "frac1" / "seed0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    lines.clear()
+    again = run_suite(load_suite(path), log=lines.append, progress=False)
+    assert again["ran"] == 0 and again["skipped"] == 2
+    assert sum("finished before, skipped" in line for line in lines) == 2
+    assert metrics.stat().st_mtime_ns == stamp
+    assert len(list(csv.DictReader(open(out / "results.csv")))) == 2
+
+
+def test_a_failing_run_is_reported_and_the_suite_goes_on(small_npz, tmp_path, capsys):
+    broken = tmp_path / "broken.npz"
+    broken.write_text("not an npz file")
+    path = write_suite(tmp_path, {"broken": {"task": "cls", "data": "broken.npz"},
+                                  "pneumonia": {"task": "cls", "data": str(small_npz)}}, ["linear_probe"])
+    assert main(["bench2d", str(path), "--no-progress"]) == 1
+    printed = capsys.readouterr()
+    assert "run 1/2: broken linear_probe seed 0 ... FAILED" in printed.out
+    assert "run 2/2: pneumonia linear_probe seed 0 ... done" in printed.out
+    assert "1 of 2 runs failed" in printed.out and "run(s) failed" in printed.err
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    assert [r["dataset"] for r in rows] == ["pneumonia"]
+    assert "## Failed runs" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_yaml_paths_are_relative_to_the_yaml_and_a_missing_one_stops_everything(small_npz, tmp_path, monkeypatch,
+                                                                                 capsys):
+    (tmp_path / "data").mkdir()
+    os.symlink(small_npz, tmp_path / "data" / "small.npz")
+    path = write_suite(tmp_path / "recipes", {"pneumonia": {"task": "cls", "data": "../data/small.npz"}},
+                       ["adapter", {"name": "lora4", "method": "lora", "method_options": {"rank": 4}}],
+                       tpp=["none", "mae"], seeds=[0, 1])
+    monkeypatch.chdir(tmp_path / "data")  # not the YAML's folder
+    suite = load_suite(path)
+    assert {r.values["data"] for r in suite.runs} == {str(tmp_path / "data" / "small.npz")}
+    assert [r.label for r in suite.runs[:4]] == ["adapter", "adapter+mae", "lora4", "lora4+mae"]
+    assert len(suite.runs) == 8
+    missing = write_suite(tmp_path / "other", {"pneumonia": {"task": "cls", "data": "../nowhere/x.npz"}}, ["adapter"])
+    with pytest.raises(SuiteError, match=r"`datasets\.pneumonia\.data`.*nowhere"):
+        load_suite(missing)
+    assert main(["bench2d", str(missing)]) == 2
+    assert "datasets.pneumonia.data" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "out").exists()
+
+
+def test_tpp_is_left_out_for_methods_without_target_parameters(small_npz, tmp_path):
+    path = write_suite(tmp_path, {"p": {"task": "cls", "data": str(small_npz)}}, ["full", "linear_probe", "ssf"],
+                       tpp=["none", "mae", "dino"])
+    suite = load_suite(path)
+    assert [r.label for r in suite.runs] == ["full", "linear_probe", "ssf", "ssf+mae", "ssf+dino"]
+    assert any(n.startswith("full+mae left out") for n in suite.notes)
+
+
+def test_the_shipped_recipes_parse(capsys):
+    real = load_suite(CONFIGS / "shared_real.yaml")
+    assert real.upstream is not None and Path(real.upstream["data"]).exists()
+    assert {r.label for r in real.runs} >= {"linear_probe", "full", "adapter", "adapter+mae", "adapter+dino"}
+    assert main(["bench2d", str(CONFIGS / "shared_real.yaml"), "--dry-run", "--out", "/nonexistent/x"]) == 0
+    assert "to run" in capsys.readouterr().out
+    for name in PAPER_RECIPES:
+        recipe = CONFIGS / f"{name}.yaml"
+        suite = load_suite(recipe, check_paths=False)
+        assert len({r.seed for r in suite.runs}) == 3 and {r.tpp for r in suite.runs} == {"none", "mae"}
+        with pytest.raises(SuiteError, match=r"`defaults\.backbone`") as error:
+            load_suite(recipe)
+        assert f"`datasets.{name}.data`" in str(error.value)
+
+
+def test_upstream_mae_checkpoint_loads_as_a_backbone_with_its_decoder(small_npz, tmp_path):
+    import torch
+
+    from nnunet_tpp.models.vit import build_vit
+    from nnunet_tpp.models.vit_checkpoint import load_vit_checkpoint, mae_decoder_state_dict
+    from nnunet_tpp.vision2d.upstream import pretrain_mae_upstream
+    target = tmp_path / "up" / "mae.pth"
+    lines = []
+    options = dict(arch="vit_tiny", img_size=28, patch_size=4, in_chans=None, epochs=2, batch_size=64, seed=0,
+                   device="cpu", arch_options=TINY["arch_options"], progress=False)
+    assert pretrain_mae_upstream(small_npz, target, log=lines.append, **options) == target
+    assert any(line.startswith("upstream MAE epoch 2/2 loss") for line in lines)
+    vit = build_vit("vit_tiny", img_size=28, patch_size=4, in_chans=1, **TINY["arch_options"])
+    before = vit.blocks[0].attn.qkv.weight.clone()
+    load_vit_checkpoint(vit, target, fmt="timm")
+    assert not torch.equal(before, vit.blocks[0].attn.qkv.weight)
+    decoder = mae_decoder_state_dict(target)
+    assert "mask_token" in decoder and any(k.startswith("decoder_pred") for k in decoder)
+    stamp = target.stat().st_mtime_ns
+    lines.clear()
+    pretrain_mae_upstream(small_npz, target, log=lines.append, **options)
+    assert target.stat().st_mtime_ns == stamp and "not trained again" in lines[0]
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain_mae_upstream(small_npz, target, log=lines.append, **{**options, "epochs": 3})
