@@ -1,0 +1,502 @@
+"""Self-supervised adaptation (ESSA, Sorkhei et al.): DINOv2 training continued on the target images through a
+mergeable PEFT method before the supervised run; the method is then merged, so the task model starts from a plain
+ViT with adapted weights.
+
+Recipe (MoeinSorkhei/APLA ``params/pretrain/dinov2/ISIC2019/vit_b/{__common__,apla}.yml``,
+``src/self_supervised/dinov2/{models,trainer,wrappers,augmentation_strategy.json}``): DINO + iBOT (shared head,
+block masks on half of the global views, ratio 0.1-0.5) + KoLeo 0.1 (:mod:`nnunet_tpp.pretext.dinov2`), 65,536
+prototypes (head 2048 / 256), centring, teacher momentum 0.994 -> 1, teacher temperature 0.04 -> 0.07, 2 global
+views at the image size (area 0.32-1) + 8 local at 98/224 of it (area 0.05-0.32), batch 64, AdamW lr 1e-3 (1e-4
+for ``full``), warm-up + cosine to 1e-6, weight decay 1e-5 -> 1e-4, clipping 1.0, prototypes frozen in epoch 1.
+APLA trains the whole ``attn.proj`` (``rows=-1``) as ESSA's code does; the mask token trains only with ``full``
+(APLA freezes everything else). The adapted weights are the EMA teacher's (ESSA evaluates ``teacher.backbone``).
+Warm-ups are capped at a tenth of the run (ESSA: 10 and 30 of 300 epochs). The multi-crop is this module's own
+(random resized crop, flip, brightness / contrast jitter; ESSA's colour jitter, blur, solarisation are not
+reproduced).
+
+Files in ``work_dir``: ``ssa_state.pth`` (every epoch; a killed stage resumes), ``ssa_progress.png`` and
+``ssa_backbone.pth`` (adapted backbone + result; when present the stage is skipped and its weights loaded).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_tpp import peft
+from nnunet_tpp.bench import _sync
+from nnunet_tpp.models.vit import VisionTransformer, config_dict
+from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
+from nnunet_tpp.pretext.dino import DINOHead, cosine_schedule, ema_update
+from nnunet_tpp.pretext.dinov2 import CENTERINGS, MASK_MODES, DINOv2Loss, dinov2_terms, sample_masks
+from nnunet_tpp.pretext.stage import _teacher_of
+
+STATE_FILE, BACKBONE_FILE, PLOT_FILE = "ssa_state.pth", "ssa_backbone.pth", "ssa_progress.png"
+FORMAT, KEEP = "nnunet_tpp.ssa/1", ("teacher", "student")
+
+
+class SSAError(ValueError):
+    """SSA settings that cannot run, or a work folder that belongs to other settings."""
+
+
+@dataclass
+class SSASettings:
+    """The SSA recipe, ESSA's defaults (``Train2dConfig.ssa_options`` overrides any field).
+
+    ``iterations_per_epoch`` None: one pass over the images; ``lr`` None: 1e-3, 1e-4 for ``full``; warm-ups
+    (``warmup_epochs`` of the lr, ``warmup_teacher_temp_epochs`` of the teacher temperature) are at most a tenth
+    of the run; weight decay applies to weights, not to biases / norms / tokens; ``centering``,
+    ``student_temp``, ``center_momentum``, ``*_weight``: see :class:`~nnunet_tpp.pretext.dinov2.DINOv2Loss`;
+    ``out_dim`` / ``hidden_dim`` / ``bottleneck_dim``: the shared head; ``mask_*``: iBOT masking of the global
+    views; ``n_local`` local views (always 2 global); ``*_scale``: crop areas; ``local_size_fraction``: local
+    side / image side, rounded to a multiple of the patch; ``freeze_last_layer_epochs``: prototypes frozen;
+    ``method_options``: options of ``ssa_method`` (``apla``: ``rows=-1`` unless given); ``keep``: ``teacher``
+    (ESSA) or ``student`` weights become the backbone; ``seed``: crops and masks (None: the run's seed).
+    """
+
+    batch_size: int = 64
+    iterations_per_epoch: int | None = None
+    lr: float | None = None
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-5
+    weight_decay_end: float = 1e-4
+    momentum_teacher: float = 0.994
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: float = 30.0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    centering: str = "centering"
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_mode: str = "block"
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    local_size_fraction: float = 98 / 224
+    grad_clip: float = 1.0
+    freeze_last_layer_epochs: int = 1
+    method_options: dict[str, Any] = field(default_factory=dict)
+    keep: str = "teacher"
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raises :class:`SSAError` for values that cannot run."""
+        if self.batch_size < 2:
+            raise SSAError(f"ssa batch_size must be >= 2 (KoLeo and the head's batch norm), got {self.batch_size}")
+        if self.centering not in CENTERINGS or self.mask_mode not in MASK_MODES or self.keep not in KEEP:
+            raise SSAError(f"ssa: centering must be one of {CENTERINGS}, mask_mode one of {MASK_MODES}, keep teacher "
+                           f"or student (got {self.centering!r}, {self.mask_mode!r}, {self.keep!r})")
+        if self.n_local < 0 or not 0 < self.local_size_fraction <= 1 or not 0 <= self.mask_probability <= 1:
+            raise SSAError("ssa: need n_local >= 0, 0 < local_size_fraction <= 1, 0 <= mask_probability <= 1")
+
+    def peak_lr(self, method: str) -> float:
+        """``lr``, or ESSA's default for the method (1e-4 for ``full``, 1e-3 otherwise)."""
+        return float(self.lr) if self.lr is not None else (1e-4 if method == "full" else 1e-3)
+
+
+def ssa_settings(options: dict[str, Any] | None = None) -> SSASettings:
+    """:class:`SSASettings` from ``Train2dConfig.ssa_options``; unknown keys raise :class:`SSAError`."""
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(SSASettings)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise SSAError(f"unknown ssa_options {unknown}; known: {sorted(fields)}")
+    for key, value in options.items():
+        if isinstance(fields[key].default, tuple):
+            options[key] = tuple(float(v) for v in value)
+    settings = SSASettings(**options)
+    settings.validate()
+    return settings
+
+
+SSA_PEFT_DEFAULTS = {**VIT_PEFT_DEFAULTS, "apla": {"rows": -1}}  # ESSA's APLA trains every row of attn.proj
+
+
+def check_method(method: str, options: dict[str, Any] | None = None) -> None:
+    """Raises ValueError unless ``method`` can adapt a ViT during SSA and be merged into it afterwards."""
+    entry = peft.get_method(method)  # PeftError (a ValueError) for an unknown name
+    usable = sorted(m for m in peft.methods() if peft.get_method(m).mergeable and m != "linear_probe"
+                    and "ViT" in peft.get_method(m).models)
+    if method not in usable:
+        why = "trains nothing in the backbone" if method == "linear_probe" else "cannot be merged into the backbone"
+        raise SSAError(f"ssa_method {method!r} {why}; SSA merges its method into the backbone afterwards, so use "
+                       f"one of: {', '.join(usable)}")
+    entry.parse_options({**SSA_PEFT_DEFAULTS.get(method, {}), **(options or {})})
+
+
+class SSABackbone(nn.Module):
+    """The thin wrapper the PEFT method is applied to (``backbone`` is the ViT; no heads)."""
+
+    peft_defaults = SSA_PEFT_DEFAULTS
+
+    def __init__(self, backbone: VisionTransformer):
+        super().__init__()
+        self.backbone, c = backbone, backbone.config
+        self.size_name = f"d{c.embed_dim}x{c.depth}-p{c.patch_size}-r{c.num_register_tokens}"
+
+
+class SSAStudent(nn.Module):
+    """PEFT backbone + shared DINO/iBOT head + iBOT mask token (1, D); the teacher is an EMA copy of it."""
+
+    def __init__(self, net: SSABackbone, head: DINOHead, mask_token: torch.Tensor):
+        super().__init__()
+        self.net, self.head = net, head
+        self.mask_token = nn.Parameter(mask_token.detach().clone().reshape(1, -1))
+
+    def tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, prefix + N, D); masked patches see the mask token."""
+        return self.net.backbone.forward_features(images, masked=masks, mask_token=self.mask_token)[0]
+
+
+@dataclass
+class SSAModels:
+    """Everything one SSA step needs (see :func:`build_ssa`)."""
+
+    student: SSAStudent
+    teacher: SSAStudent
+    objective: DINOv2Loss
+    optimizer: torch.optim.Optimizer
+    params: list
+    summary: peft.TrainableSummary
+    global_size: int
+    local_size: int
+
+
+def view_sizes(img_size: int, patch: int, local_fraction: float) -> tuple[int, int]:
+    """Global views at the image size; local views at ``local_fraction`` of it, a multiple of the patch."""
+    return img_size, max(patch, int(round(img_size * local_fraction / patch)) * patch)
+
+
+def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, device: torch.device,
+              mask_token: torch.Tensor | None = None) -> SSAModels:
+    """A student (a copy of ``backbone`` with ``method`` applied, the head, the mask token), its EMA teacher,
+    the objective and AdamW (weights decay, biases / norms / tokens do not)."""
+    check_method(method, settings.method_options)
+    cfg = backbone.config
+    net = SSABackbone(copy.deepcopy(backbone))
+    peft.apply(net, method, **settings.method_options)
+    head = DINOHead(cfg.embed_dim, settings.out_dim, settings.hidden_dim, settings.bottleneck_dim)
+    token = mask_token if mask_token is not None else torch.zeros(1, cfg.embed_dim)
+    student = SSAStudent(net, head, token).to(device)
+    student.mask_token.requires_grad_(method == "full")
+    teacher = _teacher_of(student)
+    objective = DINOv2Loss(settings.out_dim, settings.student_temp, settings.center_momentum, settings.centering,
+                           settings.dino_weight, settings.ibot_weight, settings.koleo_weight).to(device)
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    decays = [p.ndim >= 2 and n != "mask_token" for n, p in named]
+    optimizer = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d]},
+                                   {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}])
+    return SSAModels(student, teacher, objective, optimizer, [p for _, p in named], peft.trainable_summary(net),
+                     *view_sizes(cfg.img_size, cfg.patch_size, settings.local_size_fraction))
+
+
+def random_views(images: torch.Tensor, count: int, size: int, scale: tuple[float, float],
+                 generator: torch.Generator) -> list[torch.Tensor]:
+    """``count`` batches of random resized crops (area ``U(scale)``, aspect 3/4-4/3) of ``images`` (B, C, H, W)
+    at ``size`` x ``size``, flipped horizontally with p 0.5, with contrast (x0.6-1.4) and brightness (+-0.4
+    std) jitter with p 0.8 (images are normalised, so the jitter works around each image's mean and std)."""
+    b = images.shape[0]
+    mean, std = images.mean(dim=(1, 2, 3), keepdim=True), images.std(dim=(1, 2, 3), keepdim=True)
+    views = []
+    for _ in range(count):
+        u = torch.rand(b, 8, generator=generator).to(images.device)
+        area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+        aspect = torch.exp(math.log(4 / 3) * (2 * u[:, 1] - 1))
+        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
+        theta = torch.zeros(b, 2, 3, device=images.device)  # output [-1, 1]^2 -> the crop, mirrored for u4 < 0.5
+        theta[:, 0, 0], theta[:, 1, 1] = w * torch.where(u[:, 4] < 0.5, -1.0, 1.0), h
+        theta[:, 0, 2], theta[:, 1, 2] = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
+        grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False).to(images.dtype)
+        view = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        jitter = (u[:, 5] < 0.8).to(images.dtype)[:, None, None, None]
+        contrast = 1 + jitter * (0.8 * u[:, 6, None, None, None] - 0.4)
+        views.append((view - mean) * contrast + mean + jitter * 0.4 * (2 * u[:, 7, None, None, None] - 1) * std)
+    return views
+
+
+def ssa_step(m: SSAModels, images: torch.Tensor, settings: SSASettings, step: int, seed: int, teacher_temp: float,
+             freeze_last_layer: bool, amp: bool) -> dict[str, float]:
+    """One DINOv2 step on a batch of images (on the models' device): views, masks, losses, update of the
+    student (not of the teacher: see :func:`ema_update`). Returns the loss terms as floats."""
+    device = images.device
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    globals_ = torch.cat(random_views(images, 2, m.global_size, settings.global_scale, generator))
+    locals_ = random_views(images, settings.n_local, m.local_size, settings.local_scale, generator)
+    backbone = m.student.net.backbone
+    masks = sample_masks(globals_.shape[0], backbone.grid_for(globals_), settings.mask_ratio, settings.mask_probability,
+                         settings.mask_mode, random.Random(seed * 1_000_003 + step)).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        losses = dinov2_terms(m.student, m.teacher, m.objective, globals_, locals_, masks, teacher_temp,
+                              backbone.num_prefix_tokens)
+    m.optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    if settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_(m.params, settings.grad_clip)
+    if freeze_last_layer:
+        m.student.head.prototypes.parametrizations.weight.original1.grad = None
+    m.optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def _schedules(s: SSASettings, method: str, epochs: int, steps: int) -> dict[str, list[float]]:
+    total = epochs * steps
+    warmup = int(round(min(s.warmup_epochs, epochs / 10) * steps))
+    temp_warmup = int(round(min(s.warmup_teacher_temp_epochs, epochs / 10) * steps))
+    return {"lr": cosine_schedule(s.peak_lr(method), s.min_lr, total, warmup),
+            "wd": cosine_schedule(s.weight_decay, s.weight_decay_end, total),
+            "momentum": cosine_schedule(s.momentum_teacher, 1.0, total),
+            "temp": cosine_schedule(s.teacher_temp, s.teacher_temp, total, temp_warmup, s.warmup_teacher_temp)}
+
+
+def _batches(dataset, batch: int, seed: int, steps: int, num_workers: int):
+    """``steps`` full batches of images, reshuffled (seeded) whenever the data runs out."""
+    from nnunet_tpp.vision2d.data import make_loader
+    produced, rounds = 0, 0
+    while produced < steps:  # (there is a full batch: batch <= len(dataset))
+        for images, _ in make_loader(dataset, batch, shuffle=True, seed=seed + 7919 * rounds, num_workers=num_workers):
+            if images.shape[0] == batch:
+                yield images
+                produced += 1
+                if produced == steps:
+                    return
+        rounds += 1
+
+
+def _checkpoint_mask_token(cfg, dim: int) -> torch.Tensor | None:
+    """A DINOv2 checkpoint's mask token (1, D), if ``cfg.backbone`` has one."""
+    if getattr(cfg, "backbone", None) is None:
+        return None
+    from nnunet_tpp.models.vit_checkpoint import mae_decoder_state_dict
+    token = mae_decoder_state_dict(cfg.backbone).get("mask_token")
+    return token.float().reshape(1, dim) if token is not None and token.ndim == 2 and token.numel() == dim else None
+
+
+def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.PathLike, device: torch.device,
+            log: Callable[[str], None] = print) -> dict:
+    """Adapts ``backbone`` in place by DINOv2 training through ``cfg.ssa_method``, then merges the method:
+    on return ``backbone`` is still a plain ViT (every parameter ``requires_grad``) holding the adapted weights.
+
+    ``train_set`` yields ``(image (C, H, W), target)`` (targets unused); ``cfg`` is the run's ``Train2dConfig``
+    (``ssa_method``, ``ssa_epochs``, ``ssa_options``, ``seed``, ``amp``, ``num_workers``; a DINOv2 checkpoint in
+    ``backbone`` gives the iBOT mask token its start). Raises ValueError for unknown settings, a method that
+    cannot be merged, or a ``work_dir`` of other settings, before anything trains.
+
+    Returns:
+        ``{"images_per_s", "peak_memory_mb", "memory_kind", "trainable_params", "total_params", "losses" (mean
+        total loss per epoch), "history" (every term per epoch), "method", "epochs", "reused"}``.
+    """
+    from nnunet_tpp.vision2d.train import peak_memory_mb
+    method, epochs = cfg.ssa_method, int(cfg.ssa_epochs)
+    settings = ssa_settings(cfg.ssa_options)
+    check_method(method, settings.method_options)
+    if epochs < 1:
+        raise SSAError(f"ssa_epochs must be >= 1, got {epochs}")
+    work = Path(work_dir)
+    recipe = {"method": method, "epochs": epochs, "backbone": str(getattr(cfg, "backbone", None)),
+              "arch": config_dict(backbone), "data": str(getattr(cfg, "data", "")), "seed": getattr(cfg, "seed", 0),
+              "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}}
+    done = work / BACKBONE_FILE
+    if done.exists():
+        saved = torch.load(done, map_location="cpu", weights_only=True)
+        _same_recipe(saved, recipe, done)
+        backbone.load_state_dict(saved["backbone"])
+        log(f"SSA: reusing the adapted backbone in {done}")
+        return {**saved["result"], "reused": True}
+    work.mkdir(parents=True, exist_ok=True)
+    n = len(train_set)
+    if n < 2:
+        raise SSAError(f"SSA needs at least 2 training images, got {n}")
+    batch = min(settings.batch_size, n)
+    steps = settings.iterations_per_epoch or n // batch
+    seed = int(settings.seed if settings.seed is not None else getattr(cfg, "seed", 0))
+    torch.manual_seed(seed)
+    m = build_ssa(backbone, method, settings, device, _checkpoint_mask_token(cfg, backbone.embed_dim))
+    log(f"SSA (dinov2 through {method}): {m.summary}; {epochs} epochs x {steps} steps of {batch} images, views "
+        f"2 x {m.global_size}px + {settings.n_local} x {m.local_size}px, {settings.out_dim} prototypes")
+    sched = _schedules(settings, method, epochs, steps)
+    state = {"epoch": 0, "history": [], "images": 0, "seconds": 0.0}
+    if (work / STATE_FILE).exists():
+        state = _load_state(work / STATE_FILE, m, recipe, device)
+        log(f"SSA: resuming after epoch {state['epoch']} from {work / STATE_FILE}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    amp = bool(getattr(cfg, "amp", True))
+    for epoch in range(state["epoch"], epochs):
+        m.student.train()
+        m.teacher.train()
+        m.teacher.net.eval()  # no stochastic depth in the teacher; its head standardises with batch statistics
+        sums, started = {}, time.perf_counter()
+        batches = _batches(train_set, batch, seed * 1000 + epoch, steps, int(getattr(cfg, "num_workers", 0)))
+        for i, images in enumerate(batches):
+            step = epoch * steps + i
+            for group in m.optimizer.param_groups:
+                group["lr"] = sched["lr"][step]
+            m.optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]
+            terms = ssa_step(m, images.to(device, non_blocking=True), settings, step, seed, sched["temp"][step],
+                             epoch < settings.freeze_last_layer_epochs, amp)
+            ema_update(m.student, m.teacher, sched["momentum"][step])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            state["images"] += images.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        state["seconds"] += seconds
+        last = (epoch + 1) * steps - 1
+        row = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}, "lr": sched["lr"][last],
+               "teacher_temp": sched["temp"][last], "momentum": sched["momentum"][last]}
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        _save_state(work / STATE_FILE, m, recipe, state)
+        plot_ssa(state["history"], work / PLOT_FILE)
+        log(f"SSA epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f} (dino {row['dino']:.4f}, ibot {row['ibot']:.4f}, "
+            f"koleo {row['koleo']:.4f}) lr {row['lr']:.2e} teacher temp {row['teacher_temp']:.3f} momentum "
+            f"{row['momentum']:.4f}, {steps * batch / max(seconds, 1e-9):.1f} img/s ({seconds:.1f} s)")
+    result = dict(zip(("peak_memory_mb", "memory_kind"), peak_memory_mb(device)),
+                  images_per_s=state["images"] / max(state["seconds"], 1e-9), trainable_params=m.summary.trainable,
+                  total_params=m.summary.total, losses=[h["loss"] for h in state["history"]],
+                  history=state["history"], method=method, epochs=epochs)
+    adapted = m.teacher if settings.keep == "teacher" else m.student
+    peft.merge(adapted.net)
+    weights = {k: v.detach().cpu().clone() for k, v in adapted.net.backbone.state_dict().items()}
+    backbone.load_state_dict(weights)
+    backbone.requires_grad_(True)
+    peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "backbone": weights, "result": result}, done)
+    (work / STATE_FILE).unlink(missing_ok=True)
+    log(f"SSA done: {method} merged into the backbone ({settings.keep}); saved {done}")
+    return {**result, "reused": False}
+
+
+def _same_recipe(saved: dict, recipe: dict, path: Path) -> None:
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise SSAError(f"{path} is not an SSA file of nnunet_tpp")
+    if saved["recipe"] != recipe:
+        changed = sorted(k for k in recipe if saved["recipe"].get(k) != recipe[k])
+        raise SSAError(f"{path} belongs to SSA with other settings ({', '.join(changed)}); remove {path.parent} "
+                       f"or choose another --out")
+
+
+def _saved_names(m: SSAModels) -> set[str]:
+    """What the state file holds: the student's trained parameters and every buffer (centres of the head's
+    batch norm, APLA's row indices); frozen weights are rebuilt from the backbone."""
+    return {n for n, p in m.student.named_parameters() if p.requires_grad} | {n for n, _ in m.student.named_buffers()}
+
+
+def _save_state(path: Path, m: SSAModels, recipe: dict, state: dict) -> None:
+    names = _saved_names(m)
+    student, teacher = ({k: v.detach().cpu().clone() for k, v in mod.state_dict().items() if k in names}
+                        for mod in (m.student, m.teacher))
+    peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "student": student, "teacher": teacher,
+                            "optimizer": m.optimizer.state_dict(), "objective": m.objective.state_dict(), **state},
+                           path)
+
+
+def _load_state(path: Path, m: SSAModels, recipe: dict, device: torch.device) -> dict:
+    saved = torch.load(path, map_location=device, weights_only=True)
+    _same_recipe(saved, recipe, path)
+    names = _saved_names(m)
+    for module, key in ((m.student, "student"), (m.teacher, "teacher")):
+        if set(saved[key]) != names:
+            raise SSAError(f"{path}: the saved {key} does not fit this model; remove it to start SSA afresh")
+        module.load_state_dict(saved[key], strict=False)
+    m.optimizer.load_state_dict(saved["optimizer"])
+    m.objective.load_state_dict(saved["objective"])
+    return {k: saved[k] for k in ("epoch", "history", "images", "seconds")}
+
+
+def plot_ssa(history: list[dict], path: Path) -> None:
+    """A PNG of the SSA loss terms per epoch (written atomically)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key, style in (("loss", "b-o"), ("dino", "g--"), ("ibot", "r--"), ("koleo", "k:")):
+        ax.plot([h["epoch"] for h in history], [h[key] for h in history], style, label=key)
+    ax.set(xlabel="SSA epoch", ylabel="loss", title="self-supervised adaptation (DINOv2)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _peak_rss_mb() -> float:
+    """This process' peak resident set in MiB: VmHWM, which starts afresh at exec (ru_maxrss would carry the
+    parent's peak over into a spawned child)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _measure(backbone_factory, method: str, batch: int, steps: int, device: str, settings: SSASettings,
+             warmup: int) -> dict:
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    m = build_ssa(backbone_factory(), method, settings, dev)
+    cfg = m.student.net.backbone.config
+    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    images = images.to(dev)
+    for group in m.optimizer.param_groups:
+        group["lr"] = settings.peak_lr(method)
+    times = []
+    for step in range(warmup + steps):
+        _sync(dev)
+        start = time.perf_counter()
+        ssa_step(m, images, settings, step, 0, settings.teacher_temp, False, True)
+        ema_update(m.student, m.teacher, settings.momentum_teacher)
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    step_time = statistics.median(times[warmup:])
+    return {"method": method, "step_time_s": step_time, "images_per_s": batch / step_time,
+            "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20 if cuda else _peak_rss_mb(),
+            "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM) of a fresh child process",
+            "trainable_params": m.summary.trainable, "total_params": m.summary.total, "batch": batch, "steps": steps}
+
+
+def measure_ssa(backbone_factory: Callable[[], VisionTransformer], method: str, batch: int, steps: int,
+                device: str | torch.device = "cpu", settings: SSASettings | None = None, warmup: int = 1,
+                in_child: bool | None = None) -> dict:
+    """Times ``steps`` SSA steps (after ``warmup``) of one method (``full``: all parameters) on random images of
+    ``batch`` and measures the peak memory, for the full-vs-PEFT table.
+
+    ``backbone_factory`` must be picklable (e.g. ``functools.partial(build_vit, ...)``); ``settings`` default to
+    :class:`SSASettings` (shrink ``out_dim`` on small machines). ``in_child`` (default: on CPU) runs it in a
+    fresh spawned process so that the peak RSS is this method's alone; on CUDA the allocator's peak is reset.
+
+    Returns:
+        ``{"method", "step_time_s", "images_per_s", "peak_memory_mb", "memory_kind", "trainable_params",
+        "total_params", "batch", "steps"}``.
+    """
+    settings = settings or SSASettings()
+    settings.validate()
+    check_method(method, settings.method_options)
+    device = str(device)
+    if in_child is None:
+        in_child = torch.device(device).type == "cpu"
+    if not in_child:
+        return _measure(backbone_factory, method, batch, steps, device, settings, warmup)
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure, (backbone_factory, method, batch, steps, device, settings, warmup))
