@@ -124,17 +124,19 @@ def load_target_parameters(network: nn.Module, path: str) -> dict:
 
 def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]], schedule: PretextSchedule,
                    cfg: DINOConfig, device: torch.device, state_file: str, log: Callable[[str], None] = print,
-                   plot_file: str | None = None) -> list[float]:
+                   plot_file: str | None = None, embedding: nn.Module | None = None) -> list[float]:
     """Trains the network's target parameters with DINO; resumes from ``state_file`` when it exists.
 
     Args:
-        network: an STU-Net with a PEFT method applied (only its target parameters will change).
+        network: a model with a PEFT method applied (only its target parameters will change).
         sample: ``sample(batch_size) -> (global_views, local_views)`` (see ``MultiCropSampler.sample``).
         schedule, cfg: stage length and DINO recipe.
         device: where to train.
         state_file: resumable state, rewritten atomically after every epoch.
         log: progress output.
         plot_file: optional PNG of the loss per epoch.
+        embedding: views -> feature vectors, with a ``dim`` attribute (default: the STU-Net encoder's pooled
+            stages, :class:`EncoderEmbedding`; the 2-D stage passes the ViT's class token).
     Returns:
         The mean loss of every epoch (including resumed ones).
     """
@@ -143,7 +145,7 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
     for name, param in net.named_parameters():
         param.requires_grad_(name in trainable)
     try:
-        embedding = EncoderEmbedding(net, schedule.feature_stages)
+        embedding = embedding if embedding is not None else EncoderEmbedding(net, schedule.feature_stages)
         student = DINOStudent(embedding, DINOHead(embedding.dim, cfg.out_dim, cfg.hidden_dim,
                                                   cfg.bottleneck_dim)).to(device)
         teacher = _teacher_of(student)

@@ -11,7 +11,8 @@ Settings (``tpp_options`` of a run; defaults from the TPP paper, DESIGN.md):
   segmentation (the paper's Table 11); without one a new decoder (width 128, depth 2) trains.
 * DINO: lr 1e-4 * batch / 256, 10 warm-up epochs (at most half the stage), cosine; weight decay
   0.04 -> 0.4; teacher temperature 0.04 -> 0.07; teacher momentum 0.996 -> 1; 2 global crops at the image
-  size and 4 local crops at half of it (a multiple of the patch); the class token feeds the DINO head.
+  size and 4 local crops at half of it (a multiple of the patch); the class token feeds the DINO head. The
+  training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`).
 
 Files in ``work_dir``: ``tpp_target_parameters.pth`` (the result; when present the stage is not run
 again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes), ``tpp_progress.png``.
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from nnunet_tpp import peft
-from nnunet_tpp.pretext.dino import DINOConfig, DINOHead, DINOLoss, cosine_schedule, ema_update, teacher_temperature
+from nnunet_tpp.pretext.dino import DINOConfig, cosine_schedule
 from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
-from nnunet_tpp.pretext.stage import _teacher_of, plot_losses, save_target_parameters
+from nnunet_tpp.pretext.stage import PretextSchedule, plot_losses, run_dino_stage, save_target_parameters
 
 RESULT_FILE = "tpp_target_parameters.pth"
 STATE_FILE = "tpp_state.pth"
@@ -128,15 +129,15 @@ def _mae_decoder(cfg, vit, settings: MAESettings, log) -> tuple[MAEDecoder, bool
                       settings.decoder_depth, max(1, settings.decoder_embed_dim // 32), vit.num_prefix_tokens), True
 
 
-class _DINOStudent(nn.Module):
-    """ViT class token -> DINO head."""
+class ClassTokenEmbedding(nn.Module):
+    """A ViT's class token as the DINO feature of a view."""
 
-    def __init__(self, vit: nn.Module, head: DINOHead):
+    def __init__(self, vit: nn.Module):
         super().__init__()
-        self.vit, self.head = vit, head
+        self.vit, self.dim = vit, vit.embed_dim
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        return self.head(self.vit(views)[:, 0])
+        return self.vit(views)[:, 0]
 
 
 def run_tpp_2d(model: nn.Module, train_set, cfg, work_dir: Path, device: torch.device,
@@ -172,7 +173,7 @@ def run_tpp_2d(model: nn.Module, train_set, cfg, work_dir: Path, device: torch.d
         if cfg.tpp == "mae":
             losses = _run_mae(model, vit, images, cfg, settings, work_dir, device, log)
         else:
-            losses = _run_dino(vit, images, cfg, settings, work_dir, device, log)
+            losses = _run_dino(model, vit, images, cfg, settings, work_dir, device, log)
     finally:
         peft.freeze(model)
     save_target_parameters(model, str(result), extra={"pretext": cfg.tpp, "epochs": cfg.tpp_epochs,
@@ -239,55 +240,24 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
     return losses
 
 
-def _run_dino(vit, images, cfg, s: DINO2dSettings, work_dir: Path, device, log) -> list[float]:
+def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device, log) -> list[float]:
+    """The 3-D stage's DINO loop (:func:`run_dino_stage`) on 2-D multi-crop views and the class token."""
     from nnunet_tpp.vision2d.ssa import random_views
     dino = DINOConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim, base_lr=s.base_lr,
                       warmup_epochs=s.warmup_epochs, teacher_temp=s.teacher_temp,
                       warmup_teacher_temp=s.warmup_teacher_temp, warmup_teacher_temp_epochs=max(1, cfg.tpp_epochs // 3))
-    student = _DINOStudent(vit, DINOHead(vit.embed_dim, s.out_dim, s.hidden_dim, s.bottleneck_dim)).to(device)
-    teacher = _teacher_of(student)
-    loss_fn = DINOLoss(s.out_dim, dino.student_temp, dino.center_momentum).to(device)
-    params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
     batch = min(s.batch_size, len(images))
-    steps = -(-len(images) // batch)
-    total = cfg.tpp_epochs * steps
-    lrs = cosine_schedule(dino.lr(batch), dino.min_lr, total, min(s.warmup_epochs, cfg.tpp_epochs // 2) * steps)
-    wds = cosine_schedule(dino.weight_decay, dino.weight_decay_end, total)
-    momenta = cosine_schedule(dino.momentum_teacher, 1.0, total)
     patch, size = vit.config.patch_size, vit.config.img_size
     local = max(patch, int(round(size * s.local_fraction / patch)) * patch)
-    state_file = work_dir / STATE_FILE
-    start, losses = _resume(state_file, {"student": student, "teacher": teacher}, optimizer, log,
-                            {"center": loss_fn.center})
     generator = torch.Generator().manual_seed(cfg.seed)
-    cuda = device.type == "cuda"
-    for epoch in range(start, cfg.tpp_epochs):
-        started, epoch_losses = time.time(), []
-        student.train()
-        for i, images_batch in enumerate(_batches(images, batch, cfg.seed, epoch)):
-            step = min(epoch * steps + i, total - 1)
-            for group in optimizer.param_groups:
-                group["lr"], group["weight_decay"] = lrs[step], wds[step]
-            x = images_batch.to(device, non_blocking=True)
-            globals_ = random_views(x, 2, size, tuple(s.global_scale), generator)
-            locals_ = random_views(x, s.local_crops, local, tuple(s.local_scale), generator) if s.local_crops else []
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                with torch.no_grad():
-                    teacher_out = teacher(torch.cat(globals_)).float().chunk(2)
-                student_out = list(student(torch.cat(globals_)).float().chunk(2))
-                if locals_:
-                    student_out += list(student(torch.cat(locals_)).float().chunk(len(locals_)))
-                loss = loss_fn(student_out, list(teacher_out), teacher_temperature(dino, epoch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
-            optimizer.step()
-            ema_update(student, teacher, momenta[step])
-            epoch_losses.append(float(loss.detach()))
-        losses.append(sum(epoch_losses) / len(epoch_losses))
-        log(_epoch_line("dino", epoch + 1, cfg.tpp_epochs, losses[-1], lrs[step], started))
-        _save(state_file, {"student": student, "teacher": teacher}, optimizer, epoch + 1, losses,
-              {"center": loss_fn.center})
-        plot_losses(losses, str(work_dir / "tpp_progress.png"), objective="DINO")
-    return losses
+
+    def sample(count: int) -> tuple[list, list]:
+        picks = torch.randint(len(images), (count,), generator=generator).tolist()
+        x = torch.stack([images[i][0] for i in picks])
+        globals_ = random_views(x, 2, size, tuple(s.global_scale), generator)
+        return globals_, (random_views(x, s.local_crops, local, tuple(s.local_scale), generator) if s.local_crops else [])
+
+    schedule = PretextSchedule(epochs=cfg.tpp_epochs, iterations_per_epoch=-(-len(images) // batch), batch_size=batch,
+                               grad_clip=s.grad_clip)
+    return run_dino_stage(model, sample, schedule, dino, device, str(work_dir / STATE_FILE), log,
+                          str(work_dir / "tpp_progress.png"), embedding=ClassTokenEmbedding(vit))
