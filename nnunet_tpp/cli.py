@@ -1,5 +1,6 @@
 """The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``,
-``methods``, ``check``, ``restore`` (3-D), ``train2d`` and ``bench2d`` (2-D)."""
+``methods``, ``check``, ``restore`` (3-D), ``train2d``, ``bench2d`` and ``bench-ssa``
+(2-D)."""
 from __future__ import annotations
 
 import argparse
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train2d_parser(sub)
     from nnunet_tpp.vision2d.bench2d_cli import add_bench2d_parser
     add_bench2d_parser(sub)
+    from nnunet_tpp.vision2d.ssa_bench import add_ssa_bench_parser
+    add_ssa_bench_parser(sub)
     return parser
 
 

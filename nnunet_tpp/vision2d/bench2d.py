@@ -228,6 +228,9 @@ def load_suite(path: str | Path, out: str | Path | None = None, device: str | No
     if bad or not tpps or not seeds or not fractions:
         raise SuiteError(f"{source}: `tpp` must list values of {PRETEXTS} (got {tpps}); `seeds` and "
                          f"`label_fractions` must not be empty")
+    if any(not 0 < f <= 1 for f in fractions):
+        raise SuiteError(f"{source}: `label_fractions` are shares of the training labels, each in (0, 1] "
+                         f"(got {fractions})")
     runs, notes = [], []
     for dname, dvalues in datasets.items():
         for mname, mvalues in methods:

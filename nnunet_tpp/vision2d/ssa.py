@@ -24,7 +24,6 @@ import dataclasses
 import math
 import os
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_tpp import peft
-from nnunet_tpp.bench import _sync
 from nnunet_tpp.models.vit import VisionTransformer, config_dict
 from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
 from nnunet_tpp.pretext.dino import DINOHead, cosine_schedule, ema_update
@@ -439,64 +437,3 @@ def plot_ssa(history: list[dict], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def _peak_rss_mb() -> float:
-    """This process' peak resident set in MiB: VmHWM, which starts afresh at exec (ru_maxrss would carry the
-    parent's peak over into a spawned child)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
-def _measure(backbone_factory, method: str, batch: int, steps: int, device: str, settings: SSASettings,
-             warmup: int) -> dict:
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(dev)
-    m = build_ssa(backbone_factory(), method, settings, dev)
-    cfg = m.student.net.backbone.config
-    images = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
-    images = images.to(dev)
-    for group in m.optimizer.param_groups:
-        group["lr"] = settings.peak_lr(method)
-    times = []
-    for step in range(warmup + steps):
-        _sync(dev)
-        start = time.perf_counter()
-        ssa_step(m, images, settings, step, 0, settings.teacher_temp, False, True)
-        ema_update(m.student, m.teacher, settings.momentum_teacher)
-        _sync(dev)
-        times.append(time.perf_counter() - start)
-    step_time = statistics.median(times[warmup:])
-    return {"method": method, "step_time_s": step_time, "images_per_s": batch / step_time,
-            "peak_memory_mb": torch.cuda.max_memory_allocated(dev) / 2 ** 20 if cuda else _peak_rss_mb(),
-            "memory_kind": "torch.cuda.max_memory_allocated" if cuda else "peak RSS (VmHWM) of a fresh child process",
-            "trainable_params": m.summary.trainable, "total_params": m.summary.total, "batch": batch, "steps": steps}
-
-
-def measure_ssa(backbone_factory: Callable[[], VisionTransformer], method: str, batch: int, steps: int,
-                device: str | torch.device = "cpu", settings: SSASettings | None = None, warmup: int = 1,
-                in_child: bool | None = None) -> dict:
-    """Times ``steps`` SSA steps (after ``warmup``) of one method (``full``: all parameters) on random images of
-    ``batch`` and measures the peak memory, for the full-vs-PEFT table.
-
-    ``backbone_factory`` must be picklable (e.g. ``functools.partial(build_vit, ...)``); ``settings`` default to
-    :class:`SSASettings` (shrink ``out_dim`` on small machines). ``in_child`` (default: on CPU) runs it in a
-    fresh spawned process so that the peak RSS is this method's alone; on CUDA the allocator's peak is reset.
-
-    Returns:
-        ``{"method", "step_time_s", "images_per_s", "peak_memory_mb", "memory_kind", "trainable_params",
-        "total_params", "batch", "steps"}``.
-    """
-    settings = settings or SSASettings()
-    settings.validate()
-    check_method(method, settings.method_options)
-    device = str(device)
-    if in_child is None:
-        in_child = torch.device(device).type == "cpu"
-    if not in_child:
-        return _measure(backbone_factory, method, batch, steps, device, settings, warmup)
-    import multiprocessing
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure, (backbone_factory, method, batch, steps, device, settings, warmup))

@@ -70,6 +70,26 @@ def test_a_suite_runs_writes_results_and_skips_finished_runs_when_run_again(smal
     assert len(list(csv.DictReader(open(out / "results.csv")))) == 2
 
 
+def test_fewer_annotations_runs_train_on_that_share_of_the_labels(small_npz, tmp_path):
+    path = write_suite(tmp_path, {"pneumonia": {"task": "cls", "data": str(small_npz)}}, ["linear_probe"],
+                       label_fractions=[0.1, 0.5, 1.0])
+    result = run_suite(load_suite(path), progress=False, log=lambda _: None)
+    assert result["failed"] == [] and result["ran"] == 3
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
+    # 200 training images, 100 per class, drawn stratified; validation and test sets stay whole
+    assert {float(r["label_fraction"]): int(r["train_images"]) for r in rows} == {0.1: 20, 0.5: 100, 1.0: 200}
+    assert {int(r["test_images"]) for r in rows} == {80}
+    for frac in ("0.1", "0.5", "1"):
+        assert (tmp_path / "out" / "pneumonia" / "linear_probe" / "none" / f"frac{frac}" / "seed0"
+                / "metrics.json").is_file()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| Method | TPP | Labels | n | ACC |" in md
+    assert "| linear_probe | none | 0.1 | 1 |" in md
+    with pytest.raises(SuiteError, match="label_fractions"):
+        load_suite(write_suite(tmp_path / "bad", {"p": {"task": "cls", "data": str(small_npz)}}, ["full"],
+                               label_fractions=[0.0]))
+
+
 def test_a_failing_run_is_reported_and_the_suite_goes_on(small_npz, tmp_path, capsys):
     broken = tmp_path / "broken.npz"
     broken.write_text("not an npz file")

@@ -1,5 +1,4 @@
 """Self-supervised adaptation (ESSA): DINOv2 through a mergeable PEFT method, merged back into a plain ViT."""
-import functools
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from torch.utils.data import Subset
 from nnunet_tpp.models.vit import build_vit
 from nnunet_tpp.vision2d.config import Train2dConfig
 from nnunet_tpp.vision2d.ssa import (BACKBONE_FILE, PLOT_FILE, STATE_FILE, SSABackbone, SSAError, build_ssa,
-                                     measure_ssa, run_ssa, ssa_settings)
+                                     run_ssa, ssa_settings)
 from tests.conftest import SHARED, require
 
 DATA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
@@ -150,12 +149,3 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(images, tmp_path):
     assert any("resuming after epoch 1" in line for line in lines) and len(result["losses"]) == 2
     run_ssa(straight, small, cfg, tmp_path / "b", torch.device("cpu"), lambda _: None)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
-
-
-def test_measure_ssa_in_a_child_process():
-    settings = ssa_settings({**SMALL_HEAD, "n_local": 2})
-    factory = functools.partial(build_vit, "vit_tiny", **TINY)
-    result = measure_ssa(factory, "apla", batch=8, steps=2, device="cpu", settings=settings)
-    assert result["trainable_params"] == 4 * (48 * 48 + 48)
-    assert result["step_time_s"] > 0 and result["peak_memory_mb"] > 50
-    assert "child" in result["memory_kind"]
