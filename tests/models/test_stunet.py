@@ -7,18 +7,27 @@ from nnunet_tpp.models.stunet import STUNet, build_stunet, plan_pool_sizes
 from tests.conftest import REFERENCE, require
 
 
+def _relative_error(outputs, reference) -> float:
+    """max |ours - theirs| / max |theirs| over the deep-supervision outputs (shapes must match)."""
+    assert len(outputs) == len(reference)
+    assert all(o.shape == r.shape for o, r in zip(outputs, reference))
+    return max(float((o.double() - r.double()).abs().max() / r.abs().max()) for o, r in zip(outputs, reference))
+
+
 def test_matches_published_forward_pass():
+    """The reference was computed in float32, so it carries float32 rounding of its own: our float64 forward
+    pass (the same on every CPU) differs from it by up to 1.2e-5 of each output's range (8e-5 absolute). Our
+    float32 pass lands within 1e-5 absolute on the Intel machine that made the reference and within ~1.7e-5 of
+    the range on AMD EPYC, where oneDNN rounds differently. A wrong layer, slope or weight mapping moves the
+    outputs by 1e-3 or more (LeakyReLU slope 0.0101 instead of 0.01: 1.8e-2)."""
     ref = torch.load(require(REFERENCE / "stunet_parity_tiny.pt"), weights_only=True)
     c = ref["config"]
     net = STUNet(c["input_channels"], c["num_classes"], c["depth"], c["dims"], c["pool_op_kernel_sizes"], True)
     net.load_state_dict(ref["state_dict"], strict=True)
     net.eval()
     with torch.no_grad():
-        outputs = net(ref["input"])
-    assert len(outputs) == len(ref["outputs"])
-    for ours, theirs in zip(outputs, ref["outputs"]):
-        assert ours.shape == theirs.shape
-        assert (ours - theirs).abs().max().item() < 1e-5
+        assert _relative_error(net(ref["input"]), ref["outputs"]) < 5e-5
+        assert _relative_error(net.double()(ref["input"].double()), ref["outputs"]) < 2e-5
 
 
 @pytest.mark.parametrize("size", ["S", "B", "L", "H"])
