@@ -2,7 +2,6 @@
 raw dataset -> plan and preprocess -> ConvAdapterTrainer_S from a v1-format checkpoint -> predict -> evaluate."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ Sources are only read, never modified. Every case is checked before anything is 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

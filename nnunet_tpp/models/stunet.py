@@ -7,7 +7,7 @@ strides or patch size: downsampling is a strided conv, upsampling is nearest int
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
