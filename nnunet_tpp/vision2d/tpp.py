@@ -20,7 +20,6 @@ again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from nnunet_tpp import peft
 from nnunet_tpp.pretext.dino import DINOConfig, cosine_schedule
+from nnunet_tpp.pretext.crops2d import random_views, view_sizes
 from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
 from nnunet_tpp.pretext.stage import PretextSchedule, plot_losses, run_dino_stage, save_target_parameters
 
@@ -242,13 +242,11 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
 
 def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device, log) -> list[float]:
     """The 3-D stage's DINO loop (:func:`run_dino_stage`) on 2-D multi-crop views and the class token."""
-    from nnunet_tpp.vision2d.ssa import random_views
     dino = DINOConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim, base_lr=s.base_lr,
                       warmup_epochs=s.warmup_epochs, teacher_temp=s.teacher_temp,
                       warmup_teacher_temp=s.warmup_teacher_temp, warmup_teacher_temp_epochs=max(1, cfg.tpp_epochs // 3))
     batch = min(s.batch_size, len(images))
-    patch, size = vit.config.patch_size, vit.config.img_size
-    local = max(patch, int(round(size * s.local_fraction / patch)) * patch)
+    size, local = view_sizes(vit.config.img_size, vit.config.patch_size, s.local_fraction)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def sample(count: int) -> tuple[list, list]:

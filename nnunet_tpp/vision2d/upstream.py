@@ -13,38 +13,16 @@ mask ratio 0.75, normalised-pixel loss, random-resized-crop (scale 0.2-1) + hori
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from nnunet_tpp.pretext.crops2d import random_resized_crop
 
 RESUME_SUFFIX = ".resume.pth"
-
-
-def random_resized_crop(images: torch.Tensor, scale: tuple[float, float] = (0.2, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True,
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-image random-resized crop (area fraction in ``scale``, aspect ratio in ``ratio``) and horizontal flip
-    of a batch (B, C, H, W), resampled bilinearly to the same size with one ``grid_sample``."""
-    b = images.shape[0]
-    rand = torch.rand(b, 5, generator=generator)
-    area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
-    log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * rand[:, 1]
-    aspect = torch.exp(log_ratio)
-    width = torch.sqrt(area * aspect).clamp(max=1.0)  # fractions of the image side
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
-    cx = (2 * rand[:, 2] - 1) * (1 - width)  # crop centre in [-1, 1] grid coordinates, crop inside the image
-    cy = (2 * rand[:, 3] - 1) * (1 - height)
-    sign = torch.where((rand[:, 4] < 0.5) & flip, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = width * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = height, cy
-    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
