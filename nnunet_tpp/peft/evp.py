@@ -7,7 +7,8 @@ Two explicit features per patch, both of width c = D / scale_factor, are summed:
   to its tuner, i.e. after the position embedding, so masked or dropped patches are respected);
 * handcrafted tune: the image's high-frequency components, ``|IFFT(FFT(image) * (1 - M))|`` where M
   removes a centred square of the shifted spectrum of side ``2 * floor(sqrt(H W rate) / 2)``
-  (``rate = mask_rate``), patch-embedded by a new p x p conv (in_chans -> c).
+  (``rate = mask_rate``), patch-embedded by a new p x p conv (in_chans -> c); zero for patches that a
+  masked-token objective (iBOT in SSA) hides, kept only for visible patches under MAE-style dropping.
 
 Before every block i, the prompt ``shared_up(GELU(lightweight_i(sum)))`` (lightweight_i: c -> c per block,
 shared_up: c -> D shared) is added to the patch tokens. Linear weights ~ trunc-normal(0.02) with zero
@@ -79,6 +80,9 @@ class EVPTuner(TokenTuner):
         """Computes the summed embedding and handcrafted features (B, N, c) for the later hooks."""
         conv = self.handcrafted_generator
         hand = conv(high_frequency(image, self.mask_rate).to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+        masked = state.get("masked")
+        if masked is not None:  # iBOT-masked patches must not see their pixels through the frequency branch
+            hand = hand.masked_fill(masked[..., None], 0.0)
         keep = state.get("keep")
         if keep is not None:
             hand = torch.gather(hand, 1, keep[..., None].expand(-1, -1, hand.shape[-1]))

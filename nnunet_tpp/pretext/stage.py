@@ -112,14 +112,23 @@ def load_target_parameters(network: nn.Module, path: str) -> dict:
             f"{path!r} holds target parameters of {payload['method']} {payload['options']} on "
             f"{payload['architecture']}; this network is {ours['method']} {ours['options']} on "
             f"{ours['architecture']}")
+    copy_target_parameters(network, payload["target_parameters"], path)
+    return {k: v for k, v in payload.items() if k != "target_parameters"}
+
+
+def copy_target_parameters(network: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copies ``{name: tensor}`` into the network's target parameters; the names and shapes must be exactly
+    those of :func:`peft.target_parameters` (else :class:`TargetParameterError` naming ``source``)."""
     params = peft.target_parameters(network)
-    weights = payload["target_parameters"]
     if set(weights) != set(params):
-        raise TargetParameterError(f"{path!r}: parameter names differ from this network's target parameters")
+        raise TargetParameterError(f"{source!r}: parameter names differ from this network's target parameters")
+    bad = [f"{n}: {tuple(w.shape)} vs {tuple(params[n].shape)}" for n, w in weights.items()
+           if w.shape != params[n].shape]
+    if bad:
+        raise TargetParameterError(f"{source!r}: target parameters of other shapes than this network's: {bad[:5]}")
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
-    return {k: v for k, v in payload.items() if k != "target_parameters"}
 
 
 def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]], schedule: PretextSchedule,

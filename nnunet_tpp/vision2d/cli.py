@@ -1,7 +1,6 @@
 """``nnunet-tpp train2d``: one 2D run from flags, a YAML recipe, or a recipe plus flags that override it."""
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import yaml
@@ -42,6 +41,11 @@ def add_train2d_parser(sub) -> None:
     p.add_argument("--ssa", choices=("none", "dinov2"), help="self-supervised adaptation of the backbone first")
     p.add_argument("--ssa-method", dest="ssa_method", help="PEFT method of the SSA stage (default apla)")
     p.add_argument("--ssa-epochs", dest="ssa_epochs", type=int)
+    p.add_argument("--combine-backbone", dest="combine_backbones", action="append", metavar="FILE",
+                   help="a further SSL checkpoint (same --arch) combined with --backbone in one classifier "
+                        "(Khan & Fang), repeatable")
+    p.add_argument("--combine", choices=("concat", "average"),
+                   help="combine the backbones' features (concat, default) or their predictions (average)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--seed", type=int)
@@ -60,7 +64,7 @@ def add_train2d_parser(sub) -> None:
 FIELDS = ("task", "data", "out", "arch", "img_size", "patch_size", "backbone", "backbone_format",
           "target_parameters", "method", "epochs", "batch_size", "seed", "lr", "label_fraction", "pool",
           "in_chans", "device", "amp", "compile", "num_workers", "tpp", "tpp_data", "tpp_epochs", "ssa", "ssa_method",
-          "ssa_epochs")
+          "ssa_epochs", "combine_backbones", "combine")
 
 
 def train2d_main(args) -> int:

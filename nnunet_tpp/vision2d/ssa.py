@@ -1,6 +1,9 @@
 """Self-supervised adaptation (ESSA, Sorkhei et al.): DINOv2 training continued on the target images through a
-mergeable PEFT method before the supervised run; the method is then merged, so the task model starts from a plain
-ViT with adapted weights.
+PEFT method before the supervised run. A mergeable method (apla, lora, ssf, bitfit, partial, full) is then merged,
+so the task model starts from a plain ViT with adapted weights and any supervised method can follow. A method
+that adds parameters but cannot merge (vpt, adapter, adaptformer, evp, dtl) keeps the backbone as it was; its
+SSA-trained parameters are carried into the supervised run, which must use the same method and options and
+starts from them (:func:`carry_ssa_parameters`).
 
 Recipe (MoeinSorkhei/APLA ``params/pretrain/dinov2/ISIC2019/vit_b/{__common__,apla}.yml``,
 ``src/self_supervised/dinov2/{models,trainer,wrappers,augmentation_strategy.json}``): DINO + iBOT (shared head,
@@ -15,13 +18,13 @@ Warm-ups are capped at a tenth of the run (ESSA: 10 and 30 of 300 epochs). The m
 reproduced).
 
 Files in ``work_dir``: ``ssa_state.pth`` (every epoch; a killed stage resumes), ``ssa_progress.png`` and
-``ssa_backbone.pth`` (adapted backbone + result; when present the stage is skipped and its weights loaded).
+``ssa_backbone.pth`` (adapted backbone, carried parameters, result; when present the stage is skipped and its
+weights loaded).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
 import random
 import time
@@ -30,7 +33,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nnunet_tpp import peft
@@ -38,7 +40,8 @@ from nnunet_tpp.models.vit import VisionTransformer, config_dict
 from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
 from nnunet_tpp.pretext.dino import DINOHead, cosine_schedule, ema_update
 from nnunet_tpp.pretext.dinov2 import CENTERINGS, MASK_MODES, DINOv2Loss, dinov2_terms, sample_masks
-from nnunet_tpp.pretext.stage import _teacher_of
+from nnunet_tpp.pretext.crops2d import random_views, view_sizes
+from nnunet_tpp.pretext.stage import _teacher_of, copy_target_parameters
 
 STATE_FILE, BACKBONE_FILE, PLOT_FILE = "ssa_state.pth", "ssa_backbone.pth", "ssa_progress.png"
 FORMAT, KEEP = "nnunet_tpp.ssa/1", ("teacher", "student")
@@ -129,16 +132,59 @@ def ssa_settings(options: dict[str, Any] | None = None) -> SSASettings:
 SSA_PEFT_DEFAULTS = {**VIT_PEFT_DEFAULTS, "apla": {"rows": -1}}  # ESSA's APLA trains every row of attn.proj
 
 
-def check_method(method: str, options: dict[str, Any] | None = None) -> None:
-    """Raises ValueError unless ``method`` can adapt a ViT during SSA and be merged into it afterwards."""
+def check_method(method: str, options: dict[str, Any] | None = None, supervised: str | None = None) -> bool:
+    """Raises ValueError unless ``method`` (with ``options``) can adapt a ViT during SSA.
+
+    Args:
+        supervised: the method of the supervised run that follows (None: measuring only, no run follows).
+    Returns:
+        True when the method is merged into the backbone after SSA (any supervised method may follow); False when
+        it cannot merge and its parameters are carried into the supervised run instead, which needs
+        ``supervised`` to be the same method.
+    """
     entry = peft.get_method(method)  # PeftError (a ValueError) for an unknown name
-    usable = sorted(m for m in peft.methods() if peft.get_method(m).mergeable and m != "linear_probe"
-                    and "ViT" in peft.get_method(m).models)
+    usable = sorted(m for m in peft.methods() if m != "linear_probe" and "ViT" in peft.get_method(m).models)
     if method not in usable:
-        why = "trains nothing in the backbone" if method == "linear_probe" else "cannot be merged into the backbone"
-        raise SSAError(f"ssa_method {method!r} {why}; SSA merges its method into the backbone afterwards, so use "
-                       f"one of: {', '.join(usable)}")
+        why = "trains nothing in the backbone" if method == "linear_probe" else "does not adapt a ViT"
+        raise SSAError(f"ssa_method {method!r} {why}; use one of: {', '.join(usable)}")
     entry.parse_options({**SSA_PEFT_DEFAULTS.get(method, {}), **(options or {})})
+    if entry.mergeable:
+        return True
+    if supervised is not None and supervised != method:
+        mergeable = [m for m in usable if peft.get_method(m).mergeable]
+        raise SSAError(f"ssa_method {method!r} cannot be merged into the backbone, so the supervised run must go on "
+                       f"from its SSA-trained parameters with the same method (method {method!r}, not {supervised!r}); "
+                       f"or use a mergeable ssa_method: {', '.join(mergeable)}")
+    return False
+
+
+def check_ssa_run(cfg) -> SSASettings:
+    """Checks a run's SSA settings against its supervised stage, before anything is written.
+
+    ``cfg`` is a :class:`~nnunet_tpp.vision2d.config.Train2dConfig` (``ssa_method``, ``ssa_options``, ``method``,
+    ``method_options``, ``tpp``, ``target_parameters``). For a method that is carried rather than merged the SSA
+    options default to the supervised ones and must equal them, and neither ``tpp`` nor ``target_parameters``
+    may set the same parameters again.
+
+    Returns:
+        The SSA settings. Raises :class:`SSAError`.
+    """
+    settings = ssa_settings(cfg.ssa_options)
+    method, supervised = cfg.ssa_method, getattr(cfg, "method", None)
+    if check_method(method, settings.method_options, supervised) or supervised is None:
+        return settings
+    given = dict(getattr(cfg, "method_options", None) or {})
+    settings.method_options = dict(settings.method_options or given)
+    entry = peft.get_method(method)
+    ssa_opts = entry.parse_options({**SSA_PEFT_DEFAULTS.get(method, {}), **settings.method_options})
+    supervised_opts = entry.parse_options({**VIT_PEFT_DEFAULTS.get(method, {}), **given})
+    if ssa_opts != supervised_opts:
+        raise SSAError(f"ssa_method {method!r} carries its parameters into the supervised run, so its options must be "
+                       f"the supervised ones: ssa {ssa_opts} vs {supervised_opts} (leave ssa method_options out)")
+    if getattr(cfg, "tpp", "none") != "none" or getattr(cfg, "target_parameters", None) is not None:
+        raise SSAError(f"ssa_method {method!r} already pre-trains the method's parameters (they are carried into the "
+                       f"supervised run); leave out tpp / target_parameters, or use a mergeable ssa_method")
+    return settings
 
 
 class SSABackbone(nn.Module):
@@ -179,11 +225,6 @@ class SSAModels:
     local_size: int
 
 
-def view_sizes(img_size: int, patch: int, local_fraction: float) -> tuple[int, int]:
-    """Global views at the image size; local views at ``local_fraction`` of it, a multiple of the patch."""
-    return img_size, max(patch, int(round(img_size * local_fraction / patch)) * patch)
-
-
 def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, device: torch.device,
               mask_token: torch.Tensor | None = None) -> SSAModels:
     """A student (a copy of ``backbone`` with ``method`` applied, the head, the mask token), its EMA teacher,
@@ -205,30 +246,6 @@ def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, d
                                    {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}])
     return SSAModels(student, teacher, objective, optimizer, [p for _, p in named], peft.trainable_summary(net),
                      *view_sizes(cfg.img_size, cfg.patch_size, settings.local_size_fraction))
-
-
-def random_views(images: torch.Tensor, count: int, size: int, scale: tuple[float, float],
-                 generator: torch.Generator) -> list[torch.Tensor]:
-    """``count`` batches of random resized crops (area ``U(scale)``, aspect 3/4-4/3) of ``images`` (B, C, H, W)
-    at ``size`` x ``size``, flipped horizontally with p 0.5, with contrast (x0.6-1.4) and brightness (+-0.4
-    std) jitter with p 0.8 (images are normalised, so the jitter works around each image's mean and std)."""
-    b = images.shape[0]
-    mean, std = images.mean(dim=(1, 2, 3), keepdim=True), images.std(dim=(1, 2, 3), keepdim=True)
-    views = []
-    for _ in range(count):
-        u = torch.rand(b, 8, generator=generator).to(images.device)
-        area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
-        aspect = torch.exp(math.log(4 / 3) * (2 * u[:, 1] - 1))
-        w, h = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
-        theta = torch.zeros(b, 2, 3, device=images.device)  # output [-1, 1]^2 -> the crop, mirrored for u4 < 0.5
-        theta[:, 0, 0], theta[:, 1, 1] = w * torch.where(u[:, 4] < 0.5, -1.0, 1.0), h
-        theta[:, 0, 2], theta[:, 1, 2] = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)
-        grid = F.affine_grid(theta, [b, images.shape[1], size, size], align_corners=False).to(images.dtype)
-        view = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        jitter = (u[:, 5] < 0.8).to(images.dtype)[:, None, None, None]
-        contrast = 1 + jitter * (0.8 * u[:, 6, None, None, None] - 0.4)
-        views.append((view - mean) * contrast + mean + jitter * 0.4 * (2 * u[:, 7, None, None, None] - 1) * std)
-    return views
 
 
 def ssa_step(m: SSAModels, images: torch.Tensor, settings: SSASettings, step: int, seed: int, teacher_temp: float,
@@ -304,8 +321,8 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
     """
     from nnunet_tpp.vision2d.train import peak_memory_mb
     method, epochs = cfg.ssa_method, int(cfg.ssa_epochs)
-    settings = ssa_settings(cfg.ssa_options)
-    check_method(method, settings.method_options)
+    settings = check_ssa_run(cfg)
+    merged = peft.get_method(method).mergeable
     if epochs < 1:
         raise SSAError(f"ssa_epochs must be >= 1, got {epochs}")
     work = Path(work_dir)
@@ -372,16 +389,44 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
     result = dict(zip(("peak_memory_mb", "memory_kind"), peak_memory_mb(device)),
                   images_per_s=state["images"] / max(state["seconds"], 1e-9), trainable_params=m.summary.trainable,
                   total_params=m.summary.total, losses=[h["loss"] for h in state["history"]],
-                  history=state["history"], method=method, epochs=epochs)
+                  history=state["history"], method=method, epochs=epochs, merged=merged)
     adapted = m.teacher if settings.keep == "teacher" else m.student
-    peft.merge(adapted.net)
-    weights = {k: v.detach().cpu().clone() for k, v in adapted.net.backbone.state_dict().items()}
-    backbone.load_state_dict(weights)
+    carried = {}
+    if merged:
+        peft.merge(adapted.net)
+        backbone.load_state_dict(adapted.net.backbone.state_dict())
+    else:  # the backbone stayed frozen; the method's own parameters go on into the supervised run
+        carried = {n: p.detach().cpu().clone() for n, p in peft.target_parameters(adapted.net).items()}
+    weights = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     backbone.requires_grad_(True)
-    peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "backbone": weights, "result": result}, done)
+    peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "backbone": weights, "result": result,
+                            "target_parameters": carried, "identity": peft.identity(adapted.net)}, done)
     (work / STATE_FILE).unlink(missing_ok=True)
-    log(f"SSA done: {method} merged into the backbone ({settings.keep}); saved {done}")
+    what = "merged into the backbone" if merged else "trained; its parameters go on into the supervised run"
+    log(f"SSA done: {method} {what} ({settings.keep}); saved {done}")
     return {**result, "reused": False}
+
+
+def carry_ssa_parameters(model: nn.Module, work_dir: str | os.PathLike, log: Callable[[str], None] = print) -> int:
+    """Copies the SSA-trained parameters of a method that was not merged (see :func:`run_ssa`) into the supervised
+    task model, which has the same method and options applied.
+
+    Returns:
+        The number of tensors copied (0 when the SSA method was merged). Raises :class:`SSAError` for a model with
+        another method or other options.
+    """
+    path = Path(work_dir) / BACKBONE_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    carried = saved.get("target_parameters") or {}
+    if not carried:
+        return 0
+    theirs, ours = saved["identity"], peft.identity(model)
+    if (theirs["method"], theirs["options"]) != (ours["method"], ours["options"]):
+        raise SSAError(f"{path} holds SSA-trained {theirs['method']} {theirs['options']}; the supervised model has "
+                       f"{ours['method']} {ours['options']}")
+    copy_target_parameters(model, carried, str(path))
+    log(f"supervised {ours['method']} starts from its SSA-trained parameters in {path}")
+    return len(carried)
 
 
 def _same_recipe(saved: dict, recipe: dict, path: Path) -> None:

@@ -100,7 +100,7 @@ def run_ssa_bench(arch: str = "vit_base", img_size: int = 224, patch_size: int =
 
     Args:
         arch, img_size, patch_size, in_chans, arch_options: the ViT (:func:`~nnunet_tpp.models.vit.build_vit`).
-        methods: mergeable ViT methods (``full`` is added when missing).
+        methods: ViT methods that train something (``full`` is added when missing).
         batch, steps, warmup: images per step, measured steps (median), unmeasured first steps.
         ssa_options: :class:`SSASettings` fields (e.g. ``{"out_dim": 4096}`` on small machines).
         threads: torch threads in each measuring process (None: torch's default).

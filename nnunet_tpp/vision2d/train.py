@@ -244,6 +244,9 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
 
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
     peft.get_method(cfg.method).parse_options(cfg.method_options)  # unknown method / option: fail before any write
+    if cfg.ssa != "none":
+        from nnunet_tpp.vision2d.ssa import check_ssa_run
+        check_ssa_run(cfg)
     out = cfg.out
     if (out / METRICS_FILE).exists():
         raise RunExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another --out")
@@ -261,6 +264,9 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
         from nnunet_tpp.vision2d.ssa import run_ssa
         stages["ssa"] = run_ssa(backbone, splits.train_plain, cfg, out / "ssa", device, log)
     model = build_model(cfg, backbone, splits.num_classes, log)
+    if cfg.ssa != "none" and not stages["ssa"].get("merged", True):
+        from nnunet_tpp.vision2d.ssa import carry_ssa_parameters
+        carry_ssa_parameters(model, out / "ssa", log)
     summary = peft.trainable_summary(model)
     log(f"{cfg.method}: {summary}")
     model.to(device)

@@ -1,4 +1,6 @@
-"""Self-supervised adaptation (ESSA): DINOv2 through a mergeable PEFT method, merged back into a plain ViT."""
+"""Self-supervised adaptation (ESSA): DINOv2 through a mergeable PEFT method, merged back into a plain ViT, or
+through one that cannot merge, whose parameters the supervised run starts from."""
+import dataclasses
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch.utils.data import Subset
 from nnunet_tpp.models.vit import build_vit
 from nnunet_tpp.vision2d.config import Train2dConfig
 from nnunet_tpp.vision2d.ssa import (BACKBONE_FILE, PLOT_FILE, STATE_FILE, SSABackbone, SSAError, build_ssa,
-                                     run_ssa, ssa_settings)
+                                     carry_ssa_parameters, check_ssa_run, run_ssa, ssa_settings)
 from tests.conftest import SHARED, require
 
 DATA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
@@ -29,9 +31,9 @@ def images():
     return Subset(train, range(512))
 
 
-def make_cfg(tmp_path, method="apla", epochs=3, **options) -> Train2dConfig:
+def make_cfg(tmp_path, method="apla", epochs=3, supervised="adapter", **options) -> Train2dConfig:
     return Train2dConfig(task="cls", data=require(DATA), out=tmp_path, arch="vit_tiny", img_size=32, patch_size=4,
-                         ssa="dinov2", ssa_method=method, ssa_epochs=epochs, amp=False, seed=0,
+                         ssa="dinov2", ssa_method=method, ssa_epochs=epochs, amp=False, seed=0, method=supervised,
                          ssa_options={**SMALL_HEAD, "batch_size": 32, **options})
 
 
@@ -124,9 +126,17 @@ def test_full_trains_everything_and_apla_the_projections():
 
 
 def test_methods_that_cannot_merge_fail_before_training(images, tmp_path):
-    for method, match in (("adapter", "cannot be merged"), ("linear_probe", "trains nothing"), ("nope", "unknown")):
+    for method, match in (("adapter", "cannot be merged"), ("linear_probe", "trains nothing"), ("nope", "unknown"),
+                          ("conv_adapter", "does not adapt a ViT")):
         with pytest.raises(ValueError, match=match):
-            run_ssa(tiny_vit(), images, make_cfg(tmp_path, method=method), tmp_path / "ssa", torch.device("cpu"))
+            run_ssa(tiny_vit(), images, make_cfg(tmp_path, method=method, supervised="lora"), tmp_path / "ssa",
+                    torch.device("cpu"))
+    carried = dict(method="vpt", supervised="vpt")
+    with pytest.raises(SSAError, match="options must be the supervised ones"):
+        run_ssa(tiny_vit(), images, make_cfg(tmp_path, method_options={"length": 4}, **carried), tmp_path / "ssa",
+                torch.device("cpu"))
+    with pytest.raises(SSAError, match="leave out tpp"):
+        check_ssa_run(dataclasses.replace(make_cfg(tmp_path, **carried), tpp="mae"))
     with pytest.raises(SSAError, match="unknown ssa_options"):
         run_ssa(tiny_vit(), images, make_cfg(tmp_path, bogus=1), tmp_path / "ssa", torch.device("cpu"))
     assert not (tmp_path / "ssa").exists()
@@ -149,3 +159,41 @@ def test_an_interrupted_stage_resumes_to_the_same_weights(images, tmp_path):
     assert any("resuming after epoch 1" in line for line in lines) and len(result["losses"]) == 2
     run_ssa(straight, small, cfg, tmp_path / "b", torch.device("cpu"), lambda _: None)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
+
+
+def test_a_method_that_cannot_merge_is_carried_into_the_supervised_run(images, tmp_path):
+    """VPT: SSA trains the prompts, the backbone stays as it was, the supervised VPT starts from those prompts."""
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.vit_heads import ViTClassifier
+    before, backbone, lines = tiny_vit(), tiny_vit(), []
+    cfg = make_cfg(tmp_path, method="vpt", supervised="vpt", epochs=1, batch_size=16, iterations_per_epoch=3)
+    result = run_ssa(backbone, images, cfg, tmp_path / "ssa", torch.device("cpu"), lines.append)
+    assert result["merged"] is False and any("go on into the supervised run" in line for line in lines)
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), backbone.state_dict().values()))
+    saved = torch.load(tmp_path / "ssa" / BACKBONE_FILE, weights_only=True)["target_parameters"]
+    fresh = peft.apply(ViTClassifier(backbone, 2), "vpt")
+    assert set(saved) == set(peft.target_parameters(fresh))
+    assert not all(torch.equal(p, saved[n]) for n, p in peft.target_parameters(fresh).items())
+    assert carry_ssa_parameters(fresh, tmp_path / "ssa", lines.append) == len(saved)
+    assert all(torch.equal(p, saved[n]) for n, p in peft.target_parameters(fresh).items())
+    with pytest.raises(SSAError, match="holds SSA-trained vpt"):
+        carry_ssa_parameters(peft.apply(ViTClassifier(tiny_vit(), 2), "vpt", length=4), tmp_path / "ssa")
+    merged_run = tmp_path / "apla"
+    run_ssa(tiny_vit(), images, make_cfg(merged_run, epochs=1, batch_size=16, iterations_per_epoch=1), merged_run,
+            torch.device("cpu"), lambda _: None)
+    assert carry_ssa_parameters(peft.apply(ViTClassifier(tiny_vit(), 2), "adapter"), merged_run) == 0
+
+
+def test_train2d_runs_ssa_through_vpt_then_vpt_from_the_carried_prompts(tmp_path):
+    from nnunet_tpp.vision2d.train import run_train2d
+    cfg = dataclasses.replace(make_cfg(tmp_path / "run", method="vpt", supervised="vpt", epochs=1, batch_size=16,
+                                       iterations_per_epoch=2),
+                              arch_options={"depth": 2, "embed_dim": 48, "num_heads": 3}, epochs=1, batch_size=128)
+    lines = []
+    metrics = run_train2d(cfg, log=lines.append, progress=False)
+    assert metrics["ssa"]["merged"] is False and metrics["ssa"]["method"] == "vpt"
+    assert any("starts from its SSA-trained parameters" in line for line in lines)
+    wrong = dataclasses.replace(cfg, out=tmp_path / "never", method="lora")
+    with pytest.raises(SSAError, match="cannot be merged"):
+        run_train2d(wrong, log=lambda _: None, progress=False)
+    assert not wrong.out.exists()

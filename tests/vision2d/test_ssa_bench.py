@@ -25,6 +25,6 @@ def test_full_and_apla_are_measured_side_by_side_with_ratios_against_full(tmp_pa
     assert "| SSA method | Trainable | Ratio (%) |" in table and "| apla |" in table and "Machine:" in table
 
 
-def test_a_method_that_cannot_be_merged_is_refused_before_anything_runs(capsys):
-    assert main(["bench-ssa", "--arch", "vit_tiny", "--methods", "adapter"]) == 2
-    assert "cannot be merged" in capsys.readouterr().err
+def test_a_method_that_trains_nothing_in_the_backbone_is_refused_before_anything_runs(capsys):
+    assert main(["bench-ssa", "--arch", "vit_tiny", "--methods", "linear_probe"]) == 2
+    assert "trains nothing" in capsys.readouterr().err

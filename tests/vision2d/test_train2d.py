@@ -121,3 +121,39 @@ def test_tpp_then_fine_tuning_from_the_command_line(small_npz, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["tpp"] == "mae" and metrics["target_parameters"] == str(out / "tpp" / "tpp_target_parameters.pth")
     assert (out / "tpp" / "tpp_progress.png").exists()
+
+
+@pytest.mark.parametrize("mode,method", [("concat", "partial"), ("average", "adapter")])
+def test_two_ssl_backbones_combined_in_one_run(small_npz, tmp_path, mode, method):
+    """Khan & Fang: two upstream MAE checkpoints (other seeds) in one classifier, every backbone adapted."""
+    from nnunet_tpp.vision2d.upstream import pretrain_mae_upstream
+    checkpoints = [pretrain_mae_upstream(small_npz, tmp_path / f"mae_{seed}.pth", arch="vit_tiny", img_size=28,
+                                         patch_size=4, epochs=1, batch_size=64, seed=seed, device="cpu",
+                                         arch_options=TINY, progress=False, log=lambda _: None)
+                   for seed in (0, 1)]
+    out = tmp_path / "combined"
+    args = ["train2d", "--task", "cls", "--data", str(small_npz), "--out", str(out), "--arch", "vit_tiny",
+            "--img-size", "28", "--patch-size", "4", "--arch-option", "depth=4", "--arch-option", "embed_dim=48",
+            "--arch-option", "num_heads=3", "--backbone", str(checkpoints[0]), "--combine-backbone",
+            str(checkpoints[1]), "--combine", mode, "--method", method, "--epochs", "1", "--device", "cpu",
+            "--no-progress"]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["acc"]) and 0 < metrics["trainable_ratio"] < 100
+    saved = torch.load(out / "adapter.pth", weights_only=True)
+    assert {n.split(".")[1] for n in saved["state_dict"] if n.startswith("backbones.")} == {"0", "1"}
+    # the adapter file plus the two checkpoints reproduce the test accuracy
+    from nnunet_tpp.vision2d.data import load_dataset
+    from nnunet_tpp.vision2d.train import build_backbone, build_model, evaluate
+    cfg = Train2dConfig(task="cls", data=small_npz, out=tmp_path / "again", arch="vit_tiny", img_size=28,
+                        patch_size=4, arch_options=TINY, backbone=checkpoints[0], combine_backbones=[checkpoints[1]],
+                        combine=mode, method=method, device="cpu")
+    splits = load_dataset(cfg.data, "cls", cfg.img_size, seed=cfg.seed)
+    model = build_model(cfg, build_backbone(cfg, splits.in_chans, log=lambda _: None), splits.num_classes,
+                        log=lambda _: None)
+    peft.load(model, out / "adapter.pth")
+    again = evaluate(model, splits.test, "cls", splits.num_classes, torch.device("cpu"), 64)
+    assert again["acc"] == pytest.approx(metrics["acc"])
+    with pytest.raises(ValueError, match="combine_backbones needs task cls"):
+        Train2dConfig(task="seg", data=small_npz, out=tmp_path / "x", backbone=checkpoints[0],
+                      combine_backbones=[checkpoints[1]])
