@@ -48,8 +48,9 @@ class Train2dConfig:
         tpp_options: further pretext settings (fields of the MAE / DINO 2D settings dataclasses).
         ssa: self-supervised adaptation of the backbone before everything else: ``none`` or ``dinov2``
             (ESSA, :mod:`nnunet_tpp.vision2d.ssa`).
-        ssa_method: the PEFT method SSA trains through (``apla`` default; ``full`` = all parameters); it is
-            merged into the backbone afterwards, so it must be mergeable.
+        ssa_method: the PEFT method SSA trains through (``apla`` default; ``full`` = all parameters); a mergeable
+            one is merged into the backbone afterwards; one that cannot merge (``vpt``, ``adapter``, ...) needs
+            ``method`` to be the same, which then starts from its SSA-trained parameters.
         ssa_epochs: SSA epochs.
         ssa_options: further SSA settings.
         combine_backbones: further checkpoints (same ``arch``) whose backbones join ``backbone`` in one
