@@ -7,8 +7,9 @@ Two explicit features per patch, both of width c = D / scale_factor, are summed:
   to its tuner, i.e. after the position embedding, so masked or dropped patches are respected);
 * handcrafted tune: the image's high-frequency components, ``|IFFT(FFT(image) * (1 - M))|`` where M
   removes a centred square of the shifted spectrum of side ``2 * floor(sqrt(H W rate) / 2)``
-  (``rate = mask_rate``), patch-embedded by a new p x p conv (in_chans -> c); zero for patches that a
-  masked-token objective (iBOT in SSA) hides, kept only for visible patches under MAE-style dropping.
+  (``rate = mask_rate``), patch-embedded by a new p x p conv (in_chans -> c). Under a masked-token objective
+  (iBOT in SSA) the hidden patches' pixels are zeroed before the FFT and their features set to zero, so no
+  patch learns hidden pixels through this branch; under MAE-style dropping only kept patches are used.
 
 Before every block i, the prompt ``shared_up(GELU(lightweight_i(sum)))`` (lightweight_i: c -> c per block,
 shared_up: c -> D shared) is added to the patch tokens. Linear weights ~ trunc-normal(0.02) with zero
@@ -79,15 +80,25 @@ class EVPTuner(TokenTuner):
     def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
         """Computes the summed embedding and handcrafted features (B, N, c) for the later hooks."""
         conv = self.handcrafted_generator
-        hand = conv(high_frequency(image, self.mask_rate).to(conv.weight.dtype)).flatten(2).transpose(1, 2)
         masked = state.get("masked")
-        if masked is not None:  # iBOT-masked patches must not see their pixels through the frequency branch
+        if masked is not None:  # iBOT-hidden pixels must not reach any patch through the (global) FFT filter
+            image = image.masked_fill(self._pixel_mask(masked, image, conv.stride[0]), 0.0)
+        hand = conv(high_frequency(image, self.mask_rate).to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+        if masked is not None:
             hand = hand.masked_fill(masked[..., None], 0.0)
         keep = state.get("keep")
         if keep is not None:
             hand = torch.gather(hand, 1, keep[..., None].expand(-1, -1, hand.shape[-1]))
         state["evp"] = hand + self.embedding_generator(x[:, prefix:])
         return x
+
+    @staticmethod
+    def _pixel_mask(masked: torch.Tensor, image: torch.Tensor, patch: int) -> torch.Tensor:
+        """(B, N) patch mask -> (B, 1, H, W) pixel mask (pixels beyond the last whole patch stay visible)."""
+        h, w = image.shape[-2:]
+        rows, cols = h // patch, w // patch
+        pixels = masked.reshape(-1, 1, rows, cols).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+        return torch.nn.functional.pad(pixels, (0, w - cols * patch, 0, h - rows * patch))
 
     def before_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
         """Adds block ``index``'s prompt to the patch tokens."""

@@ -292,3 +292,22 @@ def test_ssf_and_evp_follow_the_papers():
     edge = torch.zeros(1, 1, 16, 16)
     edge[..., 8:] = 1
     assert high_frequency(edge, 0.25).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("method", ["vpt", "ssf", "adapter", "adaptformer", "lora", "evp", "dtl", "apla"])
+def test_under_ibot_masking_the_hidden_pixels_do_not_reach_the_output(method):
+    """What a masked-token objective relies on: the tokens cannot see the pixels of the masked patches (EVP's
+    frequency branch filters the whole image, so it must hide them itself)."""
+    net = peft.apply(classifier(), method, **OPTIONS.get(method, {})).eval()
+    backbone = net.backbone
+    masked = torch.zeros(2, 64, dtype=torch.bool)
+    masked[:, 18:22] = True  # patches (2, 2)-(2, 5): rows 8-11, columns 8-23
+    x = image()
+    y = x.clone()
+    y[..., 8:12, 8:24] = torch.randn(2, 1, 4, 16)
+    token = torch.zeros(1, 1, D)
+    with torch.no_grad():
+        a = backbone.forward_features(x, masked=masked, mask_token=token)[0]
+        b = backbone.forward_features(y, masked=masked, mask_token=token)[0]
+        assert torch.equal(a, b)
+        assert not torch.equal(backbone.forward_features(x)[0], backbone.forward_features(y)[0])
