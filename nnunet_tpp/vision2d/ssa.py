@@ -18,8 +18,8 @@ Warm-ups are capped at a tenth of the run (ESSA: 10 and 30 of 300 epochs). The m
 reproduced).
 
 Files in ``work_dir``: ``ssa_state.pth`` (every epoch; a killed stage resumes), ``ssa_progress.png`` and
-``ssa_backbone.pth`` (adapted backbone, carried parameters, result; when present the stage is skipped and its
-weights loaded).
+``ssa_backbone.pth`` (the merged backbone or the carried parameters, and the result; when present the stage is
+skipped and its weights loaded).
 """
 from __future__ import annotations
 
@@ -333,7 +333,8 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
     if done.exists():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         _same_recipe(saved, recipe, done)
-        backbone.load_state_dict(saved["backbone"])
+        if saved["backbone"]:  # empty when the method was carried: the backbone did not change
+            backbone.load_state_dict(saved["backbone"])
         log(f"SSA: reusing the adapted backbone in {done}")
         return {**saved["result"], "reused": True}
     work.mkdir(parents=True, exist_ok=True)
@@ -391,13 +392,13 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
                   total_params=m.summary.total, losses=[h["loss"] for h in state["history"]],
                   history=state["history"], method=method, epochs=epochs, merged=merged)
     adapted = m.teacher if settings.keep == "teacher" else m.student
-    carried = {}
+    weights, carried = {}, {}
     if merged:
         peft.merge(adapted.net)
-        backbone.load_state_dict(adapted.net.backbone.state_dict())
-    else:  # the backbone stayed frozen; the method's own parameters go on into the supervised run
+        weights = {k: v.detach().cpu().clone() for k, v in adapted.net.backbone.state_dict().items()}
+        backbone.load_state_dict(weights)
+    else:  # the backbone stayed frozen (not stored again); the method's own parameters go on into the supervised run
         carried = {n: p.detach().cpu().clone() for n, p in peft.target_parameters(adapted.net).items()}
-    weights = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
     backbone.requires_grad_(True)
     peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "backbone": weights, "result": result,
                             "target_parameters": carried, "identity": peft.identity(adapted.net)}, done)

@@ -171,6 +171,9 @@ def test_a_method_that_cannot_merge_is_carried_into_the_supervised_run(images, t
     assert result["merged"] is False and any("go on into the supervised run" in line for line in lines)
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), backbone.state_dict().values()))
     saved = torch.load(tmp_path / "ssa" / BACKBONE_FILE, weights_only=True)["target_parameters"]
+    again = tiny_vit()
+    assert run_ssa(again, images, cfg, tmp_path / "ssa", torch.device("cpu"), lambda _: None)["reused"]
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), again.state_dict().values()))
     fresh = peft.apply(ViTClassifier(backbone, 2), "vpt")
     assert set(saved) == set(peft.target_parameters(fresh))
     assert not all(torch.equal(p, saved[n]) for n, p in peft.target_parameters(fresh).items())
