@@ -61,33 +61,61 @@ def _check(args) -> int:
     return 0
 
 
-def _dataset_labels(dataset: str) -> dict[str, int]:
-    """The label map of an nnU-Net dataset (id or name), from nnUNet_raw or nnUNet_preprocessed."""
+def _dataset_labels(dataset: str) -> dict:
+    """The label map of an nnU-Net dataset (id or name), from nnUNet_raw or nnUNet_preprocessed, as written in
+    its dataset.json (region-based entries keep their lists)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    if not dataset.startswith("Dataset") and not dataset.isdigit():
+        raise ValueError(f"-d {dataset!r}: give an nnU-Net dataset id (e.g. 501) or name (Dataset501_X)")
     name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
     for root in ("nnUNet_raw", "nnUNet_preprocessed"):
         path = Path(os.environ.get(root, "")) / name / "dataset.json"
         if os.environ.get(root) and path.exists():
             import json
-            labels = json.loads(path.read_text())["labels"]
-            return {k: int(v) for k, v in labels.items() if not isinstance(v, (list, tuple))}
+            return dict(json.loads(path.read_text())["labels"])
     raise FileNotFoundError(f"no dataset.json for {name} under $nnUNet_raw or $nnUNet_preprocessed")
+
+
+def _fold_cases(dataset: str | None, fold: str) -> list[str] | None:
+    """The validation cases of one fold from the dataset's ``splits_final.json`` (None for fold ``all``)."""
+    import json
+    if fold == "all":
+        return None
+    if not dataset:
+        raise ValueError("--fold needs -d DATASET (its splits_final.json in $nnUNet_preprocessed names the cases)")
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    name = maybe_convert_to_dataset_name(dataset if dataset.startswith("Dataset") else int(dataset))
+    path = Path(os.environ.get("nnUNet_preprocessed", "")) / name / "splits_final.json"
+    if not os.environ.get("nnUNet_preprocessed") or not path.is_file():
+        raise FileNotFoundError(f"--fold {fold}: no splits_final.json for {name} under $nnUNet_preprocessed "
+                                f"(nnU-Net writes it when it trains a fold)")
+    splits = json.loads(path.read_text())
+    if not fold.isdigit() or int(fold) >= len(splits):
+        raise ValueError(f"--fold {fold!r}: {path} has folds 0..{len(splits) - 1} (or use --fold all)")
+    return list(splits[int(fold)]["val"])
 
 
 def _evaluate(args) -> int:
     import json
-    from nnunet_tpp.evaluation import evaluate_folder, write_json
+    from nnunet_tpp.evaluation import check_output_file, evaluate_folder, write_json
     if args.labels:
-        labels = {k: int(v) for k, v in json.loads(args.labels).items()}
+        try:
+            labels = {str(k): int(v) for k, v in json.loads(args.labels).items()}
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"--labels {args.labels!r} is not a JSON map of names to integers, e.g. "
+                             """'{"background": 0, "liver": 1}'""") from None
     elif args.dataset:
         labels = _dataset_labels(args.dataset)
     else:
         raise ValueError("give the label set with -d DATASET or --labels JSON")
-    result = evaluate_folder(Path(args.reference), Path(args.prediction), labels)
+    cases = _fold_cases(args.dataset, args.fold) if args.fold is not None else None
+    out = check_output_file(Path(args.json)) if args.json else None  # before the work, not after
+    result = evaluate_folder(Path(args.reference), Path(args.prediction), labels, allow_missing=args.allow_missing,
+                             cases=cases)
     print(result.markdown())
-    print(f"({len(result.per_case)} cases; per-case values with --json)")
-    if args.json:
-        write_json(result, Path(args.json))
+    print(f"({len(result.per_case)} cases; Dice as a fraction, HD95 in mm; per-case values with --json)")
+    if out is not None:
+        write_json(result, out)
     return 0
 
 
@@ -96,8 +124,9 @@ def _convert(args) -> int:
     raw = args.raw or os.environ.get("nnUNet_raw")
     if not raw:
         raise ValueError("set nnUNet_raw or pass --raw DIR: the converted dataset is written there")
+    others = [os.environ.get(v) for v in ("nnUNet_preprocessed", "nnUNet_results")]  # their ids count too
     folder = convert(args.kind, Path(args.source), Path(raw), args.dataset_id, args.name, args.overwrite,
-                     args.skip_invalid)
+                     args.skip_invalid, other_roots=[p for p in others if p])
     import json
     info = json.loads((folder / "dataset.json").read_text())
     print(f"wrote {folder}: {info['numTraining']} training cases, labels {info['labels']}")
@@ -166,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("-d", "--dataset", help="nnU-Net dataset id or name whose dataset.json names the labels")
     evaluate.add_argument("--labels", help='label names as JSON instead of -d, e.g. \'{"background":0,"liver":1}\'')
     evaluate.add_argument("--json", help="also write the results (per label, region and case) to this file")
+    evaluate.add_argument("--allow-missing", dest="allow_missing", action="store_true",
+                          help="score a reference case without a prediction as Dice 0 / HD95 = image diagonal "
+                               "(listed in the output) instead of refusing")
+    evaluate.add_argument("--fold", help="evaluate only this fold's validation cases (from the dataset's "
+                                         "splits_final.json; needs -d), e.g. against gt_segmentations")
     evaluate.set_defaults(func=_evaluate)
 
     conv = sub.add_parser("convert", help="LiTS / KiTS release folder -> nnU-Net raw dataset")
@@ -174,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("-d", "--dataset-id", dest="dataset_id", type=int, required=True)
     conv.add_argument("--name", help="dataset name (default LiTS / KiTS)")
     conv.add_argument("--raw", help="nnUNet_raw folder (default: $nnUNet_raw)")
-    conv.add_argument("--overwrite", action="store_true", help="replace a dataset this command wrote before")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace the dataset of the same id and name that this command wrote before (a dataset "
+                           "id taken by another name is always refused)")
     conv.add_argument("--skip-invalid", dest="skip_invalid", action="store_true",
                       help="convert the valid cases and list the others, instead of stopping")
     conv.set_defaults(func=_convert)

@@ -5,9 +5,12 @@
 2. when nnU-Net's ``nnunetv2.utilities.find_objects`` is imported, wraps its trainer search so our trainer
    names resolve directly. nnU-Net otherwise imports every module of its own trainer package before it
    looks in ``nnUNet_extTrainer``, and one of them (``primus``) imports timm, which fails on CPU-only torch
-   (no CPU torchvision). Other names go to nnU-Net's search unchanged.
+   (no CPU torchvision). A name close to one of ours that no trainer file defines (a typo such as
+   ``ConvAdaptorTrainer_S``) gets our error with the nearest names, before that crash can happen (see
+   :func:`close_trainer_names`). Other names go to nnU-Net's search unchanged.
 
-It imports nothing heavy and never raises.
+It imports nothing heavy and never raises at start-up (the wrapped search raises nnU-Net's own error type
+for a misspelt name of ours).
 """
 import importlib.abc
 import importlib.machinery
@@ -30,6 +33,52 @@ def _add_trainer_dir() -> None:
         os.environ[VARIABLE] = os.pathsep.join(current + [folder])
 
 
+def _defined_outside_ours(trainer_name: str, nnunet_root: str | None) -> bool:
+    """Whether a class of that name is defined in nnU-Net's trainer package or in a ``nnUNet_extTrainer``
+    folder other than ours: a plain-text search of their ``.py`` files, importing nothing (importing them is
+    what crashes on CPU torch)."""
+    import re
+    pattern = re.compile(rf"^\s*class\s+{re.escape(trainer_name)}\b", re.MULTILINE)
+    roots = [os.path.join(nnunet_root, "training", "nnUNetTrainer")] if nnunet_root else []
+    roots += [p for p in os.environ.get(VARIABLE, "").split(os.pathsep)
+              if p and os.path.abspath(p) != trainer_dir()]
+    for root in roots:
+        for folder, _, names in os.walk(root):
+            for name in names:
+                if name.endswith(".py"):
+                    try:
+                        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+                            if pattern.search(f.read()):
+                                return True
+                    except OSError:
+                        continue
+    return False
+
+
+def close_trainer_names(trainer_name: str, ours) -> list[str]:
+    """Our trainer names that ``trainer_name`` is close to (best first); empty when it is not close.
+
+    "Close" means a likely misspelling of one of our names, judged on lower-case names:
+    (a) the same name in another case (``convadaptertrainer_s``);
+    (b) a difflib similarity ratio of at least 0.8 (one or two wrong letters in a name of ~20 characters:
+        ``ConvAdaptorTrainer_S`` scores 0.95, ``TPPConvAdapter`` 0.82);
+    (c) it starts with one of our family names (``ConvAdapterTrainer_XL``, ``STUNetTrainer_5epochs``).
+    nnU-Net's own names are not excluded here (``nnUNetTrainer`` scores 0.85 against ``STUNetTrainer``): the
+    caller first checks that no such class exists outside our package.
+    """
+    import difflib
+    lowered = {name.lower(): name for name in ours}
+    query = trainer_name.lower()
+    hits = difflib.get_close_matches(query, list(lowered), n=3, cutoff=0.8)
+    if not hits:
+        family = max((n.rsplit("_", 1)[0] for n in lowered if query.startswith(n.rsplit("_", 1)[0])),
+                     key=len, default=None)
+        if family:
+            members = [n for n in lowered if n.rsplit("_", 1)[0] == family]
+            hits = difflib.get_close_matches(query, members, n=3, cutoff=0.0)
+    return [lowered[h] for h in hits]
+
+
 def _wrap_trainer_search(module) -> None:
     original = module.recursive_find_trainer_class_by_name
 
@@ -40,10 +89,22 @@ def _wrap_trainer_search(module) -> None:
             TRAINERS = {}
         if trainer_name in TRAINERS:
             return TRAINERS[trainer_name]
+        close = close_trainer_names(trainer_name, TRAINERS) if TRAINERS else []
+        if close:
+            nnunet = sys.modules.get("nnunetv2")
+            root = getattr(nnunet, "__path__", [None])[0]
+            if not _defined_outside_ours(trainer_name, root):
+                # nnU-Net's own error type and opening words, so scripts that match on them keep working
+                raise RuntimeError(
+                    f"Could not find requested nnunet trainer {trainer_name}: there is no such nnU-Net trainer, "
+                    f"and it is not one of nnunet_tpp's. Did you mean {close[0]}?"
+                    + (f" (Also close: {', '.join(close[1:])}.)" if len(close) > 1 else "")
+                    + " Trainer names are case-sensitive; `nnunet-tpp trainers` lists all of nnunet_tpp's.")
         return original(trainer_name)
 
     recursive_find_trainer_class_by_name.__doc__ = original.__doc__
     recursive_find_trainer_class_by_name.nnunet_tpp_wrapped = True
+    recursive_find_trainer_class_by_name.nnunet_original = original
     module.recursive_find_trainer_class_by_name = recursive_find_trainer_class_by_name
 
 

@@ -9,12 +9,13 @@ Sources are only read. Every case is checked first; problems are reported by cas
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnunet_tpp.data.nnunet_raw import Case, DatasetError, write_raw_dataset
+from nnunet_tpp.data.nnunet_raw import Case, DatasetError, check_destination, write_raw_dataset
 
 LITS_LABELS = {"background": 0, "liver": 1, "tumor": 2}
 KITS_LABELS = {"background": 0, "kidney": 1, "tumor": 2}
@@ -76,21 +77,32 @@ def _has_cyst(cases: list[Case]) -> bool:
 
 
 def convert(kind: str, source: Path, raw_root: Path, dataset_id: int, name: str | None = None,
-            overwrite: bool = False, skip_invalid: bool = False) -> Path:
+            overwrite: bool = False, skip_invalid: bool = False,
+            other_roots: Iterable[Path | str | None] = ()) -> Path:
     """Converts a LiTS or KiTS release folder to an nnU-Net raw dataset.
+
+    The destination is checked first (a dataset id that is taken by another name, in ``raw_root`` or in
+    ``other_roots``, is refused naming that folder; see :func:`nnunet_tpp.data.nnunet_raw.check_destination`),
+    then every case; nothing is written unless all checks pass.
 
     Args:
         kind: ``lits`` or ``kits``.
         source: the release folder (never modified).
         raw_root: the ``nnUNet_raw`` folder.
         dataset_id: nnU-Net dataset id; ``name`` defaults to ``LiTS`` / ``KiTS``.
-        overwrite, skip_invalid: see :func:`nnunet_tpp.data.nnunet_raw.write_raw_dataset`.
+        overwrite, skip_invalid: see :func:`nnunet_tpp.data.nnunet_raw.write_raw_dataset`; ``overwrite``
+            replaces only a dataset of the same id and name that this command wrote.
+        other_roots: ``nnUNet_preprocessed`` and ``nnUNet_results`` (their datasets take ids too).
     Returns:
         The written dataset folder.
     """
     source = Path(source)
+    if kind not in ("lits", "kits"):
+        raise DatasetError(f"unknown dataset kind {kind!r}; choose lits or kits")
     if not source.is_dir():
-        raise DatasetError(f"{source} is not a folder")
+        raise DatasetError(f"{source} is not a folder; pass the {kind} release folder")
+    name = name or ("LiTS" if kind == "lits" else "KiTS")
+    check_destination(raw_root, dataset_id, name, overwrite, other_roots)
     if kind == "lits":
         cases, labels, default_name = lits_cases(source), dict(LITS_LABELS), "LiTS"
     elif kind == "kits":
@@ -108,7 +120,7 @@ def convert(kind: str, source: Path, raw_root: Path, dataset_id: int, name: str 
         raise DatasetError(f"{len(unlabeled)} case(s) have no segmentation: "
                            + ", ".join(f"{c.name} ({c.image})" for c in unlabeled[:10]))
     return write_raw_dataset(raw_root, dataset_id, name or default_name, [c for c in cases if c.label is not None],
-                             labels, overwrite=overwrite, skip_invalid=skip_invalid)
+                             labels, overwrite=overwrite, skip_invalid=skip_invalid, other_roots=other_roots)
 
 
 def label_values(path: Path) -> list[int]:

@@ -16,8 +16,8 @@ from pathlib import Path
 import SimpleITK as sitk
 import yaml
 
-from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, dataset_folder_name, \
-    write_raw_dataset
+from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
+    dataset_folder_name, write_raw_dataset
 from nnunet_tpp.demo.phantom import LABELS, write_phantom_case
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
@@ -80,12 +80,110 @@ def _phantom_cases(folder: Path, seeds: list[int], prefix: str) -> list[Case]:
 
 def _read_labels(cfg: DemoConfig) -> dict[str, int]:
     if cfg.labels:
-        return {str(k): int(v) for k, v in cfg.labels.items()}
-    path = Path(cfg.data) / "labels.json"
-    if not path.exists():
-        raise DatasetError(f"{cfg.data}: give the label names with --labels or a labels.json there "
-                           f"(e.g. {{\"background\": 0, \"liver\": 1}})")
-    return {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
+        raw, where = cfg.labels, "--labels"
+    else:
+        path = Path(cfg.data) / "labels.json"
+        if not path.exists():
+            raise DatasetError(f"{cfg.data}: give the label names with --labels or a labels.json there "
+                               f"(e.g. {{\"background\": 0, \"liver\": 1}})")
+        try:
+            raw, where = json.loads(path.read_text()), str(path)
+        except ValueError as e:
+            raise DatasetError(f"{path} is not valid JSON ({e}); write e.g. {{\"background\": 0, \"liver\": 1}}"
+                               ) from None
+    try:
+        labels = {str(k): int(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: labels are a map of names to integers, e.g. {{\"background\": 0, "
+                           f"\"liver\": 1}}; got {raw!r}") from None
+    if labels.get("background") != 0:
+        raise DatasetError(f"{where}: the labels must map 'background' to 0, got {labels}")
+    return labels
+
+
+@dataclass
+class CheckedDemo:
+    """What :func:`check_demo` found: the label set, the cases of ``--data`` (None: the phantom) and the STU-Net
+    size of the trainer."""
+
+    labels: dict[str, int]
+    cases: list[Case] | None
+    size: str
+
+
+def check_demo(cfg: DemoConfig) -> CheckedDemo:
+    """Every check of the demo's settings and inputs, before anything is written or started: numbers, device,
+    trainer name, the ``--pretrained`` checkpoint (kind and STU-Net size, read memory-mapped, no network built),
+    the ``--data`` cases and labels, and the dataset ids in the work folder.
+
+    Returns:
+        A :class:`CheckedDemo`. Raises ``ValueError`` (``DatasetError``, ``CheckpointError``) naming the problem
+        and the fix.
+    """
+    for name in ("epochs", "iterations_per_epoch", "val_iterations_per_epoch", "upstream_epochs", "num_cases",
+                 "num_test_cases"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"demo setting {name} must be an integer >= 1, got {value!r}")
+    last = 998 if cfg.pretrained is None else 999  # the upstream dataset takes the next id
+    if not isinstance(cfg.dataset_id, int) or not 1 <= cfg.dataset_id <= last:
+        raise ValueError(f"--dataset-id must be within 1..{last}"
+                         + (" (the upstream pre-training uses the next id)" if last == 998 else "")
+                         + f", got {cfg.dataset_id!r}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {cfg.device!r}")
+    if cfg.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+    from nnunet_tpp.trainers.zoo import TRAINERS
+    if cfg.trainer not in TRAINERS:
+        from nnunet_tpp._startup import close_trainer_names
+        near = close_trainer_names(cfg.trainer, TRAINERS)
+        raise ValueError(f"--trainer {cfg.trainer!r} is not an nnunet_tpp trainer"
+                         + (f"; did you mean {', '.join(near)}?" if near else "")
+                         + " (`nnunet-tpp trainers` lists them)")
+    size = TRAINERS[cfg.trainer].stunet_size
+    if Path(cfg.work_dir).exists() and not Path(cfg.work_dir).is_dir():
+        raise ValueError(f"--work-dir {cfg.work_dir} is a file; give a folder")
+    if cfg.pretrained is not None:
+        _check_pretrained(Path(cfg.pretrained), cfg.trainer, size, TRAINERS)
+    cases, labels = None, dict(LABELS)
+    if cfg.data is not None:
+        cases = cases_from_folder(Path(cfg.data))  # first: an empty folder says it has no images
+        labels = _read_labels(cfg)
+        problems = check_cases(cases, labels)
+        if problems:
+            listing = "\n".join(f"  {case}: {why}" for case, why in problems.items())
+            raise DatasetError(f"{len(problems)} case(s) of {cfg.data} cannot be used; nothing was written:\n"
+                               f"{listing}")
+    folders = NNUNetFolders(Path(cfg.work_dir).resolve())
+    others = (folders.preprocessed, folders.results)
+    check_destination(folders.raw, cfg.dataset_id, "Demo", overwrite=True, other_roots=others)
+    if cfg.pretrained is None:
+        check_destination(folders.raw, cfg.dataset_id + 1, "Upstream", overwrite=True, other_roots=others)
+    return CheckedDemo(labels, cases, size)
+
+
+def _check_pretrained(path: Path, trainer: str, size: str, trainers: dict) -> None:
+    """Refuses a ``--pretrained`` file that is not an STU-Net checkpoint of the trainer's size."""
+    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models.stunet_checkpoint import CheckpointError, describe_stunet, extract_state_dict, \
+        read_checkpoint
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)  # names only: tensors stay on disk
+        state, _ = extract_state_dict(checkpoint)
+    except CheckpointError as e:
+        raise CheckpointError(f"--pretrained: {e}") from None
+    found = describe_stunet(state)
+    if not found.startswith("STU-Net-"):
+        kind = file_kinds.classify(checkpoint, str(path))
+        raise CheckpointError(f"--pretrained: {file_kinds.wrong_kind_message(kind, file_kinds.STUNET)}")
+    if found != f"STU-Net-{size}":
+        other = f"{trainers[trainer].family}_{found[-1]}"
+        hint = f"--trainer {other}" if other in trainers else f"a trainer for STU-Net-{found[-1]}"
+        raise CheckpointError(f"--pretrained {str(path)!r} is {found}, but the demo's trainer {trainer} builds "
+                              f"STU-Net-{size}: pass {hint}, or the STU-Net-{size} checkpoint")
 
 
 def _trainable_line(results: Path) -> str:
@@ -99,10 +197,13 @@ def _trainable_line(results: Path) -> str:
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Runs the demo end to end and prints the result table.
 
+    Every setting and input is checked first (:func:`check_demo`); a refused demo writes nothing.
+
     Returns:
         ``{"dice": {label: value}, "mean_dice", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}``.
     """
     start = time.time()
+    checked = check_demo(cfg)
     folders = NNUNetFolders(Path(cfg.work_dir).resolve())
     folders.make()
     log = folders.root / "logs" / "demo.log"
@@ -115,18 +216,19 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         train = _phantom_cases(source, list(range(cfg.num_cases)), "phantom")
         test = _phantom_cases(source, [100 + i for i in range(cfg.num_test_cases)], "test")
     else:
-        labels = _read_labels(cfg)
-        cases = cases_from_folder(Path(cfg.data))
+        labels, cases = checked.labels, checked.cases
         test = cases[-1:] if len(cases) >= 6 else cases
         train = cases[:-1] if len(cases) >= 6 else cases
         if len(cases) < 6:
             echo("    fewer than 6 cases: training on all of them (fold 'all') and predicting them too")
     fold = "0" if len(train) >= 5 else "all"
-    raw = write_raw_dataset(folders.raw, cfg.dataset_id, "Demo", train, labels, test=test, overwrite=True)
+    raw = write_raw_dataset(folders.raw, cfg.dataset_id, "Demo", train, labels, test=test, overwrite=True,
+                            other_roots=(folders.preprocessed, folders.results))
     labels_ts = raw / "labelsTs"
     labels_ts.mkdir(exist_ok=True)
-    for case in test:
-        shutil.copyfile(case.label, labels_ts / f"{case.name}.nii.gz")
+    for case in test:  # written as the raw labels are (.nii.gz, uint8), whatever the source file is
+        sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(case.label)), sitk.sitkUInt8),
+                        str(labels_ts / f"{case.name}.nii.gz"), useCompression=True)
 
     env = folders.env(NNUNET_TPP_EPOCHS=str(cfg.epochs), NNUNET_TPP_ITERS_PER_EPOCH=str(cfg.iterations_per_epoch),
                       NNUNET_TPP_VAL_ITERS_PER_EPOCH=str(cfg.val_iterations_per_epoch))
@@ -135,8 +237,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         ["nnUNetv2_plan_and_preprocess", "-d", cfg.dataset_id, "-c", "3d_fullres", "--verify_dataset_integrity",
          "-np", "1", "-npfp", "1"], env, log, echo)
 
-    pretrained = cfg.pretrained
-    size = cfg.trainer.rsplit("_", 1)[-1] if re.search(r"_[SBLH]$", cfg.trainer) else "B"
+    pretrained, size = cfg.pretrained, checked.size
     if pretrained is None:
         echo(f"[3/6] no checkpoint given: pre-training STU-Net-{size} upstream on other phantoms "
              f"(one 'organ' label), to adapt afterwards")
@@ -188,7 +289,8 @@ def _upstream(cfg: DemoConfig, folders: NNUNetFolders, size: str, env: dict, log
         path = source / f"{case.name}_organ.nii.gz"
         sitk.WriteImage(organ, str(path), useCompression=True)
         merged.append(Case(case.name, case.image, path))
-    write_raw_dataset(folders.raw, upstream_id, "Upstream", merged, {"background": 0, "organ": 1}, overwrite=True)
+    write_raw_dataset(folders.raw, upstream_id, "Upstream", merged, {"background": 0, "organ": 1}, overwrite=True,
+                      other_roots=(folders.preprocessed, folders.results))
     elapsed = run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", upstream_id, "-c", "3d_fullres", "-np", "1",
                           "-npfp", "1"], env, log, echo)
     up_env = dict(env, NNUNET_TPP_EPOCHS=str(cfg.upstream_epochs), NNUNET_TPP_SKIP_VALIDATION="1")

@@ -7,7 +7,6 @@ must be found in the checkpoint; the segmentation heads are skipped (a new task 
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,38 +34,24 @@ def _numpy_allow_list() -> list:
     return allowed + aliases
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """Reads a checkpoint file without executing arbitrary pickled code.
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """Reads a backbone checkpoint file without executing arbitrary pickled code.
 
     Args:
         path: a ``.model`` / ``.pth`` / ``.pt`` file.
+        mmap: memory-map the tensors of a ZIP-format file instead of reading them (for checks of names and
+            shapes; the legacy format is read whole).
     Returns:
         The unpickled dictionary (tensors on the CPU).
     Raises:
-        CheckpointError: the file is missing, not a torch checkpoint, or contains objects outside the
-            allow-list.
+        CheckpointError: the file is missing, not a torch checkpoint, contains objects outside the allow-list,
+            or is a file of another kind that nnunet_tpp writes (an adapter file, a target-parameter file, a
+            pretext state), named as such with what to pass instead (see :mod:`nnunet_tpp.file_kinds`).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint file not found: {path!r}. Pass the path of a published STU-Net "
-                              f"checkpoint (nnU-Net v1 .model or v2 .pth).")
-    try:
-        with torch.serialization.safe_globals(_numpy_allow_list()):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        detail = next((line.strip() for line in str(e).splitlines() if "global" in line.lower() and "unsupported" in line.lower()), None)
-        if detail is None:
-            raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint (corrupt or another file "
-                                  f"type). Expected an STU-Net checkpoint (nnU-Net v1 .model or v2 .pth).") from None
-        raise CheckpointError(
-            f"{path!r} holds objects outside the allow-list of a weights file (tensors, numbers, numpy "
-            f"scalars); it was not unpickled. Expected an STU-Net checkpoint. Detail: {detail}") from None
-    except Exception as e:  # zip/pickle corruption, a NIfTI or text file, ...
-        raise CheckpointError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}). Expected an STU-Net checkpoint "
-                              f"(nnU-Net v1 .model or v2 .pth).") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path!r} holds a {type(obj).__name__}, not a checkpoint dictionary.")
+    from nnunet_tpp import file_kinds  # imports this module: import here, not at the top
+    obj, kind = file_kinds.read(path, mmap=mmap)
+    if obj is None or not isinstance(obj, dict) or kind.kind in file_kinds.NNUNET_TPP_KINDS:
+        raise CheckpointError(file_kinds.wrong_kind_message(kind, file_kinds.STUNET))
     return obj
 
 

@@ -81,3 +81,64 @@ def test_kits_layouts_with_cyst_and_bad_cases_reported_by_name(tmp_path):
 def test_empty_source_names_the_expected_layout(tmp_path):
     with pytest.raises(DatasetError, match="volume-N.nii"):
         convert("lits", tmp_path, tmp_path / "raw", 6)
+
+
+# --- a dataset id is used once (issue 15) ------------------------------------------------------------------------
+
+def _hashes(*folders):
+    """Every file under the folders (and every folder) with a hash of its bytes."""
+    import hashlib
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for f in folders for p in sorted(f.rglob("*"))}
+
+
+@pytest.fixture
+def lits_source(tmp_path):
+    """A LiTS challenge layout of one case from the real CT."""
+    image, labels = _ct()
+    src = tmp_path / "LiTS"
+    src.mkdir()
+    sitk.WriteImage(image, str(src / "volume-1.nii"))
+    sitk.WriteImage(labels, str(src / "segmentation-1.nii"))
+    return src
+
+
+def test_a_taken_dataset_id_is_refused_naming_the_folder(tmp_path, lits_source, capsys):
+    raw = tmp_path / "raw"
+    other = raw / "Dataset990_Other"
+    (other / "imagesTr").mkdir(parents=True)
+    (other / "dataset.json").write_text('{"name": "Other"}')
+    (other / ".written_by_nnunet_tpp").touch()  # even one of ours: another name is another dataset
+    before = _hashes(raw, lits_source)
+    for extra in ([], ["--overwrite"]):
+        assert main(["convert", "lits", str(lits_source), "-d", "990", "--raw", str(raw), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "dataset id 990 is taken" in err and str(other) in err and "Pick a free id with -d" in err
+        assert _hashes(raw, lits_source) == before
+
+
+def test_a_taken_id_in_nnunet_preprocessed_counts_too(tmp_path, lits_source, monkeypatch, capsys):
+    (tmp_path / "pre" / "Dataset991_Old").mkdir(parents=True)
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pre"))
+    assert main(["convert", "lits", str(lits_source), "-d", "991", "--raw", str(tmp_path / "raw")]) == 2
+    assert "Dataset991_Old" in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists()
+
+
+def test_overwrite_replaces_only_our_dataset_of_the_same_id_and_name(tmp_path, lits_source, capsys):
+    raw = tmp_path / "raw"
+    folder = convert("lits", lits_source, raw, 992)
+    assert folder.name == "Dataset992_LiTS"
+    before = _hashes(raw)
+    with pytest.raises(DatasetError, match="exists; pass --overwrite"):
+        convert("lits", lits_source, raw, 992)
+    assert _hashes(raw) == before
+    (folder / "notes.txt").write_text("stale")
+    assert main(["convert", "lits", str(lits_source), "-d", "992", "--raw", str(raw), "--overwrite"]) == 0
+    assert not (folder / "notes.txt").exists() and (folder / "labelsTr" / "lits001.nii.gz").exists()
+    assert sorted(p.name for p in raw.iterdir()) == ["Dataset992_LiTS"]  # no temporary folder left
+    (folder / ".written_by_nnunet_tpp").unlink()  # now it looks like someone else's dataset
+    before = _hashes(raw)
+    assert main(["convert", "lits", str(lits_source), "-d", "992", "--raw", str(raw), "--overwrite"]) == 2
+    assert "was not written by nnunet_tpp; refusing to overwrite it" in capsys.readouterr().err
+    assert _hashes(raw) == before
