@@ -18,15 +18,24 @@ PEFT methods extend the network through documented slots instead of editing its 
   (AdaptFormer);
 * ``VisionTransformer.tuner``: a :class:`TokenTuner` that sees the token stream around every block
   (VPT prompts, EVP, DTL's side network).
+
+Two facts about a loaded backbone live on the model as data (set by
+:func:`~nnunet_tpp.models.vit_checkpoint.load_vit_checkpoint`): ``pretraining``, the name of its
+self-supervised pre-training (a key of :data:`PRETRAININGS`, or None when unknown: random initialisation or a
+supervised checkpoint), which ``partial``'s ``quarter: auto`` reads; and ``pos_resampling``, the
+:class:`PosResampling` rule of the checkpoint's own code, used whenever the position embedding is resampled
+to another grid (at load and for other image sizes).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nnunet_tpp.models.vit_pretraining import (PRETRAININGS, RESAMPLING, PosResampling,  # noqa: F401
+                                               Pretraining, resample_patch_pos_embed)
 
 
 @dataclass(frozen=True)
@@ -205,8 +214,12 @@ class TokenTuner(nn.Module):
     ``VisionTransformer.tuner``). Every hook defaults to "change nothing".
 
     ``state`` is a dict a tuner may use to carry values from :meth:`start` to the later hooks of the
-    same forward pass (never across passes).
+    same forward pass (never across passes). A tuner that sets ``wants_patch_embed = True`` finds the patch
+    embeddings before the position embedding in ``state["patch_embed"]`` (see
+    :meth:`VisionTransformer.embed`).
     """
+
+    wants_patch_embed: bool = False
 
     def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
         """Called once with the embedded tokens (after position embedding) and the input image."""
@@ -232,6 +245,9 @@ class VisionTransformer(nn.Module):
         config: the :class:`ViTConfig`.
         num_prefix_tokens: class token + register tokens.
         tuner: the :class:`TokenTuner` a PEFT method installed, or None.
+        pretraining: the name of the backbone's self-supervised pre-training (:data:`PRETRAININGS`), or None
+            (random initialisation or unknown); set by the checkpoint loader.
+        pos_resampling: the :class:`PosResampling` rule for other grids (MAE's until a checkpoint sets its own).
     """
 
     def __init__(self, config: ViTConfig):
@@ -252,6 +268,8 @@ class VisionTransformer(nn.Module):
             for r in rates)
         self.norm = nn.LayerNorm(d, eps=config.eps) if config.final_norm else nn.Identity()
         self.tuner: TokenTuner | None = None
+        self.pretraining: str | None = None
+        self.pos_resampling: PosResampling = RESAMPLING["mae"]
         self._init_weights()
 
     @property
@@ -285,12 +303,13 @@ class VisionTransformer(nn.Module):
         return h // p, w // p
 
     def patch_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The patch part of the position embedding, bicubically resized to ``grid`` when needed: (1, N, D)."""
+        """The patch part of the position embedding, resampled to ``grid`` by ``pos_resampling`` when needed:
+        (1, N, D)."""
         pos = self.pos_embed[:, int(self.config.cls_pos_embed):]
-        return resample_patch_pos_embed(pos, grid)
+        return resample_patch_pos_embed(pos, grid, self.pos_resampling)
 
     def embed(self, image: torch.Tensor, masked: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None) -> torch.Tensor:
+              keep: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
         """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``, over
         every token or, with ``pre_norm_prefix=False``, over the patch tokens only).
 
@@ -299,11 +318,18 @@ class VisionTransformer(nn.Module):
                 before the position embedding (iBOT / DINOv2 masked-token training).
             keep: optional (B, K) long indices of the patches to keep, the others dropped after the position
                 embedding (MAE's encoder sees only the visible patches).
+            state: optional dict that receives ``"patch_embed"``: the patch embeddings (B, N, D) of every patch
+                before the position embedding (masked ones already replaced by ``mask_token``), for tuners
+                that read them (EVP).
+        Returns:
+            (B, prefix + N or K, D) tokens.
         """
         grid = self.grid_for(image)
         x = self.patch_embed(image)
         if masked is not None:
             x = torch.where(masked[..., None], mask_token.to(x.dtype), x)
+        if state is not None:
+            state["patch_embed"] = x
         x = x + self.patch_pos_embed(grid)
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
@@ -327,13 +353,16 @@ class VisionTransformer(nn.Module):
             taps: 0-based block indices whose outputs are returned too (e.g. (2, 5, 8, 11) for UNETR skips).
             masked, mask_token, keep: see :meth:`embed`. A tuner finds them in ``state["keep"]`` and
                 ``state["masked"]`` (None when unused) so that per-patch additions can follow the kept patches
-                and leave masked ones alone.
+                and leave masked ones alone, and (when it ``wants_patch_embed``) the patch embeddings before
+                the position embedding in ``state["patch_embed"]`` (B, N, D).
         Returns:
             ``(tokens, tapped)``: the final normalised tokens (B, prefix + N, D) and the raw outputs of the
             tapped blocks, each (B, prefix + N, D), both without any tokens a tuner added.
         """
-        x = self.embed(image, masked, mask_token, keep)
-        prefix, tuner, state, tapped = self.num_prefix_tokens, self.tuner, {"keep": keep, "masked": masked}, []
+        state: dict = {"keep": keep, "masked": masked}
+        prefix, tuner, tapped = self.num_prefix_tokens, self.tuner, []
+        x = self.embed(image, masked, mask_token, keep, state=state if getattr(tuner, "wants_patch_embed", False)
+                       else None)
         if tuner is not None:
             x = tuner.start(x, image, prefix, state)
         for i, block in enumerate(self.blocks):
@@ -351,19 +380,6 @@ class VisionTransformer(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image -> final normalised tokens (B, prefix + N, D)."""
         return self.forward_features(image)[0]
-
-
-def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of a square patch position embedding (1, N, D) to ``grid`` (rows, cols)."""
-    n = pos.shape[1]
-    side = int(round(math.sqrt(n)))
-    if side * side != n:
-        raise ValueError(f"position embedding of {n} patches is not a square grid")
-    if (side, side) == tuple(grid):
-        return pos
-    img = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    img = F.interpolate(img.float(), size=tuple(grid), mode="bicubic", align_corners=False).to(pos.dtype)
-    return img.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)
 
 
 def build_vit(arch: str | ViTConfig = "vit_base", **overrides) -> VisionTransformer:

@@ -46,7 +46,12 @@ Formats (``fmt``; ``auto`` detects them from the keys):
 
 Class-token position: a checkpoint position for the class token is folded into ``cls_token`` for a model
 without one (``cls_pos_embed=False``) and a model with one gets a zero position where the checkpoint has
-none; both are exact. A patch grid other than the model's is resampled bicubically (``interpolate_pos``).
+none; both are exact. A patch grid other than the model's is resampled (``interpolate_pos``) by the rule of the
+checkpoint's own code (:data:`~nnunet_tpp.models.vit_pretraining.RESAMPLING`), which the model keeps for
+inputs of other sizes.
+
+Pre-training (``model.pretraining``, what ``partial``'s ``quarter: auto`` reads) and the resampling rule
+of each checkpoint: :mod:`nnunet_tpp.models.vit_pretraining`.
 """
 from __future__ import annotations
 
@@ -60,34 +65,19 @@ from dataclasses import dataclass, field
 import torch
 
 from nnunet_tpp.models.stunet_checkpoint import CheckpointError, _numpy_allow_list
-from nnunet_tpp.models.vit import (ViTConfig, VisionTransformer, config_dict, resample_patch_pos_embed,
-                                   vit_config)
+from nnunet_tpp.models.vit import (PRETRAININGS, RESAMPLING, PosResampling, ViTConfig, VisionTransformer,
+                                   config_dict, resample_patch_pos_embed)
+from nnunet_tpp.models.vit_medcoss import MEDCOSS_PRETRAIN_GRID, convert_medcoss, medcoss_config  # noqa: F401
+from nnunet_tpp.models.vit_pretraining import pretraining_from_contents, resampling_for
 from nnunet_tpp.peft import atomic_torch_save
 
 FORMATS = ("auto", "timm", "dinov2", "medcoss")
 _ALIASES = {"mae": "timm", "dino": "timm", "path_dino": "timm"}
-MEDCOSS_PRETRAIN_GRID = 14  # main_pretrain_medcoss.py builds the model with now_2D_input_size=(224, 224), patch 16
 _CONTAINERS = ("teacher", "model", "state_dict", "student")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.")
 _HEADS = ("head.", "heads.", "head_dist.", "fc_norm.", "pre_logits.", "dino_head.", "ibot_head.")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_MEDCOSS_LAYER = re.compile(r"^fused_encoder\.layers\.(\d+)\.(.+)$")
-_MEDCOSS_BLOCK = {"norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-                  "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-                  "self_attn.in_proj_weight": "attn.qkv.weight", "self_attn.in_proj_bias": "attn.qkv.bias",
-                  "self_attn.out_proj.weight": "attn.proj.weight", "self_attn.out_proj.bias": "attn.proj.bias",
-                  "linear1.weight": "mlp.fc1.weight", "linear1.bias": "mlp.fc1.bias",
-                  "linear2.weight": "mlp.fc2.weight", "linear2.bias": "mlp.fc2.bias",
-                  "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
-_MEDCOSS_TOP = {"cls_token": "cls_token",
-                "video_embed.embeddings.weight": "patch_embed.proj.weight",
-                "video_embed.embeddings.bias": "patch_embed.proj.bias",
-                "video_embed.embeddings_norm.weight": "norm_pre.weight",
-                "video_embed.embeddings_norm.bias": "norm_pre.bias"}
-_MEDCOSS_SPATIAL = "video_embed.embeddings_st_pos_2D.spatial_pos_embed.weight"
-_MEDCOSS_TEMPORAL = "video_embed.embeddings_st_pos_2D.temporal_pos_embed.weight"
-
 
 class ViTCheckpointError(CheckpointError):
     """A file that is not a usable ViT checkpoint, or one that does not fit the model (a ValueError)."""
@@ -105,6 +95,8 @@ class LoadReport:
         extra: checkpoint tensors that are not backbone (MAE decoder, mask token, MedCoSS text/3D parts).
         interpolated: ``"14x14 -> 8x8"`` when the position embedding was resampled, else None.
         notes: conversions made on the way (renames, folded positions).
+        pretraining: the checkpoint's self-supervised pre-training (see the module docstring), or None.
+        resampling: the name of the position-embedding resampling rule the model now uses.
     """
 
     path: str
@@ -115,6 +107,8 @@ class LoadReport:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     interpolated: str | None = None
     notes: list[str] = field(default_factory=list)
+    pretraining: str | None = None
+    resampling: str = "mae"
 
     def lines(self) -> list[str]:
         """The report as human-readable lines (for training logs)."""
@@ -123,8 +117,9 @@ class LoadReport:
                f"  loaded {len(self.loaded)} tensors (every backbone tensor)",
                f"  skipped {len(self.skipped)} head tensors: {_short(self.skipped)}",
                f"  kept aside {len(self.extra)} non-backbone tensors: {_short(sorted(self.extra))}"]
+        out.append(f"  pre-training: {self.pretraining or 'unknown'}; position-embedding resampling: {self.resampling}")
         if self.interpolated:
-            out.append(f"  position embedding resampled (bicubic): {self.interpolated}")
+            out.append(f"  position embedding resampled ({self.resampling}): {self.interpolated}")
         out += [f"  {note}" for note in self.notes]
         return out
 
@@ -140,6 +135,8 @@ class _Converted:
     format: str
     container: str
     notes: list[str]
+    pretraining: str | None = None
+    resampling: str = "timm"
 
 
 def _short(names: list[str], n: int = 5) -> str:
@@ -229,59 +226,27 @@ def _convert_timm(state: dict, notes: list[str]) -> tuple[dict, list[str], dict]
     return backbone, heads, extra
 
 
-def _convert_medcoss(state: dict, notes: list[str], grid: int) -> tuple[dict, list[str], dict]:
-    backbone, heads, extra = {}, [], {}
-    for key, value in state.items():
-        m = _MEDCOSS_LAYER.match(key)
-        if m:
-            backbone[f"blocks.{m.group(1)}.{_MEDCOSS_BLOCK.get(m.group(2), m.group(2))}"] = value
-        elif key in _MEDCOSS_TOP:
-            backbone[_MEDCOSS_TOP[key]] = value
-        elif key.startswith("fused_encoder."):
-            backbone[key] = value  # an unknown encoder part: reported as unexpected
-        elif key in (_MEDCOSS_SPATIAL, _MEDCOSS_TEMPORAL):
-            continue
-        elif key.startswith(_HEADS):
-            heads.append(key)
-        else:
-            extra[key] = value
-    if _MEDCOSS_SPATIAL in state:
-        spatial = state[_MEDCOSS_SPATIAL]
-        rows = spatial.shape[0]
-        if rows >= grid * grid:
-            used = grid * grid
-        elif math.isqrt(rows) ** 2 == rows:
-            used = rows
-        else:
-            raise ViTCheckpointError(f"MedCoSS spatial position table has {rows} rows, fewer than the "
-                                     f"{grid}x{grid} grid of its 2D pre-training and not a square grid")
-        pos = spatial[:used]
-        if _MEDCOSS_TEMPORAL in state:
-            pos = pos + state[_MEDCOSS_TEMPORAL][0]
-            notes.append("MedCoSS temporal position 0 added to the patch positions")
-        side = math.isqrt(used)
-        notes.append(f"MedCoSS spatial positions: first {used} of {rows} rows used as the {side}x{side} grid")
-        backbone["pos_embed"] = pos[None]
-    return backbone, heads, extra
-
-
 def _convert_file(path, fmt: str, medcoss_grid: int) -> _Converted:
     path = os.fspath(path)
-    fmt = _ALIASES.get(fmt.lower(), fmt.lower())
+    requested = fmt.lower()
+    fmt = _ALIASES.get(requested, requested)
     if fmt not in FORMATS:
         raise ViTCheckpointError(f"unknown ViT checkpoint format {fmt!r}; known: {', '.join(FORMATS)} "
                                  f"(mae, dino and path_dino are timm)")
-    state, container = _unwrap(_read(path), path)
+    top = _read(path)
+    state, container = _unwrap(top, path)
     detected = detect_format(state)
     if fmt != "auto" and (fmt == "medcoss") != (detected == "medcoss"):
         raise ViTCheckpointError(f"{path!r} was requested as {fmt} but its keys are {detected} "
                                  f"(e.g. {', '.join(sorted(state)[:3])}); use fmt='{detected}' or 'auto'")
     notes: list[str] = []
     if detected == "medcoss":
-        backbone, heads, extra = _convert_medcoss(state, notes, medcoss_grid)
+        backbone, heads, extra = convert_medcoss(state, notes, medcoss_grid, _HEADS)
     else:
         backbone, heads, extra = _convert_timm(state, notes)
-    return _Converted(backbone, sorted(heads), extra, detected if fmt == "auto" else fmt, container, notes)
+    pretraining = pretraining_from_contents(requested, top, state, container, detected)
+    return _Converted(backbone, sorted(heads), extra, detected if fmt == "auto" else fmt, container, notes,
+                      pretraining, resampling_for(pretraining, state))
 
 
 def vit_state_dict_from_file(path: str | os.PathLike, fmt: str = "auto", *,
@@ -302,6 +267,13 @@ def vit_state_dict_from_file(path: str | os.PathLike, fmt: str = "auto", *,
     return conv.backbone, conv.format
 
 
+def checkpoint_pretraining(path: str | os.PathLike, fmt: str = "auto") -> str | None:
+    """The self-supervised pre-training of a ViT checkpoint (a name of
+    :data:`~nnunet_tpp.models.vit_pretraining.PRETRAININGS`, or None when unknown), read as
+    :func:`load_vit_checkpoint` reads it, without a model. Raises :class:`ViTCheckpointError` as the loader."""
+    return _convert_file(path, fmt, MEDCOSS_PRETRAIN_GRID).pretraining
+
+
 def mae_decoder_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The MAE decoder of a pre-training checkpoint: its ``decoder_*`` tensors and ``mask_token``, names
     as in the file (an empty dict when the file has no decoder)."""
@@ -310,7 +282,7 @@ def mae_decoder_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _fit_pos_embed(state: dict, cfg: ViTConfig, interpolate_pos: bool, notes: list[str],
-                   problems: list[str], hints: list[str]) -> str | None:
+                   problems: list[str], hints: list[str], rule: PosResampling) -> str | None:
     """Brings ``state["pos_embed"]`` to the model's layout in place; returns the resampling done."""
     pos = state.get("pos_embed")
     if pos is None or pos.ndim != 3:
@@ -328,7 +300,7 @@ def _fit_pos_embed(state: dict, cfg: ViTConfig, interpolate_pos: bool, notes: li
                             f"(img_size {cfg.img_size}, patch {cfg.patch_size})")
             hints.append(f"pass interpolate_pos=True, or build the model with img_size={side * cfg.patch_size}")
             return None
-        patches = resample_patch_pos_embed(patches, (cfg.grid, cfg.grid))
+        patches = resample_patch_pos_embed(patches, (cfg.grid, cfg.grid), rule)
         done = f"{side}x{side} -> {cfg.grid}x{cfg.grid}"
     if cfg.cls_pos_embed:
         if not has_cls:
@@ -391,27 +363,36 @@ def _hints(state: dict, fmt: str, cfg: ViTConfig, heads: list[str]) -> list[str]
 
 
 def load_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike, fmt: str = "auto",
-                        interpolate_pos: bool = True, *, medcoss_grid: int = MEDCOSS_PRETRAIN_GRID) -> LoadReport:
+                        interpolate_pos: bool = True, *, medcoss_grid: int = MEDCOSS_PRETRAIN_GRID,
+                        pos_resampling: str = "checkpoint") -> LoadReport:
     """Loads a pre-trained backbone into ``model`` (a plain :class:`VisionTransformer`, before PEFT).
 
     Args:
         model: the ViT to fill; every one of its tensors must come from the checkpoint.
         path: the checkpoint file.
-        fmt: ``auto``, ``timm`` (``mae``, ``dino``, ``path_dino``), ``dinov2`` or ``medcoss``.
-        interpolate_pos: resample a position embedding of another patch grid bicubically (else an error).
+        fmt: ``auto``, ``timm`` (``mae``, ``dino``, ``path_dino``), ``dinov2`` or ``medcoss``; the pre-training
+            names also set ``model.pretraining``.
+        interpolate_pos: resample a position embedding of another patch grid (else an error).
         medcoss_grid: patches per side of MedCoSS's 2D pre-training (224 / 16).
+        pos_resampling: ``checkpoint`` (default): the resampling of the checkpoint's own code (module
+            docstring); or a rule name of :data:`~nnunet_tpp.models.vit_pretraining.RESAMPLING` to use instead.
     Returns:
         A :class:`LoadReport` (``str()`` of it suits a training log); MAE decoder tensors are in ``extra``.
+        The model's ``pretraining`` and ``pos_resampling`` are set.
     Raises:
         ViTCheckpointError: unreadable or disallowed file, or one that does not fit the model (one message
             with the missing and unexpected keys, the shape mismatches and the fix); the model is then left
             unchanged.
     """
     path = os.fspath(path)
+    if pos_resampling != "checkpoint" and pos_resampling not in RESAMPLING:
+        raise ViTCheckpointError(f"unknown pos_resampling {pos_resampling!r}; known: checkpoint, "
+                                 f"{', '.join(RESAMPLING)}")
     conv = _convert_file(path, fmt, medcoss_grid)
+    rule = RESAMPLING[conv.resampling if pos_resampling == "checkpoint" else pos_resampling]
     cfg, state, notes = model.config, dict(conv.backbone), list(conv.notes)
     problems, hints = [], []
-    interpolated = _fit_pos_embed(state, cfg, interpolate_pos, notes, problems, hints)
+    interpolated = _fit_pos_embed(state, cfg, interpolate_pos, notes, problems, hints, rule)
     target = model.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -436,33 +417,31 @@ def load_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike, fmt: 
     with torch.no_grad():
         for key, value in state.items():
             target[key].copy_(value.to(dtype=target[key].dtype))
+    model.pretraining, model.pos_resampling = conv.pretraining, rule
     return LoadReport(path, conv.format, conv.container, loaded=sorted(target), skipped=conv.heads,
-                      extra=conv.extra, interpolated=interpolated, notes=notes)
+                      extra=conv.extra, interpolated=interpolated, notes=notes, pretraining=conv.pretraining,
+                      resampling=rule.name)
 
 
 def save_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike,
-                        extra: dict[str, torch.Tensor] | None = None) -> None:
+                        extra: dict[str, torch.Tensor] | None = None, pretraining: str | None = None) -> None:
     """Writes ``model`` as a timm-layout checkpoint, atomically.
 
     Args:
         model: the ViT (PEFT modules merged or removed first, or their tensors are saved too).
-        path: the file to write: ``{"model": state dict (+ extra), "vit_config": the config as a dict}``.
+        path: the file to write: ``{"model": state dict (+ extra), "vit_config": the config as a dict,
+            "pretraining": name or None}``.
         extra: further tensors to store next to the backbone (e.g. an MAE decoder, ``decoder_*`` /
             ``mask_token``); their names must not clash with the model's.
+        pretraining: the pre-training to record (a name of
+            :data:`~nnunet_tpp.models.vit_pretraining.PRETRAININGS`); None: the model's own ``pretraining``.
     """
+    pretraining = pretraining if pretraining is not None else getattr(model, "pretraining", None)
+    if pretraining is not None and pretraining not in PRETRAININGS:
+        raise ValueError(f"unknown pretraining {pretraining!r}; known: {', '.join(PRETRAININGS)}")
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     clash = sorted(set(state) & set(extra or {}))
     if clash:
         raise ValueError(f"extra tensors clash with model keys: {clash[:5]}")
     state.update({k: v.detach().cpu().clone() for k, v in (extra or {}).items()})
-    atomic_torch_save({"model": state, "vit_config": config_dict(model)}, path)
-
-
-def medcoss_config(**overrides) -> ViTConfig:
-    """The :class:`ViTConfig` of MedCoSS's ViT-B/16 (224 px, 3 channels, layer scale 1e-3, no class-token
-    position, LayerNorm on the patch tokens after the position embedding, no output norm, eps 1e-5) with
-    ``overrides`` applied. MedCoSS trains with constant drop-path 0.1, which is left to the caller."""
-    options = dict(img_size=224, patch_size=16, in_chans=3, layer_scale=1e-3, cls_pos_embed=False,
-                   pre_norm=True, pre_norm_prefix=False, final_norm=False, eps=1e-5)
-    options.update(overrides)
-    return vit_config("vit_base", **options)
+    atomic_torch_save({"model": state, "vit_config": config_dict(model), "pretraining": pretraining}, path)

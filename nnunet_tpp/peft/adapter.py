@@ -1,11 +1,22 @@
-"""Adapter (Houlsby et al., ICML 2019): a bottleneck ``up(GELU(down(h)))`` with a skip connection,
-``h + adapter(h)``, inserted twice in every transformer block: on the output of the attention branch and
-on the output of the MLP branch, before each is added to the residual stream (the ViT's
-``Block.adapter_attn`` / ``Block.adapter_mlp`` slots).
+"""Adapter (Houlsby et al., ICML 2019; official code google-research/adapter-bert): a bottleneck
+``up(GELU(down(h)))`` with a skip connection, ``h + adapter(h)``, inserted twice in every transformer block: on
+the output of the attention branch and on the output of the MLP branch, before each is added to the residual
+stream (the ViT's ``Block.adapter_attn`` / ``Block.adapter_mlp`` slots; adapter-bert's ``feedforward_adapter``
+after each dense output, before the residual sum).
 
-``down`` (D -> m) keeps the default Linear initialisation, ``up`` (m -> D) starts at zero, so the adapted
-network starts as the pre-trained one (Houlsby et al. use a near-identity initialisation for the same
-reason). Not mergeable (the GELU makes it non-linear).
+What trains, by default as the official code (``optimization.py`` trains the ``adapters``, ``layer_norm`` and
+``head`` variable collections): the adapters, **every LayerNorm of the backbone** (``norm1`` / ``norm2`` of every
+block, ``norm_pre`` and the output ``norm`` where the ViT has them) and the task head. ``train_norms=False``
+freezes the LayerNorms (adapters + head only, this package's behaviour before it followed the official code).
+Only the adapters are the method's target parameters (what TPP pre-trains); the LayerNorms train in
+fine-tuning.
+
+Initialisation, by default as ``feedforward_adapter``: both projection weights from a normal distribution of
+std ``init_scale`` = 1e-3 truncated at two standard deviations (TensorFlow's ``truncated_normal_initializer``),
+both biases zero, so a new adapter is close to, not exactly, the identity. ``init="zero_up"`` gives the
+variant this package used before: ``down`` with PyTorch's Linear initialisation (Kaiming-uniform), ``up`` all
+zero, so the adapted network starts exactly as the pre-trained one. Not mergeable (the GELU makes it
+non-linear).
 """
 from __future__ import annotations
 
@@ -17,24 +28,32 @@ from nnunet_tpp.peft.modules import BottleneckAdapter, find_vits, has_part, posi
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 POSITIONS = {"attn": "adapter_attn", "mlp": "adapter_mlp"}
+INITS = ("houlsby", "zero_up")
 
 
 @dataclass(frozen=True)
 class AdapterOptions:
-    """Knobs of :class:`AdapterMethod`.
+    """Knobs of :class:`AdapterMethod` (defaults: the official adapter-bert code).
 
     Attributes:
-        bottleneck: m, the hidden width of each adapter.
+        bottleneck: m, the hidden width of each adapter (adapter-bert's ``hidden_size`` default 64).
         positions: where the adapters go: ``attn`` (after the attention branch) and/or ``mlp``.
-        dropout: dropout on the adapter's hidden activations.
+        dropout: dropout on the adapter's hidden activations (the official adapter has none: 0).
+        train_norms: also train every LayerNorm of the backbone (official: True).
+        init: ``houlsby`` (official: truncated normal of std ``init_scale`` for both weights, zero biases) or
+            ``zero_up`` (Kaiming-uniform ``down``, all-zero ``up``: starts exactly as the backbone).
+        init_scale: the standard deviation of the ``houlsby`` initialisation (official 1e-3).
     """
 
     bottleneck: int = 64
     positions: tuple[str, ...] = ("attn", "mlp")
     dropout: float = 0.0
+    train_norms: bool = True
+    init: str = "houlsby"
+    init_scale: float = 1e-3
 
     def validate(self) -> None:
-        """Raises :class:`PeftError` for a bad bottleneck, position or dropout."""
+        """Raises :class:`PeftError` for a bad bottleneck, position, dropout, flag or initialisation."""
         positive_int("adapter", "bottleneck", self.bottleneck)
         bad = sorted(set(self.positions) - set(POSITIONS))
         if bad or not self.positions:
@@ -42,6 +61,20 @@ class AdapterOptions:
                             f"got {list(self.positions)}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise PeftError(f"adapter: dropout must be in [0, 1), got {self.dropout}")
+        if not isinstance(self.train_norms, bool):
+            raise PeftError(f"adapter: train_norms must be true or false, got {self.train_norms!r}")
+        if self.init not in INITS:
+            raise PeftError(f"adapter: init must be one of {list(INITS)}, got {self.init!r}")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) \
+                or not float(self.init_scale) > 0:
+            raise PeftError(f"adapter: init_scale must be a positive number, got {self.init_scale!r}")
+
+
+def houlsby_init(adapter: BottleneckAdapter, scale: float) -> None:
+    """adapter-bert's initialisation in place: both weights ~ N(0, scale) truncated at +-2 scale, biases 0."""
+    for linear in (adapter.down, adapter.up):
+        nn.init.trunc_normal_(linear.weight, std=scale, a=-2.0 * scale, b=2.0 * scale)
+        nn.init.zeros_(linear.bias)
 
 
 @register
@@ -53,7 +86,7 @@ class AdapterMethod(PeftMethod):
     options = AdapterOptions
     mergeable = False
     adds_parameters = True
-    description = "Houlsby bottleneck adapters after attention and MLP of every ViT block"
+    description = "Houlsby bottleneck adapters after attention and MLP of every ViT block, + LayerNorms"
 
     def inject(self, model: nn.Module, opts: AdapterOptions) -> None:
         """Fills the ``adapter_attn`` / ``adapter_mlp`` slots of every block."""
@@ -62,12 +95,24 @@ class AdapterMethod(PeftMethod):
             for block in vit.blocks:
                 for position in dict.fromkeys(opts.positions):
                     adapter = BottleneckAdapter(vit.embed_dim, int(opts.bottleneck), act="gelu",
-                                                dropout=float(opts.dropout)).to(like.device, like.dtype)
-                    set_slot(block, POSITIONS[position], adapter, self.name)
+                                                dropout=float(opts.dropout))
+                    if opts.init == "houlsby":
+                        houlsby_init(adapter, float(opts.init_scale))
+                    set_slot(block, POSITIONS[position], adapter.to(like.device, like.dtype), self.name)
 
     def is_target(self, name: str) -> bool:
         """The adapters in the ``adapter_attn`` / ``adapter_mlp`` slots."""
         return has_part(name, "adapter_attn") or has_part(name, "adapter_mlp")
+
+    def trained_modules(self, model: nn.Module, opts: AdapterOptions) -> tuple[str, ...]:
+        """With ``train_norms``: every LayerNorm of every ViT in the model (e.g. ``backbone.blocks.0.norm1``)."""
+        if not opts.train_norms:
+            return ()
+        names = []
+        for name, vit in find_vits(model, self.name):
+            names += [f"{name}.{sub}" if name else sub for sub, m in vit.named_modules()
+                      if isinstance(m, nn.LayerNorm) and not self.is_target(sub)]
+        return tuple(names)
 
     def merge(self, model: nn.Module, opts) -> None:
         """Always raises: the adapter is non-linear."""

@@ -3,8 +3,11 @@
 
 Two explicit features per patch, both of width c = D / scale_factor, are summed:
 
-* embedding tune: a linear map D -> c of the frozen patch embeddings (here the patch tokens the ViT hands
-  to its tuner, i.e. after the position embedding, so masked or dropped patches are respected);
+* embedding tune: a linear map D -> c of the frozen patch embeddings ``patch_embed(x)``, before the position
+  embedding (and the class token), as the official ``forward`` feeds ``init_embeddings``. Under a masked-token
+  objective (iBOT in SSA) a hidden patch's embedding is the mask token there, as the ViT sees it; under
+  MAE-style dropping only the kept patches' features are used. ``embedding_input="tokens"`` feeds the patch
+  tokens after the position embedding (and ``norm_pre``) instead, the variant this package used before;
 * handcrafted tune: the image's high-frequency components, ``|IFFT(FFT(image) * (1 - M))|`` where M
   removes a centred square of the shifted spectrum of side ``2 * floor(sqrt(H W rate) / 2)``
   (``rate = mask_rate``), patch-embedded by a new p x p conv (in_chans -> c). Under a masked-token objective
@@ -27,6 +30,8 @@ from nnunet_tpp.models.vit import TokenTuner
 from nnunet_tpp.peft.modules import find_vits, has_part, positive_int, set_slot
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
+EMBEDDING_INPUTS = ("patch_embed", "tokens")
+
 
 @dataclass(frozen=True)
 class EVPOptions:
@@ -35,16 +40,22 @@ class EVPOptions:
     Attributes:
         scale_factor: D / c, the reduction of the prompt generator's width (the official ViT configs: 32).
         mask_rate: share of the spectrum (a centred square) removed as low frequency, in (0, 1).
+        embedding_input: what the embedding tune reads: ``patch_embed`` (official: the patch embeddings before
+            the position embedding) or ``tokens`` (the patch tokens after it).
     """
 
     scale_factor: int = 32
     mask_rate: float = 0.25
+    embedding_input: str = "patch_embed"
 
     def validate(self) -> None:
-        """Raises :class:`PeftError` for a bad scale factor or mask rate."""
+        """Raises :class:`PeftError` for a bad scale factor, mask rate or embedding input."""
         positive_int("evp", "scale_factor", self.scale_factor)
         if not 0.0 < float(self.mask_rate) < 1.0:
             raise PeftError(f"evp: mask_rate must be in (0, 1), got {self.mask_rate}")
+        if self.embedding_input not in EMBEDDING_INPUTS:
+            raise PeftError(f"evp: embedding_input must be one of {list(EMBEDDING_INPUTS)}, "
+                            f"got {self.embedding_input!r}")
 
 
 def high_frequency(image: torch.Tensor, rate: float) -> torch.Tensor:
@@ -61,10 +72,14 @@ def high_frequency(image: torch.Tensor, rate: float) -> torch.Tensor:
 class EVPTuner(TokenTuner):
     """EVP's prompt generator for one ViT."""
 
-    def __init__(self, dim: int, depth: int, in_chans: int, patch_size: int, scale_factor: int, mask_rate: float):
+    wants_patch_embed = True
+
+    def __init__(self, dim: int, depth: int, in_chans: int, patch_size: int, scale_factor: int, mask_rate: float,
+                 embedding_input: str = "patch_embed"):
         super().__init__()
         width = max(1, dim // scale_factor)
         self.mask_rate = mask_rate
+        self.embedding_input = embedding_input
         self.embedding_generator = nn.Linear(dim, width)
         self.handcrafted_generator = nn.Conv2d(in_chans, width, patch_size, stride=patch_size)
         self.lightweight_mlps = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth))
@@ -87,10 +102,21 @@ class EVPTuner(TokenTuner):
         if masked is not None:
             hand = hand.masked_fill(masked[..., None], 0.0)
         keep = state.get("keep")
-        if keep is not None:
-            hand = torch.gather(hand, 1, keep[..., None].expand(-1, -1, hand.shape[-1]))
-        state["evp"] = hand + self.embedding_generator(x[:, prefix:])
+        if self.embedding_input == "patch_embed":
+            if "patch_embed" not in state:
+                raise RuntimeError("EVP needs the ViT's patch embeddings (state['patch_embed']): run it through "
+                                   "VisionTransformer.forward_features")
+            feature = hand + self.embedding_generator(state["patch_embed"])
+            state["evp"] = feature if keep is None else self._gather(feature, keep)
+        else:
+            hand = hand if keep is None else self._gather(hand, keep)
+            state["evp"] = hand + self.embedding_generator(x[:, prefix:])
         return x
+
+    @staticmethod
+    def _gather(feature: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """(B, N, c) -> (B, K, c) at the kept patch indices (B, K)."""
+        return torch.gather(feature, 1, keep[..., None].expand(-1, -1, feature.shape[-1]))
 
     @staticmethod
     def _pixel_mask(masked: torch.Tensor, image: torch.Tensor, patch: int) -> torch.Tensor:
@@ -122,7 +148,7 @@ class EVPMethod(PeftMethod):
         for _, vit in find_vits(model, self.name):
             c = vit.config
             tuner = EVPTuner(c.embed_dim, c.depth, c.in_chans, c.patch_size, int(opts.scale_factor),
-                             float(opts.mask_rate))
+                             float(opts.mask_rate), opts.embedding_input)
             set_slot(vit, "tuner", tuner.to(vit.pos_embed.device, vit.pos_embed.dtype), self.name)
 
     def is_target(self, name: str) -> bool:

@@ -2,10 +2,18 @@
 
 ``length`` learnable prompt tokens (width D) are inserted right after the prefix tokens (class token and
 registers), before block 0. VPT-Shallow keeps them through the network; VPT-Deep replaces them with a new
-set before every later block (so there are ``depth x length x D`` prompt parameters). The prompts pass
-through dropout and are initialised uniformly in [-v, v] with ``v = sqrt(6 / (3 p^2 + D))`` (the official
-Xavier-style bound for a p x p patch of 3 channels). They are removed before the final norm, and from the
-tapped block outputs, so heads see ``[prefix, patches]`` only. Not mergeable.
+set before every later block (so there are ``depth x length x D`` prompt parameters). The prompts are
+expanded over the batch and then pass through dropout, so every sample gets its own dropout mask (the official
+``incorporate_prompt`` / ``forward_deep_prompt``); they are initialised uniformly in [-v, v] with
+``v = sqrt(6 / (3 p^2 + D))`` (the official Xavier-style bound for a p x p patch of 3 channels). They are
+removed before the final norm, and from the tapped block outputs, so heads see ``[prefix, patches]`` only.
+Not mergeable.
+
+Defaults: **10 deep prompts** (VPT-Deep), dropout 0. This differs from the official default configuration
+(``src/configs/config.py`` with ``configs/base-prompt.yaml``: ``NUM_TOKENS`` 5, ``DEEP`` False, i.e. VPT-Shallow
+with 5 prompts, ``DROPOUT`` 0.0); the paper tunes the prompt length per dataset (1 to 200) and reports
+VPT-Deep as the stronger variant. ``--method-option length=5 --method-option deep=false`` gives the official
+default configuration.
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ class VPTOptions:
     """Knobs of :class:`VPTMethod`.
 
     Attributes:
-        length: prompt tokens per layer.
-        deep: VPT-Deep (new prompts before every block) instead of VPT-Shallow (before block 0 only).
-        dropout: dropout on the prompt tokens.
+        length: prompt tokens per layer (ours 10; the official default configuration 5).
+        deep: VPT-Deep (new prompts before every block) instead of VPT-Shallow (before block 0 only); ours True,
+            the official default configuration False.
+        dropout: dropout on the prompt tokens, drawn per sample (official default 0.0).
     """
 
     length: int = 10
@@ -54,7 +63,8 @@ class VPTTuner(TokenTuner):
         self.length = length
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.prompts[layer]).to(x.dtype).expand(x.shape[0], -1, -1)
+        """Layer ``layer``'s prompts for the batch of ``x``: expanded first, then dropout (a mask per sample)."""
+        return self.dropout(self.prompts[layer].to(x.dtype).expand(x.shape[0], -1, -1))
 
     def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
         """Inserts the first prompts after the prefix tokens."""

@@ -27,16 +27,16 @@ stops the suite before anything runs, naming the setting to fill in. Runs go to
 ``<out>/<dataset>/<method>/<tpp>/frac<f>/seed<s>``; a run folder with ``metrics.json`` is finished and is
 never repeated, so an interrupted suite continues where it stopped. A failed run is reported and the suite
 goes on; the exit code is non-zero when any run failed.
+
+Many GPUs and machines (:mod:`~nnunet_tpp.vision2d.bench2d_run`): ``--devices cuda:0,cuda:1`` gives every
+concurrent run its own device; ``--shard I/N`` runs the I-th of N deterministic slices, so a job array spreads a
+suite over nodes into one shared folder; a lock file per run folder keeps two processes off the same run;
+``suite.json`` keeps the folder to this suite; ``--report`` merges whatever is finished.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,9 +49,6 @@ SUITE_KEYS = ("name", "out", "upstream", "defaults", "datasets", "methods", "tpp
 PATH_FIELDS = ("data", "tpp_data", "backbone", "target_parameters")
 CONTROLLED = ("out", "seed", "tpp", "label_fraction")  # set by the suite for every run
 UPSTREAM_FILE = "upstream/mae_upstream.pth"
-# runs a command and exits with its code: the run's process then starts with a fresh peak RSS (a child exec'd
-# straight from this process would inherit this process' peak as its ru_maxrss)
-_RELAY = "import subprocess, sys; rc = subprocess.call(sys.argv[1:]); sys.exit(128 - rc if rc < 0 else rc)"
 
 
 class SuiteError(ValueError):
@@ -77,10 +74,12 @@ class Run:
 
     @property
     def out(self) -> Path:
+        """The run's folder."""
         return Path(self.values["out"])
 
     @property
     def finished(self) -> bool:
+        """True when the run's folder holds ``metrics.json``."""
         return (self.out / "metrics.json").exists()
 
     def config(self) -> Train2dConfig:
@@ -259,6 +258,7 @@ def load_suite(path: str | Path, out: str | Path | None = None, device: str | No
                         runs.append(Run(0, dname, mname, tpp, frac, seed, run_values))
     runs.sort(key=lambda r: (list(datasets).index(r.dataset), fractions.index(r.label_fraction),
                              seeds.index(r.seed), [m for m, _ in methods].index(r.method), tpps.index(r.tpp)))
+    pretrainings: dict[tuple[str, str], str | None] = {}
     for i, run in enumerate(runs, 1):
         run.index = i
         probe = dict(run.values)  # validated now; the upstream checkpoint does not exist yet
@@ -268,127 +268,59 @@ def load_suite(path: str | Path, out: str | Path | None = None, device: str | No
             probe.update(data=str(source), backbone=None, target_parameters=None, tpp_data=None, combine_backbones=[])
         try:
             Train2dConfig(**probe)
+            if check_paths:
+                _check_pretraining(run.values, upstream is not None, pretrainings)
         except (ValueError, TypeError, OSError) as e:
             raise SuiteError(f"{source}: run {run.dataset} {run.label}: {e}") from None
     return Suite(str(spec["name"]), suite_out, source, runs, notes, upstream, defaults.get("device", "auto"))
 
 
-def describe_runs(suite: Suite) -> list[str]:
-    """One line per run with its state (finished / to run), the notes, and the upstream checkpoint's state."""
+def _check_pretraining(values: dict, upstream: bool, cache: dict) -> None:
+    """For a method whose options depend on the backbone's pre-training (``partial`` with ``quarter: auto``):
+    raises the method's error when a backbone of the run has none known (the upstream MAE has ``mae``)."""
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.vit_checkpoint import checkpoint_pretraining
+    from nnunet_tpp.peft.partial import auto_quarter
+    method = values.get("method", "adapter")
+    if method != "partial" or peft.get_method(method).parse_options(values.get("method_options") or {}).quarter \
+            != "auto":
+        return
+    files = [values.get("backbone"), *(values.get("combine_backbones") or [])]
+    for path in files:
+        if upstream and path is None:
+            auto_quarter("mae")
+            continue
+        key = (str(path), str(values.get("backbone_format", "auto")))
+        if path is not None and key not in cache:
+            cache[key] = checkpoint_pretraining(path, key[1])
+        auto_quarter(cache[key] if path is not None else None)
+
+
+def describe_runs(suite: Suite, shard: tuple[int, int] | None = None) -> list[str]:
+    """One line per run (of ``shard``: I, N) with its state (finished / running elsewhere / to run), the notes,
+    and the upstream checkpoint's state."""
+    from nnunet_tpp.vision2d.bench2d_lock import LOCK_NAME
+    from nnunet_tpp.vision2d.bench2d_parallel import in_shard
+    runs = [r for r in suite.runs if in_shard(r.index, shard)]
     lines = [f"suite {suite.name}: {len(suite.runs)} runs in {suite.out} "
-             f"({sum(r.finished for r in suite.runs)} finished)"]
+             f"({sum(r.finished for r in suite.runs)} finished)"
+             + (f"; shard {shard[0]}/{shard[1]}: {len(runs)} runs" if shard else "")]
     if suite.upstream is not None:
         done = Path(suite.upstream["out_file"]).exists()
         lines.append(f"upstream MAE pre-training on {suite.upstream['data']}: "
                      f"{'done' if done else 'to run'} -> {suite.upstream['out_file']}")
-    for run in suite.runs:
+    for run in runs:
+        state = "finished" if run.finished else "locked (running?)" if (run.out / LOCK_NAME).exists() else "to run"
         lines.append(f"  run {run.index}/{len(suite.runs)}: {run.dataset} {run.label} frac {run.label_fraction:g} "
-                     f"seed {run.seed}: {'finished' if run.finished else 'to run'}  ({run.out})")
+                     f"seed {run.seed}: {state}  ({run.out})")
     lines += [f"  note: {n}" for n in suite.notes]
     return lines
 
 
-def _run_child(run: Run) -> tuple[int, float]:
-    """Runs one ``train2d`` in a fresh interpreter; its output goes to ``<run>/train.log``."""
-    run.out.mkdir(parents=True, exist_ok=True)
-    recipe = run.out / "bench_run.yaml"
-    recipe.write_text(yaml.safe_dump(run.values, sort_keys=False))
-    command = [sys.executable, "-m", "nnunet_tpp.cli", "train2d", "--config", str(recipe), "--no-progress"]
-    started = time.perf_counter()
-    with open(run.out / "train.log", "a") as stream:
-        stream.write(f"$ {' '.join(command)}\n")
-        stream.flush()
-        rc = subprocess.call([sys.executable, "-c", _RELAY, *command], stdout=stream, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - started
-    if rc == 0:
-        (run.out / "bench_run.json").write_text(json.dumps({"seconds": seconds}))
-    return rc, seconds
-
-
-def _log_tail(path: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join("      " + line for line in path.read_text().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _main_metric(run: Run) -> str:
-    try:
-        metrics = json.loads((run.out / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return ""
-    key = "acc" if metrics.get("task", run.values["task"]) == "cls" else "dice"
-    return f" ({key} {metrics.get(key, float('nan')):.1f})"
-
-
-def _check_unchanged(run: Run, log: Callable[[str], None]) -> None:
-    """Warns when a finished run was made with other settings than the suite's now."""
-    try:
-        saved = yaml.safe_load((run.out / "config.yaml").read_text()) or {}
-    except OSError:
-        return
-    backbone = run.values.get("backbone")
-    if backbone is not None and not Path(backbone).exists():
-        return
-    planned = run.config().to_dict()
-    changed = sorted(k for k in planned if k != "device" and saved.get(k) != planned[k])
-    if changed:
-        log(f"    warning: this finished run was made with other settings ({', '.join(changed)}); delete its "
-            f"folder to run it again")
-
-
-def run_suite(suite: Suite, log: Callable[[str], None] = print, jobs: int = 1, progress: bool = True) -> dict:
-    """Runs the suite's unfinished runs (each in a fresh child process), then writes the results.
-
-    Args:
-        suite: from :func:`load_suite`.
-        log: where progress lines go.
-        jobs: runs at a time (more than 1 makes the time and throughput numbers of the runs unreliable).
-        progress: show progress bars in the upstream pre-training.
-    Returns:
-        ``{"failed": [run labels], "ran": n, "skipped": n, "results": {csv, md, png paths}}``.
-    """
-    from nnunet_tpp.vision2d.bench2d_report import write_results
-    suite.out.mkdir(parents=True, exist_ok=True)
-    for line in describe_runs(suite)[:2]:
-        log(line)
-    for note in suite.notes:
-        log(f"note: {note}")
-    if suite.upstream is not None:
-        from nnunet_tpp.vision2d.upstream import pretrain_mae_upstream
-        backbone = pretrain_mae_upstream(**suite.upstream, log=log, progress=progress)
-        for run in suite.runs:
-            run.values["backbone"] = str(backbone)
-    total, failed, counts = len(suite.runs), [], {"ran": 0, "skipped": 0}
-
-    def one(run: Run) -> None:
-        head = f"run {run.index}/{total}: {run.dataset} {run.label}" + \
-               (f" frac {run.label_fraction:g}" if run.label_fraction != 1 else "") + f" seed {run.seed}"
-        if run.finished:
-            counts["skipped"] += 1
-            log(f"{head} ... finished before, skipped (resumable: finished runs are not repeated)")
-            _check_unchanged(run, log)
-            return
-        log(f"{head} ... started" if jobs > 1 else f"{head} ...")
-        rc, seconds = _run_child(run)
-        counts["ran"] += 1
-        if rc == 0 and run.finished:
-            log(f"{head} ... done in {seconds:.0f} s{_main_metric(run)}")
-            return
-        why = " (killed: out of memory?)" if rc in (137, 247) else ""
-        failed.append(f"{run.dataset} {run.label} frac {run.label_fraction:g} seed {run.seed} (exit {rc}{why}; "
-                      f"log {run.out / 'train.log'})")
-        log(f"{head} ... FAILED with exit code {rc}{why} after {seconds:.0f} s; the end of "
-            f"{run.out / 'train.log'}:\n{_log_tail(run.out / 'train.log')}")
-
-    if jobs <= 1:
-        for run in suite.runs:
-            one(run)
-    else:
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(one, suite.runs))
-    files = write_results(suite, failed)
-    log(f"results: {files['csv']}, {files['md']}, {files['png']}")
-    if failed:
-        log(f"{len(failed)} of {total} runs failed:\n" + "\n".join(f"  {f}" for f in failed))
-    return {"failed": failed, **counts, "results": files}
+def run_suite(suite: Suite, log: Callable[[str], None] = print, jobs: int | None = None, progress: bool = True,
+              devices: list[str] | None = None, shard: tuple[int, int] | None = None,
+              stale_after: float | None = None) -> dict:
+    """Runs the suite's unfinished runs (of ``shard``), each in a fresh child process, then writes the results
+    (:func:`nnunet_tpp.vision2d.bench2d_run.run_suite`, which documents the arguments)."""
+    from nnunet_tpp.vision2d.bench2d_run import run_suite as execute
+    return execute(suite, log=log, jobs=jobs, progress=progress, devices=devices, shard=shard, stale_after=stale_after)

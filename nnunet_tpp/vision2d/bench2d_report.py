@@ -1,14 +1,23 @@
 """The results of a ``bench2d`` suite: ``results.csv`` (one row per finished run), ``results.md`` (per dataset
 the papers' columns as mean ± std over seeds, plus peak memory, throughput and their ratio to full
-fine-tuning, and the machine), ``results.png`` (the main metric per method with std error bars)."""
+fine-tuning, and the machine), ``results.png`` (the main metric per method with std error bars).
+
+Units: ``results.csv`` holds ACC/AUC/F1/Dice and ``trainable_ratio`` as fractions (0-1), as every
+``metrics.json`` does (older percent files are converted on reading: :func:`~nnunet_tpp.vision2d.metrics.read_metrics`);
+the printed ``results.md`` table and the plot show percent and say so. The files are rebuilt from every
+finished run folder each time, so any process (another shard, ``--report``) can write them; writes are atomic.
+"""
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
+import socket
 import statistics
 from pathlib import Path
+
+from nnunet_tpp.vision2d.metrics import FRACTIONS, read_metrics
 
 COLUMNS = ("dataset", "task", "method", "peft_method", "tpp", "label_fraction", "seed", "acc", "auc", "f1", "dice",
            "hd95", "trainable_ratio", "peak_memory_mb", "memory_kind", "images_per_s", "seconds", "best_epoch",
@@ -22,7 +31,7 @@ def collect_rows(suite) -> list[dict]:
     rows = []
     for run in suite.runs:
         try:
-            metrics = json.loads((run.out / "metrics.json").read_text())
+            metrics = read_metrics(run.out / "metrics.json")
         except (OSError, ValueError):
             continue
         try:
@@ -44,10 +53,16 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def _fmt(mean: float, std: float, digits: int = 2) -> str:
+def _fmt(mean: float, std: float, digits: int = 2, scale: float = 1.0) -> str:
     if math.isnan(mean):
         return "—"
+    mean, std = mean * scale, std * scale
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if not math.isnan(std) else "")
+
+
+def _shown(key: str) -> float:
+    """The factor a value of ``key`` is printed with: 100 for fractions (shown in percent), else 1."""
+    return 100.0 if key in FRACTIONS else 1.0
 
 
 def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
@@ -92,7 +107,7 @@ def markdown(suite, rows: list[dict], failed: list[str], machine: str) -> str:
     fractions = {r["label_fraction"] for r in rows}
     for dataset, entries in group_rows(rows).items():
         task = entries[0]["task"]
-        names = [label for _, label in METRICS[task]]
+        names = [f"{label} (%)" if key in FRACTIONS else f"{label} (px)" for key, label in METRICS[task]]
         has_full = any(e["peft_method"] == REFERENCE and e["tpp"] == "none" for e in entries)
         head = ["Method", "TPP"] + (["Labels"] if len(fractions) > 1 else []) + ["n"] + names + \
                ["Ratio (%)", "Peak memory (MB)", "Images/s", "Time (s)"] + \
@@ -101,8 +116,8 @@ def markdown(suite, rows: list[dict], failed: list[str], machine: str) -> str:
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for e in entries:
             cells = [e["method"], e["tpp"]] + ([f"{e['label_fraction']:g}"] if len(fractions) > 1 else []) + \
-                    [str(e["n"])] + [_fmt(*e[key]) for key, _ in METRICS[task]] + \
-                    [_fmt(*e["trainable_ratio"]), _fmt(*e["peak_memory_mb"], digits=0),
+                    [str(e["n"])] + [_fmt(*e[key], scale=_shown(key)) for key, _ in METRICS[task]] + \
+                    [_fmt(*e["trainable_ratio"], scale=100.0), _fmt(*e["peak_memory_mb"], digits=0),
                      _fmt(*e["images_per_s"], digits=1), _fmt(*e["seconds"], digits=0)]
             if has_full:
                 ref = _reference(entries, e)
@@ -110,8 +125,9 @@ def markdown(suite, rows: list[dict], failed: list[str], machine: str) -> str:
                           _ratio(e["images_per_s"][0], ref["images_per_s"][0]) if ref else "—"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines.append("Mean ± sample standard deviation over the seeds (n runs); metrics in percent on the test split "
-                 "at the epoch with the best validation score; HD95 in pixels at the evaluated resolution.")
+    lines.append("Mean ± sample standard deviation over the seeds (n runs); metrics in percent here (fractions in "
+                 "results.csv and metrics.json) on the test split at the epoch with the best validation score; "
+                 "HD95 in pixels at the evaluated resolution.")
     for note in suite.notes:
         lines.append(f"- {note}")
     if failed:
@@ -136,8 +152,8 @@ def plot(rows: list[dict], path: Path) -> None:
         key = "acc" if entries[0]["task"] == "cls" else "dice"
         labels = [e["method"] + ("" if e["tpp"] == "none" else f"+{e['tpp']}") +
                   (f"\n{e['label_fraction']:g}" if len(fractions) > 1 else "") for e in entries]
-        means = [e[key][0] for e in entries]
-        errors = [0.0 if math.isnan(e[key][1]) else e[key][1] for e in entries]
+        means = [100.0 * e[key][0] for e in entries]
+        errors = [0.0 if math.isnan(e[key][1]) else 100.0 * e[key][1] for e in entries]
         ax.bar(range(len(entries)), means, yerr=errors, capsize=4,
                color=[colours.get(e["tpp"], "grey") for e in entries])
         ax.set_xticks(range(len(entries)))
@@ -150,10 +166,15 @@ def plot(rows: list[dict], path: Path) -> None:
     if not grouped:
         axes[0][0].text(0.5, 0.5, "no finished runs", ha="center")
     fig.tight_layout()
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.png")
+    tmp = path.with_suffix(f".tmp-{_writer()}.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _writer() -> str:
+    """host-pid: temporary names that processes on several machines sharing the folder cannot collide on."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def machine(device: str) -> str:
@@ -170,13 +191,13 @@ def write_results(suite, failed: list[str] = ()) -> dict[str, Path]:
     rows = collect_rows(suite)
     suite.out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": suite.out / "results.csv", "md": suite.out / "results.md", "png": suite.out / "results.png"}
-    tmp = paths["csv"].with_suffix(f".tmp-{os.getpid()}")
+    tmp = paths["csv"].with_suffix(f".tmp-{_writer()}")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, paths["csv"])
-    tmp = paths["md"].with_suffix(f".tmp-{os.getpid()}")
+    tmp = paths["md"].with_suffix(f".tmp-{_writer()}")
     tmp.write_text(markdown(suite, rows, list(failed), machine(suite.device)))
     os.replace(tmp, paths["md"])
     plot(rows, paths["png"])

@@ -33,7 +33,9 @@ def add_train2d_parser(sub) -> None:
     p.add_argument("--arch-option", dest="arch_options", action="append", metavar="KEY=VALUE",
                    help="a ViTConfig field, repeatable (e.g. num_register_tokens=4, layer_scale=1e-5)")
     p.add_argument("--backbone", help="checkpoint file to start from (no download ever happens)")
-    p.add_argument("--backbone-format", dest="backbone_format", help="auto | timm | dinov2 | medcoss")
+    p.add_argument("--backbone-format", dest="backbone_format",
+                   help="auto | timm | mae | dino | path_dino | dinov2 | medcoss (the last five also name the "
+                        "pre-training: partial's quarter auto and the position-embedding resampling follow it)")
     p.add_argument("--target-parameters", dest="target_parameters", help="TPP target-parameter file")
     p.add_argument("--tpp", choices=("none", "mae", "dino"), help="target parameter pre-training first")
     p.add_argument("--tpp-data", dest="tpp_data", help="pretext images from another dataset")

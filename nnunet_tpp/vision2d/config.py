@@ -11,6 +11,9 @@ import yaml
 TASKS = ("cls", "seg")
 PRETEXTS = ("none", "mae", "dino")
 SSA_OBJECTIVES = ("none", "dinov2")
+# where and how a run executes, not what it computes: a run resumed or re-run with other values of these is the
+# same run (another GPU, another folder, more loader workers)
+RUNTIME_FIELDS = ("out", "device", "num_workers", "compile")
 
 
 @dataclass
@@ -27,7 +30,9 @@ class Train2dConfig:
         arch_options: further :class:`~nnunet_tpp.models.vit.ViTConfig` fields (``num_register_tokens``,
             ``layer_scale``, ``pre_norm``, ``cls_pos_embed``, ...) to match a checkpoint.
         backbone: a checkpoint file to start from (None: random initialisation).
-        backbone_format: ``auto``, ``timm``, ``dinov2`` or ``medcoss``.
+        backbone_format: ``auto``, ``timm``, ``mae``, ``dino``, ``path_dino``, ``dinov2`` or ``medcoss``; the
+            pre-training names also tell ``partial``'s ``quarter: auto`` and the position-embedding resampling
+            which pre-training the checkpoint comes from (:mod:`nnunet_tpp.models.vit_pretraining`).
         method, method_options: the PEFT method and its options (``nnunet-tpp methods``).
         target_parameters: a target-parameter file (TPP) to start the method's parameters from.
         epochs, batch_size, seed: schedule and randomness.
@@ -116,6 +121,12 @@ class Train2dConfig:
             raise ValueError(f"ssa must be one of {SSA_OBJECTIVES}, got {self.ssa!r}")
         if self.tpp != "none" and self.target_parameters is not None:
             raise ValueError("give either tpp (run a pretext stage) or target_parameters (start from a file), not both")
+        if self.tpp != "none":
+            from nnunet_tpp import peft
+            if not peft.get_method(self.method).adds_parameters:
+                raise ValueError(f"tpp {self.tpp} pre-trains the parameters a PEFT method adds, and {self.method!r} "
+                                 f"adds none; use a method that adds parameters (adapter, lora, vpt, ssf, "
+                                 f"adaptformer, evp, dtl) or leave out --tpp")
         if self.combine_backbones:
             if self.task != "cls" or self.backbone is None:
                 raise ValueError("combine_backbones needs task cls and a first checkpoint in backbone")
@@ -144,6 +155,10 @@ class Train2dConfig:
             return float(self.lr)
         return 1e-4 if self.method in ("full", "partial") else 1e-3
 
+    def identity(self) -> dict[str, Any]:
+        """:meth:`to_dict` without :data:`RUNTIME_FIELDS`: what two runs must share to be the same run."""
+        return identity_of(self.to_dict())
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths as strings) for JSON/YAML."""
         def plain(v):
@@ -161,3 +176,9 @@ class Train2dConfig:
             raise ValueError(f"{path}: unknown setting(s) {unknown}; known: {sorted(known)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def identity_of(values: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings (:meth:`Train2dConfig.to_dict`, e.g. as read back from a ``config.yaml``) without
+    :data:`RUNTIME_FIELDS`."""
+    return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS}

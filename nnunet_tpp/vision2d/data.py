@@ -177,6 +177,11 @@ class DatasetSplits:
         return "\n".join(lines)
 
 
+def _has_images(folder: Path) -> bool:
+    """True when ``folder`` or a sub-folder holds at least one image file (stops at the first)."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in folder.rglob("*"))
+
+
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -267,6 +272,9 @@ def load_dataset(path: str | Path, task: str, img_size: int, in_chans: int | Non
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset not found: {path}")
+    if path.is_dir() and not (path / "annotations.csv").is_file() and not _has_images(path):
+        raise DataError(f"{path}: found no images (no {', '.join(sorted(IMAGE_SUFFIXES))} files in it or its "
+                        f"sub-folders); point --data at a dataset folder or a MedMNIST .npz")
     layout = layout or _detect_layout(path)
     if (task == "seg") != (layout == "image_mask"):
         raise DataError(f"{path}: a {layout} dataset cannot be used for task {task!r}"

@@ -1,20 +1,34 @@
-"""Test metrics of the 2D branch, as the papers report them.
+"""Test metrics of the 2D branch, as the papers report them, and the unit convention of every JSON file the
+2-D branch writes.
 
 Classification: accuracy, AUC (binary: of the positive class' probability; more classes: macro one-vs-rest)
 and macro F1, from scikit-learn. Segmentation: Dice and HD95 of the foreground per image, averaged over
 images (more than one foreground class: averaged over classes first), in pixels of the evaluated
 resolution, with the empty-mask convention of :mod:`nnunet_tpp.evaluation` (both empty: Dice 1, HD95 0;
 one empty: Dice 0, HD95 = image diagonal).
+
+Units: ACC, AUC, F1, Dice and ``trainable_ratio`` are **fractions** (0-1) in every JSON file (``metrics.json``,
+``history.json``, the benchmarks' files), which name them in a ``"units"`` entry (:data:`UNITS`); HD95 is in
+pixels here (2-D images carry no spacing; ``nnunet-tpp evaluate`` reports it in mm). Printed tables and log lines
+show percent and say so. Files written before this convention (no ``"units"`` entry) held percent;
+:func:`read_metrics` converts them.
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 
 from nnunet_tpp.evaluation import dice_hd95
 
+FRACTIONS = ("acc", "auc", "f1", "dice", "trainable_ratio")
+UNITS = {"acc": "fraction", "auc": "fraction", "f1": "fraction", "dice": "fraction", "hd95": "pixel",
+         "trainable_ratio": "fraction", "peak_memory_mb": "MiB", "images_per_s": "images/s"}
+
 
 def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """ACC, AUC and macro F1 in percent.
+    """ACC, AUC and macro F1 as fractions (0-1).
 
     Args:
         labels: (N,) integer classes.
@@ -36,12 +50,12 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
         probs = probabilities[:, present] / probabilities[:, present].sum(1, keepdims=True)
         auc = roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=present)
     f1 = f1_score(labels, predicted, average="macro", labels=np.arange(num_classes), zero_division=0)
-    return {"acc": 100.0 * float((predicted == labels).mean()), "auc": 100.0 * float(auc), "f1": 100.0 * float(f1)}
+    return {"acc": float((predicted == labels).mean()), "auc": float(auc), "f1": float(f1)}
 
 
 def segmentation_metrics(masks: list[np.ndarray], predictions: list[np.ndarray], num_classes: int
                          ) -> dict[str, float]:
-    """Mean foreground Dice (percent) and HD95 (pixels) over images.
+    """Mean foreground Dice (a fraction, 0-1) and HD95 (pixels) over images.
 
     Args:
         masks, predictions: per image (H, W) integer label maps.
@@ -56,4 +70,44 @@ def segmentation_metrics(masks: list[np.ndarray], predictions: list[np.ndarray],
         per_class = [dice_hd95(ref == c, pred == c, (1.0, 1.0)) for c in range(1, num_classes)]
         dices.append(np.mean([d for d, _ in per_class]))
         hds.append(np.mean([h for _, h in per_class]))
-    return {"dice": 100.0 * float(np.mean(dices)), "hd95": float(np.mean(hds))}
+    return {"dice": float(np.mean(dices)), "hd95": float(np.mean(hds))}
+
+
+def units_for(keys) -> dict[str, str]:
+    """The ``"units"`` entry for a JSON object with these keys (only the keys :data:`UNITS` names)."""
+    return {k: UNITS[k] for k in UNITS if k in set(keys)}
+
+
+def as_fractions(values: dict) -> dict:
+    """A copy of a metrics dict written before the unit convention (percent) with :data:`FRACTIONS` divided by
+    100, nested ``val`` dicts too, and the ``"units"`` entry added."""
+    out = {}
+    for key, value in values.items():
+        if key in FRACTIONS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value / 100.0
+        elif key == "val" and isinstance(value, dict):
+            out[key] = as_fractions(value)
+        else:
+            out[key] = value
+    out["units"] = units_for(out)
+    return out
+
+
+def read_metrics(path: str | Path) -> dict:
+    """Reads a ``metrics.json`` of ``train2d`` in fractions whichever convention wrote it: a file with a
+    ``"units"`` entry is returned as it is; an older one (no ``"units"``: percent) is converted
+    (:func:`as_fractions`). Raises OSError / ValueError for an unreadable file."""
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a metrics object")
+    if "units" in data:
+        bad = {k: v for k, v in data["units"].items() if k in FRACTIONS and v != "fraction"}
+        if bad:
+            raise ValueError(f"{path}: unexpected units {bad} (expected fractions)")
+        return data
+    return as_fractions(data)
+
+
+def percent(value: float) -> float:
+    """A fraction as percent, for printed tables and logs."""
+    return 100.0 * float(value)

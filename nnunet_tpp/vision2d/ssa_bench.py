@@ -108,7 +108,8 @@ def run_ssa_bench(arch: str = "vit_base", img_size: int = 224, patch_size: int =
 
     Returns:
         ``{"machine", "device", "arch", ..., "load_before", "load_after", "methods": {name: {measure_ssa's keys,
-        "trainable_ratio", "memory_ratio", "speed_ratio"}}}``; ratios are against ``full``.
+        "trainable_ratio", "memory_ratio", "speed_ratio"}}, "units"}``; ratios are against ``full``;
+        ``trainable_ratio`` is a fraction (``units`` names it).
     """
     settings = ssa_settings(ssa_options)
     methods = [REFERENCE] + [m for m in dict.fromkeys(methods) if m != REFERENCE]
@@ -135,6 +136,8 @@ def run_ssa_bench(arch: str = "vit_base", img_size: int = 224, patch_size: int =
         row["trainable_ratio"] = row["trainable_params"] / row["total_params"]
         row["memory_ratio"] = row["peak_memory_mb"] / ref["peak_memory_mb"]
         row["speed_ratio"] = row["images_per_s"] / ref["images_per_s"]
+    result["units"] = {"trainable_ratio": "fraction", "peak_memory_mb": "MiB", "images_per_s": "images/s",
+                       "step_time_s": "s"}
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2))
     return result

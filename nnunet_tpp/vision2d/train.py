@@ -1,12 +1,17 @@
 """One supervised 2D run (``nnunet-tpp train2d``): ViT backbone + task head + a PEFT method, AdamW with
 warm-up and cosine decay, model selection on the validation split, metrics on the test split.
 
+Everything is checked before the first write into the run folder (:mod:`nnunet_tpp.vision2d.checks`: settings,
+data, checkpoints, the method on the built backbones, a folder of other settings); a refused run leaves the
+folder as it was.
+
 Files in the run folder:
-    metrics.json    test metrics + trainable_ratio, peak_memory_mb, images_per_s (written last: a run
-                    folder with metrics.json is finished and never trained over)
+    metrics.json    test metrics (ACC/AUC/F1 or Dice as fractions, HD95 in pixels: its "units" entry),
+                    trainable_ratio (a fraction), peak_memory_mb, images_per_s (written last: a run folder with
+                    metrics.json is finished and never trained over)
     adapter.pth     the adapter-only weights of the best epoch (``nnunet_tpp.peft.load`` reads it)
     config.yaml     the settings of the run
-    history.json, progress.png   loss and validation metric per epoch
+    history.json, progress.png   loss and validation metrics (fractions) per epoch
     checkpoint.pth  while training: written atomically after every epoch, so a killed run resumes
 """
 from __future__ import annotations
@@ -28,25 +33,10 @@ from torch import nn
 from nnunet_tpp import peft
 from nnunet_tpp.models.vit import VisionTransformer, build_vit
 from nnunet_tpp.models.vit_heads import ViTClassifier, ViTSegmenter
+from nnunet_tpp.vision2d.checks import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunExistsError,  # noqa: F401
+                                        check_backbones, check_settings, resolve_device)
 from nnunet_tpp.vision2d.config import Train2dConfig
-from nnunet_tpp.vision2d.metrics import classification_metrics, segmentation_metrics
-
-METRICS_FILE = "metrics.json"
-CHECKPOINT_FILE = "checkpoint.pth"
-
-
-class RunExistsError(RuntimeError):
-    """The run folder already holds a finished run."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; other names as given (an unavailable CUDA raises)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
+from nnunet_tpp.vision2d.metrics import classification_metrics, percent, segmentation_metrics, units_for
 
 
 def checkpoint_in_chans(path: Path, fmt: str) -> int:
@@ -68,18 +58,26 @@ def build_backbone(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None]
     return backbone
 
 
+def build_other_backbones(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None] = print
+                          ) -> list[VisionTransformer]:
+    """The backbones of ``cfg.combine_backbones`` (empty without), built as :func:`build_backbone`."""
+    return [build_backbone(replace(cfg, backbone=p, combine_backbones=[]), in_chans, log)
+            for p in cfg.combine_backbones]
+
+
 def build_model(cfg: Train2dConfig, backbone: VisionTransformer, num_classes: int,
-                log: Callable[[str], None] = print) -> nn.Module:
+                log: Callable[[str], None] = print, others: list[VisionTransformer] | None = None) -> nn.Module:
     """The task model on ``backbone`` with the PEFT method applied: a classifier, a segmenter, or (with
-    ``cfg.combine_backbones``) a :class:`CombinedClassifier` of ``backbone`` and the further checkpoints.
+    ``cfg.combine_backbones``) a :class:`CombinedClassifier` of ``backbone`` and the further checkpoints
+    (``others`` when already built, else built here).
 
     Returns:
         The model, with ``peft_config`` set.
     """
     if cfg.combine_backbones:
         from nnunet_tpp.models.vit_combine import CombinedClassifier
-        others = [build_backbone(replace(cfg, backbone=p, combine_backbones=[]), backbone.config.in_chans, log)
-                  for p in cfg.combine_backbones]
+        if others is None:
+            others = build_other_backbones(cfg, backbone.config.in_chans, log)
         model = CombinedClassifier([backbone, *others], num_classes, mode=cfg.combine, pool=cfg.pool)
     elif cfg.task == "cls":
         model = ViTClassifier(backbone, num_classes, pool=cfg.pool)
@@ -188,14 +186,11 @@ def _save_checkpoint(path: Path, cfg: Train2dConfig, model: nn.Module, optimizer
                             "train_images": state.train_images, "train_seconds": state.train_seconds}, path)
 
 
-def _resume(path: Path, cfg: Train2dConfig, model: nn.Module, optimizer, log) -> _State:
-    if not path.exists():
+def _resume(saved: dict | None, path: Path, model: nn.Module, optimizer, log) -> _State:
+    """The training state of an unfinished run (its checkpoint, already checked against the settings by
+    :func:`~nnunet_tpp.vision2d.checks.check_run_folder`), or a fresh one."""
+    if saved is None:
         return _State(history=[])
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if saved["config"] != cfg.to_dict():
-        changed = sorted(k for k in cfg.to_dict() if saved["config"].get(k) != cfg.to_dict()[k])
-        raise RunExistsError(f"{path} belongs to an unfinished run with other settings ({', '.join(changed)}); "
-                             f"resume it with the same settings or choose another --out")
     peft.load_state_dict(model, saved["weights"])
     optimizer.load_state_dict(saved["optimizer"])
     log(f"resuming after epoch {saved['epoch']} from {path}")
@@ -224,7 +219,7 @@ def plot_history(history: list[dict], metric: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_json(data: dict, path: Path) -> None:
+def _write_json(data: dict | list, path: Path) -> None:
     tmp = path.with_suffix(f".tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
@@ -243,27 +238,25 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     from tqdm import tqdm
 
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
-    peft.get_method(cfg.method).parse_options(cfg.method_options)  # unknown method / option: fail before any write
-    if cfg.ssa != "none":
-        from nnunet_tpp.vision2d.ssa import check_ssa_run
-        check_ssa_run(cfg)
+    device, saved = check_settings(cfg)  # nothing is written before every check has passed
     out = cfg.out
-    if (out / METRICS_FILE).exists():
-        raise RunExistsError(f"{out} already holds a finished run ({METRICS_FILE}); choose another --out")
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     in_chans = cfg.in_chans or (checkpoint_in_chans(cfg.backbone, cfg.backbone_format) if cfg.backbone else None)
     splits = load_dataset(cfg.data, cfg.task, cfg.img_size, in_chans=in_chans, seed=cfg.seed,
                           label_fraction=cfg.label_fraction)
     log(splits.describe())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     backbone = build_backbone(cfg, splits.in_chans, log)
+    others = build_other_backbones(cfg, splits.in_chans, log)
+    check_backbones(cfg, [backbone, *others])
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # stray allocations on the default device land on this run's GPU
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     stages = {}
     if cfg.ssa != "none":
         from nnunet_tpp.vision2d.ssa import run_ssa
         stages["ssa"] = run_ssa(backbone, splits.train_plain, cfg, out / "ssa", device, log)
-    model = build_model(cfg, backbone, splits.num_classes, log)
+    model = build_model(cfg, backbone, splits.num_classes, log, others=others)
     if cfg.ssa != "none" and not stages["ssa"].get("merged", True):
         from nnunet_tpp.vision2d.ssa import carry_ssa_parameters
         carry_ssa_parameters(model, out / "ssa", log)
@@ -273,7 +266,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     stages["target_parameters"] = start_target_parameters(model, cfg, splits.train_plain, device, log)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    state = _resume(out / CHECKPOINT_FILE, cfg, model, optimizer, log)
+    state = _resume(saved, out / CHECKPOINT_FILE, model, optimizer, log)
     train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                num_workers=cfg.num_workers)
     lrs = _learning_rates(cfg, len(train_loader))
@@ -310,7 +303,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
             state.best_score, state.best_epoch, state.best_weights = score, epoch + 1, peft.state_dict(model)
         state.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": val})
         state.epoch = epoch + 1
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val {metric} {val[metric]:.2f}"
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val {metric} {percent(val[metric]):.2f}%"
             f"{' (best)' if best else ''} lr {lrs[min(state.epoch * len(train_loader), len(lrs)) - 1]:.2e} "
             f"{state.train_images / max(state.train_seconds, 1e-9):.1f} img/s")
         _save_checkpoint(out / CHECKPOINT_FILE, cfg, model, optimizer, state)
@@ -319,7 +312,8 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     test = evaluate(model, splits.test, cfg.task, splits.num_classes, device, cfg.batch_size, cfg.amp)
     memory, memory_kind = peak_memory_mb(device)
     peft.save(model, out / "adapter.pth", extra={"train2d": cfg.to_dict(), "best_epoch": state.best_epoch})
-    metrics = {**test, "trainable_ratio": summary.percent, "trainable_params": summary.trainable,
+    metrics = {**test, "trainable_ratio": summary.trainable / max(summary.total, 1),
+               "trainable_params": summary.trainable,
                "total_params": summary.total, "peak_memory_mb": memory, "memory_kind": memory_kind,
                "images_per_s": state.train_images / max(state.train_seconds, 1e-9),
                "best_epoch": state.best_epoch, "val": state.history[state.best_epoch - 1]["val"],
@@ -327,10 +321,12 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
                "seed": cfg.seed, "label_fraction": cfg.label_fraction, "device": str(device),
                "test_images": len(splits.test), "train_images": len(splits.train), "tpp": cfg.tpp,
                "ssa": cfg.ssa, **stages}
-    _write_json(state.history, out / "history.json")
+    metrics["units"] = units_for(metrics)
+    _write_json({"units": units_for(test), "epochs": state.history}, out / "history.json")
     _write_json(metrics, out / METRICS_FILE)
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)
-    shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in (("acc", "auc", "f1") if cfg.task == "cls" else ("dice", "hd95")))
+    shown = ", ".join(f"{k} {percent(metrics[k]):.2f}%" for k in ("acc", "auc", "f1")) if cfg.task == "cls" else \
+        f"dice {percent(metrics['dice']):.2f}%, hd95 {metrics['hd95']:.2f} px"
     log(f"test: {shown}; trainable {summary.percent:.2f}%; {metrics['images_per_s']:.1f} img/s; "
         f"peak memory {memory:.0f} MB ({memory_kind}); results in {out}")
     return metrics

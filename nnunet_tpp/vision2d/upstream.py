@@ -7,7 +7,7 @@ decoder_*, mask_token}, "vit_config": ...}``; the settings and the loss curve go
 inherits its decoder.
 
 Recipe as MAE: AdamW (betas 0.9/0.95, weight decay 0.05 except on norms, biases, tokens and position
-embeddings), lr = base_lr * batch_size / 256 with base_lr 1.5e-4, linear warm-up then cosine decay,
+embeddings: :func:`~nnunet_tpp.pretext.optim.weight_decay_groups`), lr = base_lr * batch_size / 256 with base_lr 1.5e-4, linear warm-up then cosine decay,
 mask ratio 0.75, normalised-pixel loss, random-resized-crop (scale 0.2-1) + horizontal-flip augmentation.
 """
 from __future__ import annotations
@@ -23,18 +23,6 @@ import torch
 from nnunet_tpp.pretext.crops2d import random_resized_crop
 
 RESUME_SUFFIX = ".resume.pth"
-
-
-def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """MAE's split: no weight decay on 1-D parameters (norms, biases) and on tokens / position embeddings."""
-    decay, no_decay = [], []
-    for module in modules:
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            plain = p.ndim <= 1 or name.endswith(("token", "pos_embed")) or "pos_embed" in name
-            (no_decay if plain else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _atomic_json(data: dict, path: Path) -> None:
@@ -76,6 +64,7 @@ def pretrain_mae_upstream(data: str | Path, out_file: str | Path, arch: str = "v
     from nnunet_tpp.models.vit_checkpoint import save_vit_checkpoint
     from nnunet_tpp.pretext.dino import cosine_schedule
     from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
+    from nnunet_tpp.pretext.optim import weight_decay_groups
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
     from nnunet_tpp.vision2d.train import resolve_device
 
@@ -111,7 +100,8 @@ def pretrain_mae_upstream(data: str | Path, out_file: str | Path, arch: str = "v
                          decoder_depth, decoder_num_heads, num_prefix_tokens=encoder.num_prefix_tokens)
     encoder.to(dev), decoder.to(dev)
     lr = base_lr * batch_size / 256
-    optimizer = torch.optim.AdamW(_param_groups([encoder, decoder], weight_decay), lr=lr, betas=(0.9, 0.95))
+    named = [*encoder.named_parameters(), *decoder.named_parameters(prefix="decoder")]
+    optimizer = torch.optim.AdamW(weight_decay_groups(named, weight_decay), lr=lr, betas=(0.9, 0.95))
     loader = make_loader(images, batch_size, shuffle=True, seed=seed)
     steps = len(loader)
     warmup = warmup_epochs if warmup_epochs is not None else max(1.0, 0.05 * epochs)
@@ -157,7 +147,7 @@ def pretrain_mae_upstream(data: str | Path, out_file: str | Path, arch: str = "v
         peft.atomic_torch_save({"settings": json.loads(json.dumps(settings)), "encoder": encoder.state_dict(),
                                 "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(),
                                 "epoch": epoch + 1, "losses": losses, "seconds": seconds, "images": seen}, resume)
-    save_vit_checkpoint(encoder, out_file, extra=decoder.state_dict())
+    save_vit_checkpoint(encoder, out_file, extra=decoder.state_dict(), pretraining="mae")
     _atomic_json({"settings": settings, "losses": losses, "seconds": seconds,
                   "train_images": len(images)}, sidecar)
     resume.unlink(missing_ok=True)

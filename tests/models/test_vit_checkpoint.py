@@ -193,7 +193,12 @@ def test_medcoss_checkpoint_matches_medcoss_forward(tmp_path):
     model = _fresh(cfg)
     report = load_vit_checkpoint(model, path, medcoss_grid=8)
     assert report.format == "medcoss" and report.container == "model"
+    assert (report.pretraining, report.resampling, model.pretraining) == ("medcoss", "mae", "medcoss")
     assert _same_function(src, model)
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.vit_heads import ViTClassifier
+    partial = peft.apply(ViTClassifier(model, 2), "partial")  # quarter auto: the 3rd after MedCoSS (restorative)
+    assert partial.peft_config.trained_modules == ("backbone.blocks.2",)
     with torch.no_grad():
         assert torch.allclose(model(_image()), _medcoss_reference(state, _image(), heads=3, patch=4), atol=1e-5)
     assert {"mask_token", "decoder_embed.weight", "video_embed.embeddings_3D.weight", "token_embed.embeddings.weight",
@@ -243,7 +248,8 @@ def test_other_position_grid(tmp_path):
     model = _fresh(img_size=48)
     report = load_vit_checkpoint(model, path)
     assert report.interpolated == "8x8 -> 12x12"
-    expected = resample_patch_pos_embed(src.pos_embed[:, 1:].detach(), (12, 12))
+    assert (report.pretraining, report.resampling) == (None, "timm")  # a plain timm state dict: timm's rule
+    expected = resample_patch_pos_embed(src.pos_embed[:, 1:].detach(), (12, 12), "timm")
     assert torch.allclose(model.pos_embed[:, 1:], expected)
     assert torch.equal(model.pos_embed[:, :1], src.pos_embed[:, :1])
     with torch.no_grad():

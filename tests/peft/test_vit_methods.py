@@ -13,12 +13,12 @@ from nnunet_tpp.peft import PeftError
 D, DEPTH, CLASSES = 48, 4, 3
 VIT_METHODS = ["vpt", "ssf", "adapter", "adaptformer", "lora", "evp", "dtl", "apla", "partial", "bitfit",
                "linear_probe", "full"]
-OPTIONS = {"evp": {"scale_factor": 4}}
+OPTIONS = {"evp": {"scale_factor": 4}, "partial": {"quarter": 2}}  # random ViTs: auto has no pre-training
 # what each method trains besides the head, by parameter name (classifier: backbone.<timm name>)
 TRAINS = {
     "vpt": lambda n: n == "backbone.tuner.prompts",
     "ssf": lambda n: n.endswith((".ssf_scale", ".ssf_shift")),
-    "adapter": lambda n: ".adapter_attn." in n or ".adapter_mlp." in n,
+    "adapter": lambda n: ".adapter_attn." in n or ".adapter_mlp." in n or ".norm" in n,  # + every LayerNorm
     "adaptformer": lambda n: ".adapter_parallel." in n,
     "lora": lambda n: ".attn.qkv.lora_" in n,
     "evp": lambda n: n.startswith("backbone.tuner."),
@@ -80,8 +80,7 @@ def test_forward_on_classifier_and_segmenter(method):
 
 @pytest.mark.parametrize("method", VIT_METHODS)
 def test_training_changes_exactly_the_trained_parameters(method):
-    options = dict(OPTIONS.get(method, {}), **({"quarter": 2} if method == "partial" else {}))
-    net = peft.apply(classifier(), method, **options)
+    net = peft.apply(classifier(), method, **OPTIONS.get(method, {}))
     expected = {n for n, _ in net.named_parameters() if TRAINS[method](n) or n.startswith("head.")}
     trained = set(peft.trained_parameter_names(net))
     assert trained == expected
@@ -108,7 +107,7 @@ def test_trainable_counts():
     counts = {
         ("lora", (("rank", r),)): DEPTH * 2 * r * (D + D),
         ("lora", (("rank", r), ("targets", ("fc1",)))): DEPTH * r * (D + 4 * D),
-        ("adapter", (("bottleneck", m),)): DEPTH * 2 * (D * m + m + m * D + D),
+        ("adapter", (("bottleneck", m), ("train_norms", False))): DEPTH * 2 * (D * m + m + m * D + D),
         ("adaptformer", (("bottleneck", m),)): DEPTH * (D * m + m + m * D + D),
         ("vpt", (("length", length), ("deep", False))): length * D,
         ("vpt", (("length", length), ("deep", True))): DEPTH * length * D,
@@ -119,9 +118,13 @@ def test_trainable_counts():
         ("ssf", ()): 2 * (D + DEPTH * (D + 3 * D + D + D + 4 * D + D) + D),
         ("evp", (("scale_factor", 4),)): (D * 12 + 12) + (16 * 12 + 12) + DEPTH * (12 * 12 + 12) + (12 * D + D),
     }
+    norms = (2 * DEPTH + 1) * 2 * D  # norm1 + norm2 of every block and the output norm, weight + bias
     for (method, options), count in counts.items():
         summary = peft.trainable_summary(peft.apply(classifier(), method, **dict(options)))
         assert summary.trainable == count + head, (method, options)
+        if method == "adapter":  # the official default also trains the LayerNorms (not target parameters)
+            with_norms = peft.trainable_summary(peft.apply(classifier(), method, bottleneck=m))
+            assert (with_norms.trainable, with_norms.target) == (count + norms + head, count)
         assert summary.heads == head
         assert summary.target == (0 if method == "apla" else count), (method, options)
         plain_total = sum(p.numel() for p in classifier().parameters())
@@ -129,7 +132,7 @@ def test_trainable_counts():
         assert summary.total == plain_total + added, (method, options)
 
 
-@pytest.mark.parametrize("method,options", [("adapter", {}), ("adaptformer", {}), ("lora", {}),
+@pytest.mark.parametrize("method,options", [("adapter", {"init": "zero_up"}), ("adaptformer", {}), ("lora", {}),
                                             ("lora", {"targets": ["fc1", "proj", "k"]}), ("dtl", {})])
 def test_zero_initialised_methods_start_as_the_plain_model(method, options):
     x = image()
@@ -151,7 +154,7 @@ def _randomise(net):
 @pytest.mark.parametrize("method,options", [("lora", {"rank": 4, "alpha": 8}), ("lora", {"targets": ["fc1"]}),
                                             ("lora", {"targets": ["q", "k", "v", "proj", "fc2"]}),
                                             ("ssf", {}), ("bitfit", {}), ("apla", {}), ("apla", {"rows": -1}),
-                                            ("partial", {})])
+                                            ("partial", {"quarter": 2})])
 def test_merge_gives_a_plain_model_with_the_same_outputs(method, options):
     x = image()
     plain = classifier(seed=5)
@@ -201,10 +204,10 @@ def test_partial_trains_one_quarter_of_the_blocks(tiny_stunet):
     assert peft.trainable_summary(net).heads == D * CLASSES + CLASSES
     last = peft.apply(classifier(depth=8), "partial", quarter=4)
     assert {int(n.split(".")[2]) for n in peft.trained_parameter_names(last) if ".blocks." in n} == {6, 7}
-    with pytest.raises(PeftError, match="quarter must be 1, 2, 3 or 4"):
+    with pytest.raises(PeftError, match="quarter must be 1, 2, 3, 4 or auto"):
         peft.apply(classifier(), "partial", quarter=5)
     with pytest.raises(PeftError, match="adapts Vision Transformers.*STUNet"):
-        peft.apply(tiny_stunet(), "partial")
+        peft.apply(tiny_stunet(), "partial", quarter=2)
 
 
 def test_vpt_places_and_strips_prompts():
@@ -272,7 +275,7 @@ def test_methods_adapt_every_backbone_of_a_combined_classifier():
     from nnunet_tpp.models.vit_combine import CombinedClassifier
     x = image()
     for method in ("vpt", "ssf", "apla", "partial"):
-        net = peft.apply(CombinedClassifier([vit(seed=1), vit(seed=2)], CLASSES), method)
+        net = peft.apply(CombinedClassifier([vit(seed=1), vit(seed=2)], CLASSES), method, **OPTIONS.get(method, {}))
         names = peft.trained_parameter_names(net)
         assert any(n.startswith("backbones.0.") for n in names) and any(n.startswith("backbones.1.") for n in names)
         assert net(x).shape == (2, CLASSES)
@@ -311,3 +314,121 @@ def test_under_ibot_masking_the_hidden_pixels_do_not_reach_the_output(method):
         b = backbone.forward_features(y, masked=masked, mask_token=token)[0]
         assert torch.equal(a, b)
         assert not torch.equal(backbone.forward_features(x)[0], backbone.forward_features(y)[0])
+
+
+# ---- the four methods as their official code (issue 14) ----
+
+def test_adapter_is_houlsby_by_default_and_keeps_the_old_variant_as_options():
+    from nnunet_tpp.models.vit_checkpoint import medcoss_config
+    torch.manual_seed(0)
+    net = peft.apply(classifier(), "adapter")
+    adapters = [m for b in net.backbone.blocks for m in (b.adapter_attn, b.adapter_mlp)]
+    assert len(adapters) == 2 * DEPTH and all(a.down.weight.shape == (64, D) for a in adapters)
+    weights = torch.cat([w.flatten() for a in adapters for w in (a.down.weight, a.up.weight)])
+    assert weights.abs().max() <= 2e-3 and 0.8e-3 < weights.std() < 1.0e-3  # N(0, 1e-3) truncated at 2 std
+    assert all(torch.count_nonzero(a.down.bias) == 0 and torch.count_nonzero(a.up.bias) == 0 for a in adapters)
+    norms = {n for n, m in net.backbone.named_modules() if isinstance(m, nn.LayerNorm)}
+    assert len(norms) == 2 * DEPTH + 1
+    trained = set(peft.trained_parameter_names(net))
+    assert {n.rsplit(".", 1)[0] for n in trained if ".adapter_" not in n and not n.startswith("head.")} == \
+        {f"backbone.{n}" for n in norms}
+    assert set(peft.target_parameters(net)) == {n for n in trained if ".adapter_" in n}  # TPP: adapters only
+    frozen = peft.apply(classifier(), "adapter", train_norms=False)
+    assert {n for n in peft.trained_parameter_names(frozen) if ".adapter_" not in n} == {"head.weight", "head.bias"}
+    old = peft.apply(classifier(), "adapter", init="zero_up").backbone.blocks[0].adapter_attn
+    assert torch.count_nonzero(old.up.weight) == 0 and old.down.weight.abs().max() > 0.05
+    medcoss = peft.apply(ViTClassifier(build_vit(medcoss_config(img_size=32, patch_size=4, embed_dim=D, depth=2,
+                                                                num_heads=3)), 2), "adapter")
+    assert {n for n in peft.trained_parameter_names(medcoss) if "norm" in n} == {
+        "backbone.norm_pre.weight", "backbone.norm_pre.bias"} | {
+        f"backbone.blocks.{i}.{m}.{p}" for i in range(2) for m in ("norm1", "norm2") for p in ("weight", "bias")}
+    for bad, match in (({"init": "xavier"}, "init must be"), ({"init_scale": 0}, "init_scale"),
+                       ({"train_norms": "yes"}, "train_norms")):
+        with pytest.raises(PeftError, match=match):
+            peft.apply(classifier(), "adapter", **bad)
+
+
+@pytest.mark.parametrize("pretraining,quarter", [("mae", 3), ("dino", 2), ("dinov2", 2), ("path_dino", 2)])
+def test_partial_auto_picks_the_quarter_from_each_checkpoint_format(tmp_path, pretraining, quarter):
+    """Khan & Fang: the 3rd quarter after restorative SSL, the 2nd after contrastive; the format given to the
+    loader (or found in the file) decides; an explicit quarter always wins. (MedCoSS, with its own layout:
+    tests/models/test_vit_checkpoint.py.)"""
+    from nnunet_tpp.models.vit_checkpoint import load_vit_checkpoint
+    path = tmp_path / "backbone.pth"
+    torch.save(vit(depth=8).state_dict(), path)
+    backbone = vit(depth=8, seed=1)
+    load_vit_checkpoint(backbone, path, fmt=pretraining)
+    net = peft.apply(ViTClassifier(backbone, CLASSES), "partial")
+    assert net.peft_config.options == {"quarter": "auto"}
+    blocks = {int(n.split(".")[2]) for n in peft.trained_parameter_names(net) if ".blocks." in n}
+    assert blocks == set(range((quarter - 1) * 2, quarter * 2))
+    explicit = peft.apply(ViTClassifier(backbone, CLASSES), "partial", quarter=4)
+    assert {int(n.split(".")[2]) for n in peft.trained_parameter_names(explicit) if ".blocks." in n} == {6, 7}
+
+
+def test_partial_auto_without_a_known_pre_training_is_a_clear_error(tmp_path):
+    from nnunet_tpp.models.vit_checkpoint import checkpoint_pretraining, load_vit_checkpoint, save_vit_checkpoint
+    with pytest.raises(PeftError, match=r"unknown \(random initialisation.*quarter=N.*--backbone-format"):
+        peft.apply(classifier(), "partial")
+    supervised = tmp_path / "supervised.pth"
+    torch.save({**vit().state_dict(), "head.weight": torch.zeros(5, D)}, supervised)  # a plain timm checkpoint
+    for fmt in ("auto", "timm"):
+        assert checkpoint_pretraining(supervised, fmt) is None
+        backbone = vit()
+        load_vit_checkpoint(backbone, supervised, fmt=fmt)
+        with pytest.raises(PeftError, match="quarter auto"):
+            peft.apply(ViTClassifier(backbone, CLASSES), "partial")
+    # what the file itself says: an MAE decoder, a DINO teacher, a recorded pre-training
+    mae = tmp_path / "mae.pth"
+    torch.save({"model": {**vit().state_dict(), "decoder_embed.weight": torch.zeros(8, D)}}, mae)
+    dino = tmp_path / "dino.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit().state_dict().items()}, "student": {}}, dino)
+    ours = tmp_path / "ours.pth"
+    save_vit_checkpoint(vit(), ours, pretraining="dinov2")
+    assert [checkpoint_pretraining(p) for p in (mae, dino, ours)] == ["mae", "dino", "dinov2"]
+    combined_parts = [vit(seed=1), vit(seed=2)]
+    load_vit_checkpoint(combined_parts[0], mae)
+    load_vit_checkpoint(combined_parts[1], dino)
+    from nnunet_tpp.models.vit_combine import CombinedClassifier
+    net = peft.apply(CombinedClassifier(combined_parts, CLASSES), "partial")  # each backbone its own quarter
+    assert net.peft_config.trained_modules == ("backbones.0.blocks.2", "backbones.1.blocks.1")
+
+
+def test_evp_embedding_tune_reads_the_patch_embeddings_before_the_position_embedding():
+    x = image()
+    net = peft.apply(classifier(), "evp", scale_factor=4).eval()
+    vit_ = net.backbone
+    tuner = vit_.tuner
+    state = {"keep": None, "masked": None}
+    tokens = vit_.embed(x, state=state)
+    tuner.start(tokens, x, 1, state)
+    from nnunet_tpp.peft.evp import high_frequency
+    hand = tuner.handcrafted_generator(high_frequency(x, tuner.mask_rate)).flatten(2).transpose(1, 2)
+    expected = hand + tuner.embedding_generator(vit_.patch_embed(x))  # official: patch_embed(x), no position
+    assert torch.allclose(state["evp"], expected, atol=1e-6)
+    with torch.no_grad():
+        before = net(x)
+        vit_.pos_embed.add_(1.0)  # the prompts do not depend on the position embedding...
+        moved = {"keep": None, "masked": None}
+        tuner.start(vit_.embed(x, state=moved), x, 1, moved)
+        assert torch.equal(moved["evp"], state["evp"]) and not torch.equal(net(x), before)
+    old = peft.apply(classifier(), "evp", scale_factor=4, embedding_input="tokens").backbone  # the variant
+    tokens, kept = old.embed(x), {"keep": None, "masked": None}
+    old.tuner.start(tokens, x, 1, kept)
+    hand = old.tuner.handcrafted_generator(high_frequency(x, 0.25)).flatten(2).transpose(1, 2)
+    assert torch.allclose(kept["evp"], hand + old.tuner.embedding_generator(tokens[:, 1:]), atol=1e-6)
+    with pytest.raises(PeftError, match="embedding_input"):
+        peft.apply(classifier(), "evp", embedding_input="pixels")
+
+
+def test_vpt_dropout_is_drawn_per_sample():
+    net = peft.apply(classifier(), "vpt", length=6, dropout=0.5, deep=False)
+    tuner, x = net.backbone.tuner, torch.zeros(8, 65, D)
+    torch.manual_seed(0)
+    prompts = tuner.start(x, image(8), 1, {})[:, 1:7]
+    kept = prompts != 0
+    assert not all(torch.equal(kept[0], kept[i]) for i in range(1, 8))  # another mask per sample
+    assert torch.allclose(prompts[kept], (2 * tuner.prompts[0].expand(8, -1, -1))[kept])
+    tuner.eval()
+    assert torch.equal(tuner.start(x, image(8), 1, {})[:, 1:7], tuner.prompts[0].expand(8, -1, -1))
+    assert peft.get_method("vpt").parse_options({}) == peft.get_method("vpt").options(length=10, deep=True)

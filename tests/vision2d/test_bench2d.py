@@ -58,7 +58,9 @@ def test_a_suite_runs_writes_results_and_skips_finished_runs_when_run_again(smal
             assert np.isfinite(float(row[key])), key
         assert 100 < float(row["peak_memory_mb"]) < 8000  # the run's own process, not the suite's
     md = (out / "results.md").read_text()
-    assert "| Method | TPP | n | ACC | AUC | F1 | Ratio (%) |" in md and "torch" in md
+    assert "| Method | TPP | n | ACC (%) | AUC (%) | F1 (%) | Ratio (%) |" in md and "torch" in md
+    for row in rows:  # fractions in the csv, as in metrics.json
+        assert 0 <= float(row["acc"]) <= 1 and 0 < float(row["trainable_ratio"]) < 1
     assert (out / "results.png").stat().st_size > 0
     metrics = out / "pneumonia" / "adapter" / "none" / "frac1" / "seed0" / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
@@ -83,7 +85,7 @@ def test_fewer_annotations_runs_train_on_that_share_of_the_labels(small_npz, tmp
         assert (tmp_path / "out" / "pneumonia" / "linear_probe" / "none" / f"frac{frac}" / "seed0"
                 / "metrics.json").is_file()
     md = (tmp_path / "out" / "results.md").read_text()
-    assert "| Method | TPP | Labels | n | ACC |" in md
+    assert "| Method | TPP | Labels | n | ACC (%) |" in md
     assert "| linear_probe | none | 0.1 | 1 |" in md
     with pytest.raises(SuiteError, match="label_fractions"):
         load_suite(write_suite(tmp_path / "bad", {"p": {"task": "cls", "data": str(small_npz)}}, ["full"],

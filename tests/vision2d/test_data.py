@@ -90,9 +90,14 @@ def test_bad_data_is_named(tmp_path):
     Image.new("L", (10, 10)).save(first, format="JPEG")
     with pytest.raises(DataError, match=f"mask .*{first.name} is 10x10"):
         load_dataset(root, "seg", 32)
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    for task in ("cls", "seg"):  # an empty folder: no images, whatever the task (not "needs masks")
+        with pytest.raises(DataError, match="found no images"):
+            load_dataset(tmp_path / "empty", task, 32)
+    (tmp_path / "loose").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "loose" / "a.png")
     with pytest.raises(DataError, match="no class folders"):
-        load_dataset(tmp_path / "empty", "cls", 32)
+        load_dataset(tmp_path / "loose", "cls", 32)
     np.savez(tmp_path / "multi.npz", **{f"{s}_{k}": (np.zeros((4, 8, 8), np.uint8) if k == "images" else np.zeros((4, 3)))
                                         for s in ("train", "val", "test") for k in ("images", "labels")})
     with pytest.raises(DataError, match="multi-label"):

@@ -42,7 +42,10 @@ def test_classification_run_writes_metrics_and_adapter_weights(small_npz, tmp_pa
     assert {k: on_disk[k] for k in ("acc", "auc", "f1")} == pytest.approx({k: metrics[k] for k in ("acc", "auc", "f1")})
     for key in ("acc", "auc", "f1", "trainable_ratio", "peak_memory_mb", "images_per_s"):
         assert np.isfinite(on_disk[key]), key
-    assert 0 < on_disk["trainable_ratio"] < 100 and on_disk["test_images"] == 120
+    assert 0 < on_disk["trainable_ratio"] < 1 and on_disk["test_images"] == 120  # fractions, named in "units"
+    assert on_disk["units"] == {"acc": "fraction", "auc": "fraction", "f1": "fraction",
+                                "trainable_ratio": "fraction", "peak_memory_mb": "MiB", "images_per_s": "images/s"}
+    assert all(0 <= on_disk[k] <= 1 for k in ("acc", "auc", "f1")) and 0 <= on_disk["val"]["acc"] <= 1
     assert (out / "progress.png").stat().st_size > 0 and not (out / "checkpoint.pth").exists()
     # the adapter file alone (plus the same random backbone, seed 0) reproduces the test accuracy
     from nnunet_tpp.vision2d.data import load_dataset
@@ -74,7 +77,7 @@ def test_a_killed_run_resumes_after_its_last_epoch(small_npz, tmp_path):
     run_train2d(cls_config(small_npz, out, epochs=3, method="lora"), log=lines.append, progress=False)
     assert any("resuming after epoch 1" in line for line in lines)
     history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3] and history["units"]["acc"] == "fraction"
 
 
 def test_segmentation_run_on_glas(tmp_path):
@@ -85,7 +88,8 @@ def test_segmentation_run_on_glas(tmp_path):
                  "--epochs", "2", "--batch-size", "8", "--device", "cpu", "--no-progress"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["dice"] <= 100 and metrics["hd95"] >= 0
+    assert 0 <= metrics["dice"] <= 1 and metrics["hd95"] >= 0
+    assert metrics["units"]["dice"] == "fraction" and metrics["units"]["hd95"] == "pixel"
     saved = torch.load(out / "adapter.pth", weights_only=True)
     assert saved["method"] == "lora" and saved["options"]["rank"] == 4
 
@@ -139,7 +143,7 @@ def test_two_ssl_backbones_combined_in_one_run(small_npz, tmp_path, mode, method
             "--no-progress"]
     assert main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert np.isfinite(metrics["acc"]) and 0 < metrics["trainable_ratio"] < 100
+    assert np.isfinite(metrics["acc"]) and 0 < metrics["trainable_ratio"] < 1
     saved = torch.load(out / "adapter.pth", weights_only=True)
     assert {n.split(".")[1] for n in saved["state_dict"] if n.startswith("backbones.")} == {"0", "1"}
     # the adapter file plus the two checkpoints reproduce the test accuracy
