@@ -30,3 +30,16 @@ def tiny_stunet():
         torch.manual_seed(seed)
         return build_stunet(size, channels, classes)
     return make
+
+
+@pytest.fixture
+def micro_stunet():
+    """A factory for very small STU-Nets (the published layout: 6 stages, 5 poolings, depth 1 or 2) for tests that
+    train: a step at 16^3 takes milliseconds."""
+    from nnunet_tpp.models.stunet import STUNet
+
+    def make(classes: int = 3, seed: int = 0, depth: int = 1, channels: int = 1):
+        torch.manual_seed(seed)
+        return STUNet(channels, classes, [depth] * 6, [8, 16, 16, 16, 16, 16], [[2, 2, 2]] * 4 + [[1, 1, 1]],
+                      size_name="micro")
+    return make

@@ -13,6 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from nnunet_tpp.models.lean import residual_join
+from nnunet_tpp.models.sites import BLOCK, HEAD, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites
+
 NUM_POOLS = 5
 
 
@@ -53,6 +56,8 @@ class InstanceNorm(nn.InstanceNorm3d):
 class ResidualBlock(nn.Module):
     """conv-IN-LeakyReLU-conv-IN, plus a (1x1x1 conv) shortcut, then LeakyReLU."""
 
+    lean_residual_join = True  # its end goes through nnunet_tpp.models.lean.residual_join
+
     def __init__(self, in_ch: int, out_ch: int, stride: Sequence[int] | int = 1, shortcut_conv: bool = False):
         super().__init__()
         self.conv1 = nn.Conv3d(in_ch, out_ch, 3, stride=stride, padding=1)
@@ -65,9 +70,7 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act1(self.norm1(self.conv1(x)))
-        y = self.norm2(self.conv2(y))
-        shortcut = self.conv3(x) if self.conv3 is not None else x
-        return self.act2(y + shortcut)
+        return residual_join(self.norm2, self.act2, self.conv2(y), x, self.conv3)
 
 
 class NearestUpsample(nn.Module):
@@ -141,6 +144,11 @@ class STUNet(nn.Module):
             if isinstance(module, InstanceNorm):
                 module.fast_cpu_kernels = fast_cpu_kernels
 
+    @property
+    def encoder_channels(self) -> list[int]:
+        """Channels of each encoder stage's output (what :meth:`encode` returns)."""
+        return [stage[-1].conv2.out_channels for stage in self.conv_blocks_context]
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns the output of each encoder stage, highest resolution first (6 tensors)."""
         if self.fast_cpu_kernels and x.device.type == "cpu":
@@ -160,6 +168,30 @@ class STUNet(nn.Module):
         if getattr(self, "_channels_last_params", None) != count:
             self.to(memory_format=torch.channels_last_3d)
             self._channels_last_params = count
+
+    def peft_sites(self) -> NetworkSites:
+        """Where PEFT methods attach (see :mod:`nnunet_tpp.models.sites`): in every residual block ``conv1``
+        (followed by ``norm1`` and ``act1``), ``conv2`` (followed by ``norm2``, then the residual sum) and the
+        shortcut ``conv3``; the upsampling 1x1x1 convolutions; the heads."""
+        convs, blocks = [], []
+
+        def add_stage(prefix: str, stage: nn.Sequential) -> None:
+            for b, block in enumerate(stage):
+                name = f"{prefix}.{b}"
+                blocks.append(name)
+                convs.append(ConvSite(f"{name}.conv1", BLOCK, name, 0, f"{name}.norm1", f"{name}.act1"))
+                convs.append(ConvSite(f"{name}.conv2", BLOCK, name, 1, f"{name}.norm2", None))
+                if block.conv3 is not None:
+                    convs.append(ConvSite(f"{name}.conv3", SHORTCUT, name))
+
+        for d, stage in enumerate(self.conv_blocks_context):
+            add_stage(f"conv_blocks_context.{d}", stage)
+        for u, stage in enumerate(self.conv_blocks_localization):
+            convs.append(ConvSite(f"upsample_layers.{u}.conv", UPSAMPLE))
+            add_stage(f"conv_blocks_localization.{u}", stage)
+            convs.append(ConvSite(f"seg_outputs.{u}", HEAD))
+        return NetworkSites(tuple(convs), tuple(blocks),
+                            tuple(f"conv_blocks_context.{d}" for d in range(len(self.conv_blocks_context))))
 
     def forward(self, x: torch.Tensor):
         features = self.encode(x)

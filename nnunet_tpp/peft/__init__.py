@@ -5,8 +5,9 @@ from nnunet_tpp.peft import (adapter, adaptformer, apla, basic, conv_adapter, dt
 from nnunet_tpp.peft.api import (PeftConfig, TrainableSummary, apply, architecture_name, atomic_torch_save, freeze, identity, is_head, load,
                                  load_state_dict, merge, save, state_dict, target_parameters,
                                  trainable_summary, trained_parameter_names, unwrap)
+from nnunet_tpp.peft.fingerprint import backbone_fingerprint, check_identity, fingerprint_backbone
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method, methods, register
 
-__all__ = ["PeftConfig", "PeftError", "PeftMethod", "TrainableSummary", "apply", "architecture_name", "atomic_torch_save", "freeze", "identity",
+__all__ = ["backbone_fingerprint", "check_identity", "fingerprint_backbone", "PeftConfig", "PeftError", "PeftMethod", "TrainableSummary", "apply", "architecture_name", "atomic_torch_save", "freeze", "identity",
            "get_method", "is_head", "load", "load_state_dict", "merge", "methods", "register", "save",
            "state_dict", "target_parameters", "trainable_summary", "trained_parameter_names", "unwrap"]

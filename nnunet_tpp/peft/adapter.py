@@ -88,6 +88,12 @@ class AdapterMethod(PeftMethod):
     adds_parameters = True
     description = "Houlsby bottleneck adapters after attention and MLP of every ViT block, + LayerNorms"
 
+    def upgrade_stored_options(self, options: dict) -> dict:
+        """Files written before the adapter followed adapter-bert froze the LayerNorms and started ``up`` at zero."""
+        if "train_norms" not in options:
+            options = {**options, "train_norms": False, "init": "zero_up"}
+        return options
+
     def inject(self, model: nn.Module, opts: AdapterOptions) -> None:
         """Fills the ``adapter_attn`` / ``adapter_mlp`` slots of every block."""
         for _, vit in find_vits(model, self.name):

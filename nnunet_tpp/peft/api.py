@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnunet_tpp.peft.fingerprint import backbone_fingerprint, check_identity
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method
 
 FILE_FORMAT = "nnunet_tpp.peft/1"
@@ -27,6 +28,7 @@ class PeftConfig:
     options: dict[str, Any]
     merged: bool = False
     trained_modules: tuple[str, ...] = ()
+    never_trained: tuple[str, ...] = ()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -79,12 +81,16 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     options = {**getattr(model, "peft_defaults", {}).get(method, {}), **options}
     opts = entry.parse_options(options)
     entry.inject(model, opts)
-    model.peft_config = PeftConfig(method, dataclasses.asdict(opts), trained_modules=entry.trained_modules(model, opts))
+    model.peft_config = PeftConfig(method, dataclasses.asdict(opts), trained_modules=entry.trained_modules(model, opts),
+                                   never_trained=tuple(entry.never_trained(model, opts)))
     return freeze(model)
 
 
 def _trains(method: PeftMethod, net: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` trains: the method's own, the heads', or inside a module the method trains."""
+    """Whether parameter ``name`` trains: the method's own, the heads', or inside a module the method trains
+    (never one the method marked as unable to learn)."""
+    if name in _config(net).never_trained:
+        return False
     if method.trains(name) or is_head(net, name):
         return True
     return any(name.startswith(prefix + ".") for prefix in _config(net).trained_modules)
@@ -168,8 +174,10 @@ def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: 
         The names that were loaded.
     """
     net = unwrap(model)
+    method, _ = _method_and_options(net)
     expected = set(trained_parameter_names(net))
     params = dict(net.named_parameters())
+    weights = {n: w for n, w in weights.items() if n in params or not method.legacy_key(n)}
     missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - set(params))
     if strict and (missing or unknown):
         raise PeftError(f"adapter weights do not fit this model: missing {missing[:5]}, unknown {unknown[:5]}")
@@ -205,34 +213,44 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -
 
 
 def identity(model: nn.Module) -> dict:
-    """What a weights file must match to be loaded into ``model``: method, options and architecture."""
+    """What a weights file must match to be loaded into ``model``: method, options, architecture and, when the
+    backbone was fingerprinted (:func:`nnunet_tpp.peft.identity.fingerprint_backbone`), ``backbone``."""
     cfg = _config(model)
-    return {"method": cfg.method, "options": cfg.options, "architecture": architecture_name(model)}
+    ours = {"method": cfg.method, "options": cfg.options, "architecture": architecture_name(model)}
+    fingerprint = backbone_fingerprint(model)
+    if fingerprint is not None:
+        ours["backbone"] = fingerprint
+    return ours
 
 
-def load(model: nn.Module, path: str | os.PathLike) -> dict:
-    """Loads a file written by :func:`save` into a model with the same method, options and architecture.
+def load(model: nn.Module, path: str | os.PathLike, allow_other_backbone: bool = False) -> dict:
+    """Loads a file written by :func:`save` into a model with the same method, options, architecture and (when
+    both record one) backbone fingerprint.
 
+    Args:
+        allow_other_backbone: accept a file made on another backbone checkpoint.
     Returns:
         The file's metadata (everything but the weights).
     """
-    payload = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise PeftError(f"{os.fspath(path)!r} is not an nnunet_tpp adapter file")
-    ours = identity(model)
-    if (payload["method"], payload["options"]) != (ours["method"], ours["options"]):
-        raise PeftError(f"{os.fspath(path)!r} was made for {payload['method']} {payload['options']}, "
-                        f"this model has {ours['method']} {ours['options']}")
-    if payload["architecture"] != ours["architecture"]:
-        raise PeftError(f"{os.fspath(path)!r} was made for {payload['architecture']}, "
-                        f"this model is {ours['architecture']}")
+    from nnunet_tpp import file_kinds
+    try:
+        payload = file_kinds.load_expected(os.fspath(path), file_kinds.ADAPTER, role="adapter weights")
+    except file_kinds.FileKindError as e:
+        raise PeftError(str(e)) from None
+    if payload.get("format") != FILE_FORMAT:
+        raise PeftError(f"{os.fspath(path)!r} is an adapter file of format {payload.get('format')!r}; this "
+                        f"nnunet_tpp reads {FILE_FORMAT!r}")
+    check_identity(payload, identity(model), os.fspath(path), "adapter weights", allow_other_backbone)
     load_state_dict(model, payload["state_dict"])
     return {k: v for k, v in payload.items() if k != "state_dict"}
 
 
 def architecture_name(model: nn.Module) -> str:
-    """A short name of the backbone, e.g. ``STUNet-B``."""
+    """A short name of the backbone, e.g. ``STUNet-B`` or ``ResidualEncoderUNet-3f2a9c1d`` (a network's own
+    ``architecture_id`` when it has one)."""
     net = unwrap(model)
+    if getattr(net, "architecture_id", None):
+        return net.architecture_id
     size = getattr(net, "size_name", None)
     return f"{type(net).__name__}-{size}" if size else type(net).__name__
 

@@ -143,6 +143,10 @@ class EVPMethod(PeftMethod):
     adds_parameters = True
     description = "Explicit Visual Prompting: per-block prompts from patch embeddings and high frequencies"
 
+    def upgrade_stored_options(self, options: dict) -> dict:
+        """Files written before EVP read the patch embeddings tuned the position-embedded tokens."""
+        return options if "embedding_input" in options else {**options, "embedding_input": "tokens"}
+
     def inject(self, model: nn.Module, opts: EVPOptions) -> None:
         """Installs an :class:`EVPTuner` in every ViT."""
         for _, vit in find_vits(model, self.name):

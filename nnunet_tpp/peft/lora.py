@@ -2,8 +2,11 @@
 
 One registry entry for both families of layers:
 
-* convolutions (STU-Net): A is a k x k conv C_in -> r (same stride and padding as the adapted conv), B a
-  1x1 conv r -> C_out; targets are conv attribute names (``conv1``, ``conv2``);
+* convolutions of a CNN that describes its blocks (STU-Net, nnU-Net's networks; :mod:`nnunet_tpp.models.sites`):
+  A is a k x k conv C_in -> r (same stride and padding as the adapted conv), B a 1x1 conv r -> C_out; for a
+  transposed convolution (nnU-Net's decoder upsampling) A is a transposed conv C_in -> r with the same kernel and
+  stride. Targets: ``all`` (default: every k x k convolution of every block, encoder and decoder), ``first``,
+  ``upsample`` (the decoder's upsampling convolutions, transposed or not) or attribute names (``conv1``);
 * linear layers (ViT): A is r x in, B out x r. Targets ``q``, ``k``, ``v`` adapt those slices of the fused
   ``attn.qkv`` projection (one LoRA per chosen slice, added only to that slice's output, as the official
   loralib ``MergedLinear`` with ``enable_lora``); other names (``qkv``, ``proj``, ``fc1``, ``fc2``,
@@ -19,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_tpp.peft.modules import module_like, name_matches, replace_submodule, wrap_convs
+from nnunet_tpp.models.sites import replace_module
+from nnunet_tpp.peft.modules import (CNN_POSITIONS, conv_like, describes_itself, module_like, name_matches,
+                                     replace_submodule, select_sites, wrap_convs)
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -32,13 +37,13 @@ class LoRAOptions:
     Attributes:
         rank: r, the rank of the update.
         alpha: the update is scaled by alpha / rank.
-        targets: what to adapt: conv attribute names, ``q``/``k``/``v`` slices of ``qkv``, or linear layer
-            names (a ViT task model defaults to ``("q", "v")``).
+        targets: what to adapt: on a CNN ``all`` / ``first`` / ``upsample`` or conv attribute names; on a ViT
+            ``q``/``k``/``v`` slices of ``qkv`` or linear layer names (a ViT task model defaults to ``("q", "v")``).
     """
 
     rank: int = 8
     alpha: float = 8.0
-    targets: tuple[str, ...] = ("conv1", "conv2")
+    targets: tuple[str, ...] = ("all",)
 
     def validate(self) -> None:
         """Raises :class:`PeftError` for a rank below 1 or no targets."""
@@ -82,6 +87,36 @@ class LoRAConv2d(_LoRAConv, nn.Conv2d):
     """A Conv2d with a LoRA update."""
 
     _base_type = nn.Conv2d
+
+
+class LoRAConvTranspose3d(nn.ConvTranspose3d):
+    """A ConvTranspose3d with a LoRA update (A: transposed conv C_in -> r, same kernel and stride; B: 1x1 conv)."""
+
+    lora_A: nn.ConvTranspose3d
+    lora_B: nn.Conv3d
+    scaling: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv_transpose3d(x, self.weight, self.bias, self.stride, self.padding, self.output_padding,
+                                 self.groups, self.dilation)
+        return out.add_(self.lora_B(self.lora_A(x)), alpha=self.scaling)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update (alpha/r) * A B, shaped like ``weight`` (C_in, C_out, *k)."""
+        a = self.lora_A.weight  # (in, r, *k)
+        b = self.lora_B.weight.flatten(1)  # (out, r)
+        return torch.einsum("ir...,or->io...", a, b) * self.scaling
+
+    def merged(self) -> nn.ConvTranspose3d:
+        """A plain ConvTranspose3d with the update folded into its weight."""
+        plain = nn.ConvTranspose3d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                                   self.output_padding, self.groups, self.bias is not None, self.dilation,
+                                   device="meta")
+        plain.bias = self.bias
+        with torch.no_grad():
+            plain.weight = nn.Parameter(self.weight + self.delta_weight().to(self.weight.dtype),
+                                        requires_grad=self.weight.requires_grad)
+        return plain
 
 
 class LoRALinear(nn.Linear):
@@ -151,6 +186,34 @@ def _low_rank(in_features: int, out_features: int, rank: int, like: torch.Tensor
     return down, up
 
 
+def _attach_conv_factors(new: nn.Module, conv: nn.Module, rank: int, scaling: float) -> None:
+    """Gives a wrapped conv its factors: A like the conv (C_in -> r, Kaiming-uniform), B a 1x1 conv (zero)."""
+    conv_type = type(conv)
+    extra = {"output_padding": conv.output_padding} if isinstance(conv, nn.ConvTranspose3d) else {}
+    new.lora_A = conv_type(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                           dilation=conv.dilation, bias=False, **extra).to(conv.weight.device, conv.weight.dtype)
+    new.lora_B = (nn.Conv3d if conv.weight.dim() == 5 else nn.Conv2d)(rank, conv.out_channels, 1, bias=False).to(
+        conv.weight.device, conv.weight.dtype)
+    nn.init.kaiming_uniform_(new.lora_A.weight, a=math.sqrt(5))
+    nn.init.zeros_(new.lora_B.weight)
+    new.scaling = scaling
+
+
+def _lora_conv(conv: nn.Module, rank: int, scaling: float) -> nn.Module:
+    """The LoRA wrapper of a CNN site's convolution (same parameters and names as ``conv``)."""
+    if type(conv) is nn.ConvTranspose3d:
+        new = LoRAConvTranspose3d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                  conv.output_padding, conv.groups, conv.bias is not None, conv.dilation,
+                                  device="meta")
+        new.weight, new.bias = conv.weight, conv.bias
+    elif type(conv) in (nn.Conv3d, nn.Conv2d) and conv.groups == 1:
+        new = conv_like(conv, LoRAConv3d if conv.weight.dim() == 5 else LoRAConv2d)
+    else:
+        raise PeftError(f"lora: cannot adapt a {type(conv).__name__} (groups {getattr(conv, 'groups', '?')})")
+    _attach_conv_factors(new, conv, rank, scaling)
+    return new
+
+
 def _wrap_linears(model: nn.Module, targets: tuple[str, ...], rank: int, scaling: float) -> int:
     slices = [t for t in targets if t in QKV_SLICES]
     names = [t for t in targets if t not in QKV_SLICES]
@@ -191,15 +254,22 @@ class LoRAMethod(PeftMethod):
         """Wraps every targeted conv / linear layer with its LoRA update."""
         rank, targets = int(opts.rank), tuple(opts.targets)
         scaling = float(opts.alpha) / rank
+        if describes_itself(model):
+            vit_only = sorted(set(targets) & (set(QKV_SLICES) | {"qkv", "proj", "fc1", "fc2"}))
+            if vit_only:
+                raise PeftError(f"lora: targets {vit_only} are layers of a Vision Transformer (q/k/v are slices of "
+                                f"a fused attention projection 'qkv'); {type(model).__name__} is a CNN: use "
+                                f"{', '.join(CNN_POSITIONS)} or convolution names")
+            for site in select_sites(model, targets, self.name):
+                replace_module(model, site.name, _lora_conv(model.get_submodule(site.name), rank, scaling))
+            return
+        if set(targets) & set(CNN_POSITIONS):
+            raise PeftError(f"lora: targets {sorted(set(targets) & set(CNN_POSITIONS))} select the blocks of a CNN "
+                            f"that describes itself (STU-Net, nnU-Net networks); {type(model).__name__} does not. "
+                            f"On a Vision Transformer use q, k, v, qkv, proj, fc1 or fc2")
 
         def attach(new: nn.Module, conv: nn.Module) -> None:
-            conv_type = type(conv)
-            new.lora_A = conv_type(conv.in_channels, rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                                   dilation=conv.dilation, bias=False).to(conv.weight.device)
-            new.lora_B = conv_type(rank, conv.out_channels, 1, bias=False).to(conv.weight.device)
-            nn.init.kaiming_uniform_(new.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(new.lora_B.weight)
-            new.scaling = scaling
+            _attach_conv_factors(new, conv, rank, scaling)
 
         # a bare "proj" means the attention output projection, not a ViT's patch embedding
         def exclude(name: str) -> bool:
@@ -220,5 +290,5 @@ class LoRAMethod(PeftMethod):
     def merge(self, model: nn.Module, opts) -> None:
         """Replaces every LoRA layer by a plain layer with the update folded into its weight."""
         for name, module in list(model.named_modules()):
-            if isinstance(module, (_LoRAConv, LoRALinear, LoRAQKV)):
-                replace_submodule(model, name, module.merged())
+            if isinstance(module, (_LoRAConv, LoRAConvTranspose3d, LoRALinear, LoRAQKV)):
+                replace_module(model, name, module.merged())

@@ -7,8 +7,11 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from nnunet_tpp.models.sites import BLOCK, SHORTCUT, UPSAMPLE, ConvSite, NoDescriptionError, describe
 from nnunet_tpp.models.vit import VisionTransformer
 from nnunet_tpp.peft.registry import PeftError
+
+CNN_POSITIONS = ("first", "all", "upsample")
 
 
 def name_matches(name: str, target: str) -> bool:
@@ -30,6 +33,42 @@ def matching_convs(model: nn.Module, targets: Sequence[str], conv_type: type = n
     for name, module in list(model.named_modules()):
         if type(module) is conv_type and any(name_matches(name, t) for t in targets):
             yield name, module
+
+
+def describes_itself(model: nn.Module) -> bool:
+    """True when ``model`` says where convolutional methods attach (:func:`nnunet_tpp.models.sites.describe`)."""
+    try:
+        describe(model)
+    except NoDescriptionError:
+        return False
+    return True
+
+
+def select_sites(model: nn.Module, targets: Sequence[str], method: str) -> list[ConvSite]:
+    """The convolutions of a self-describing CNN that ``targets`` name.
+
+    Args:
+        targets: positions ``first`` (each block's first k x k convolution), ``all`` (every k x k convolution of a
+            block's main path), ``upsample`` (the decoder's upsampling convolutions), and/or attribute names or
+            dotted suffixes of block, shortcut or upsampling convolutions (``conv1``, ``conv3``).
+        method: the method's name, for the error message.
+    Returns:
+        The chosen sites in forward order. Raises :class:`PeftError` when nothing matches.
+    """
+    sites = [s for s in describe(model).convs if s.role in (BLOCK, SHORTCUT, UPSAMPLE)]
+    names = [t for t in targets if t not in CNN_POSITIONS]
+    chosen = []
+    for site in sites:
+        conv = model.get_submodule(site.name)
+        k_by_k = site.role == BLOCK and max(conv.kernel_size) > 1
+        if (("all" in targets and k_by_k) or ("first" in targets and k_by_k and site.index == 0)
+                or ("upsample" in targets and site.role == UPSAMPLE) or any(name_matches(site.name, t) for t in names)):
+            chosen.append(site)
+    if not chosen:
+        examples = sorted({s.name.rsplit(".", 1)[-1] for s in sites})[:8]
+        raise PeftError(f"{method}: no convolution of {type(model).__name__} matches targets {list(targets)}; use "
+                        f"{', '.join(CNN_POSITIONS)} or attribute names such as {examples}")
+    return chosen
 
 
 def replace_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -45,6 +45,11 @@ class PeftMethod:
         """True for every parameter the method trains besides the task heads."""
         return self.is_target(name)
 
+    def never_trained(self, model: nn.Module, opts) -> tuple[str, ...]:
+        """Names of parameters that ``trains`` would select but that cannot learn in this model (a bias that the
+        following norm cancels); they stay frozen. Resolved once when the method is applied (default: none)."""
+        return ()
+
     def is_copy(self, name: str) -> bool:
         """True for trainable copies of parts of existing weights (APLA's rows): they count as trainable but
         not a second time in the model's total."""
@@ -55,6 +60,21 @@ class PeftMethod:
         blocks); resolved once when the method is applied and kept in ``model.peft_config``."""
         return ()
 
+    def upgrade_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Maps options stored by an earlier version of the package to today's names (default: unchanged), so
+        old files load with the options they were made with."""
+        return options
+
+    def upgrade_stored_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Like :meth:`upgrade_options`, for options read from a file: an option that did not exist when the file
+        was written takes the value that reproduces the behaviour of that time (default: :meth:`upgrade_options`)."""
+        return self.upgrade_options(options)
+
+    def legacy_key(self, name: str) -> bool:
+        """True for a tensor name that files of an earlier version hold and today's structure leaves out on
+        purpose (loading ignores it); default False."""
+        return False
+
     def merge(self, model: nn.Module, opts) -> None:
         """Folds the method's parameters into the plain network in place (default: nothing to fold)."""
         if not self.mergeable:
@@ -62,6 +82,7 @@ class PeftMethod:
 
     def parse_options(self, options: dict[str, Any]):
         """Validates ``options`` against the method's dataclass and returns an instance of it."""
+        options = self.upgrade_options(dict(options))
         known = {f.name: f for f in dataclasses.fields(self.options)}
         unknown = sorted(set(options) - set(known))
         if unknown:

@@ -55,3 +55,25 @@ def test_compiled_peft_model_matches_eager_and_unwraps():
         assert torch.allclose(compiled(x)[0], net(x)[0])
     assert peft.unwrap(compiled) is net
     assert set(peft.target_parameters(compiled)) == set(peft.target_parameters(net))
+
+
+@pytest.mark.parametrize("checkpointing", ["off", "on"])
+def test_memory_paths_train_under_ddp_and_compile_with_the_plain_gradients(process_group, checkpointing):
+    from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
+    x, y = torch.randn(1, 1, 16, 32, 32), torch.randint(0, 2, (1, 16, 32, 32))
+
+    def grads(net):
+        net.zero_grad(set_to_none=True)
+        out = net(x)
+        sum(torch.nn.functional.cross_entropy(o, torch.nn.functional.interpolate(
+            y[:, None].float(), size=o.shape[2:]).long()[:, 0]) for o in out).backward()
+        return {n: p.grad.clone() for n, p in peft.unwrap(net).named_parameters() if p.requires_grad}
+
+    plain = grads(_tiny("conv_adapter"))
+    lean = _tiny("conv_adapter")
+    apply_memory_paths(lean, MemoryPaths(activation_checkpointing=checkpointing))
+    for wrapped in (torch.nn.parallel.DistributedDataParallel(lean), torch.compile(lean, backend="eager")):
+        got = grads(wrapped)
+        assert got.keys() == plain.keys()
+        for name in plain:
+            assert torch.allclose(got[name], plain[name], rtol=1e-4, atol=1e-6), name

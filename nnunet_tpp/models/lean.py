@@ -1,0 +1,301 @@
+"""Memory paths: a backward pass through frozen layers that keeps only what the trainable parameters need.
+
+When the backbone is frozen (PEFT), backpropagation still has to pass gradients *through* it to reach the
+adapters, but it never computes the frozen layers' weight gradients. Autograd does not know that in advance and
+keeps what a weight gradient would need. Three levers, each exact (the trainable parameters get the gradients of
+the plain path; tested), each on CPU and CUDA alike:
+
+* **lean frozen convolutions**: a convolution whose weight and bias are frozen keeps no copy of its input (only
+  the weight, which exists anyway); its backward computes the input gradient alone.
+* **lean norm + activation**: an instance norm followed by a LeakyReLU (and, in a residual block, the residual sum
+  between them) keeps only its output; the backward recovers the normalised values from it (in-place
+  activated batch norm, Rota Bulo et al. 2018: LeakyReLU is invertible, the affine map is invertible wherever its
+  scale is non-zero, and where it is zero the gradient does not depend on the lost value). It replaces keeping the
+  norm's input *and* the activation's output.
+* **activation checkpointing** of whole blocks (``off | on | auto``): a block keeps only its input and recomputes
+  its forward pass during the backward pass (about one more forward pass of time for a fraction of the memory);
+  ``auto`` turns it on when the estimated training peak does not fit the device (:mod:`nnunet_tpp.models.memory`).
+
+Each lever is switched per module by replacing the module's class with a subclass (parameters, buffers, names and
+state-dict keys unchanged) and decides at every call: it is used only while gradients are being recorded for an
+input that needs them, with the module's own parameters frozen; otherwise the module runs its plain forward. A
+model that predicts (no grad) therefore runs exactly the plain network.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nnunet_tpp.models.sites import describe
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, base: type) -> type:
+    """``mixin`` + ``base`` as one class, created once per pair (named after both)."""
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base), {})
+    return _SUBCLASSES[key]
+
+
+def _swap_class(module: nn.Module, mixin: type) -> bool:
+    """Makes ``module`` an instance of ``mixin`` + its class (idempotent); returns True when it changed."""
+    if isinstance(module, mixin):
+        return False
+    module.__class__ = _subclass(mixin, type(module))
+    return True
+
+
+def _frozen(*params) -> bool:
+    return not any(p is not None and p.requires_grad for p in params)
+
+
+# --- lean frozen convolutions ---------------------------------------------------------------------------------
+class _FrozenConvFunction(torch.autograd.Function):
+    """A convolution with frozen weights that keeps no copy of its input for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        conv = F.conv3d if weight.dim() == 5 else F.conv2d
+        out = conv(x, weight, bias, stride, padding, dilation, groups)
+        ctx.save_for_backward(weight)
+        ctx.geometry = (x.shape, x.stride(), stride, padding, dilation, groups, out.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, strides, stride, padding, dilation, groups, dtype = ctx.geometry
+        grad = grad.to(dtype)
+        # convolution_backward reads only the shape and layout of the input when its weight gradient is not
+        # asked for; an uninitialised tensor of that layout stands in for it
+        placeholder = torch.empty_strided(shape, strides, dtype=dtype, device=grad.device)
+        n = weight.dim() - 2
+        grad_input = torch.ops.aten.convolution_backward(
+            grad, placeholder, weight.to(dtype), None, list(stride), list(padding), list(dilation), False, [0] * n,
+            groups, [True, False, False])[0]
+        return grad_input, None, None, None, None, None, None
+
+
+class _LeanConv:
+    """Mixin for ``nn.Conv2d`` / ``nn.Conv3d`` (and the PEFT wrappers built on them): frozen weights, an input
+    that needs a gradient and a recording autograd take :class:`_FrozenConvFunction`."""
+
+    def _conv_forward(self, x, weight, bias):
+        if (torch.is_grad_enabled() and x.requires_grad and _frozen(weight, bias)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)):
+            return _FrozenConvFunction.apply(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return super()._conv_forward(x, weight, bias)
+
+
+# --- lean norm + activation -----------------------------------------------------------------------------------
+class _NormActFunction(torch.autograd.Function):
+    """``leaky_relu(instance_norm(x) [+ shortcut])`` keeping only its output (and the shortcut's input).
+
+    The shortcut is ``residual`` itself or, when ``sc_weight`` is given, the frozen 1x1 projection
+    ``conv(residual, sc_weight, sc_bias, sc_stride)``, recomputed in the backward pass instead of kept. Under CUDA
+    autocast it runs in float32, as autocast runs PyTorch's own norms.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, x, weight, bias, residual, eps, slope, sc_weight=None, sc_bias=None, sc_stride=1):
+        n, c = x.shape[:2]
+        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), c, eps)
+        if residual is not None:
+            y = y.add_(_shortcut(residual, sc_weight, sc_bias, sc_stride))
+        z = F.leaky_relu_(y, slope)
+        ctx.save_for_backward(z, mean, rstd, weight, bias, residual, sc_weight, sc_bias)
+        ctx.slope, ctx.sc_stride = slope, sc_stride
+        return z
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_z):
+        z, mean, rstd, weight, bias, residual, sc_weight, sc_bias = ctx.saved_tensors
+        slope = ctx.slope
+        n, c = z.shape[:2]
+        shape = (n, c) + (1,) * (z.dim() - 2)
+        grad_y = torch.ops.aten.leaky_relu_backward(grad_z, z, slope, True)
+        y = F.leaky_relu(z, 1.0 / slope)  # the inverse of leaky_relu(., slope)
+        if residual is not None:
+            with torch.no_grad():
+                y = y.sub_(_shortcut(residual, sc_weight, sc_bias, ctx.sc_stride))
+        # y = x_hat * weight + bias with x_hat = (x - mean) * rstd. The norm's backward only needs x_hat, which is
+        # recovered from y without the cancellation of rebuilding x; a channel whose weight is 0 gets no input
+        # gradient, so its (unrecoverable) x_hat may be anything: 0. The native kernel is given x_hat itself with
+        # mean 0 and rstd 1, and its input gradient is scaled by the true rstd afterwards.
+        w = weight.view(1, c) if weight is not None else torch.ones_like(rstd)
+        inv = torch.where(w != 0, 1.0 / w, torch.zeros_like(w)).expand(n, c)
+        b = bias.view(1, c).expand(n, c) if bias is not None else torch.zeros_like(rstd)
+        x_hat = y.sub_(b.reshape(shape)).mul_(inv.reshape(shape))
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            grad_y, x_hat, torch.zeros_like(mean), torch.ones_like(rstd), weight, n, c, z[0, 0].numel(), c, mask)
+        del x_hat, y
+        if gx is not None:
+            gx = gx.mul_(rstd.view(shape))
+        grad_residual, nd = None, z.dim() - 2
+        if residual is not None and ctx.needs_input_grad[3]:
+            grad_residual = grad_y if sc_weight is None else torch.ops.aten.convolution_backward(
+                grad_y, residual, sc_weight, None, list(_as_tuple(ctx.sc_stride, nd)), [0] * nd, [1] * nd, False,
+                [0] * nd, 1, [True, False, False])[0]
+        return gx, gw, gb, grad_residual, None, None, None, None, None
+
+
+def _as_tuple(value, n: int) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+
+
+def _shortcut(residual: torch.Tensor, sc_weight, sc_bias, sc_stride) -> torch.Tensor:
+    if sc_weight is None:
+        return residual
+    conv = F.conv3d if sc_weight.dim() == 5 else F.conv2d
+    return conv(residual, sc_weight, sc_bias, sc_stride)
+
+
+def _norm_fusable(norm: nn.Module) -> bool:
+    """Instance norms (or group norms with one channel per group) without running statistics."""
+    is_instance = isinstance(norm, nn.modules.instancenorm._InstanceNorm) and not norm.track_running_stats
+    return is_instance or (isinstance(norm, nn.GroupNorm) and norm.num_groups == norm.num_channels)
+
+
+def _act_fusable(act: nn.Module | None) -> bool:
+    """A LeakyReLU with a positive slope (invertible)."""
+    return isinstance(act, nn.LeakyReLU) and act.negative_slope > 0
+
+
+def _norm_params(norm: nn.Module):
+    return getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+
+def _lean_norm_ok(norm: nn.Module, x: torch.Tensor) -> bool:
+    weight, _ = _norm_params(norm)
+    return torch.is_grad_enabled() and x.requires_grad and (weight is None or not weight.requires_grad)
+
+
+class _LeanNormAct:
+    """Mixin for a norm whose following LeakyReLU was folded into it (that activation is now a pass-through)."""
+
+    lean_slope: float
+
+    def forward(self, x):
+        if _lean_norm_ok(self, x):
+            weight, bias = _norm_params(self)
+            return _NormActFunction.apply(x, weight, bias, None, self.eps, self.lean_slope)
+        return F.leaky_relu(super().forward(x), self.lean_slope)
+
+
+class _FoldedAct:
+    """Mixin for an activation folded into the norm before it: returns its input unchanged."""
+
+    def forward(self, x):
+        return x
+
+
+def residual_join(norm: nn.Module, act: nn.Module, x: torch.Tensor, block_input: torch.Tensor,
+                  shortcut: nn.Module | None = None) -> torch.Tensor:
+    """``act(norm(x) + shortcut(block_input))`` (identity shortcut when ``shortcut`` is None), the end of a
+    residual block. Lean when the norm was marked ``lean_residual`` by :func:`apply_memory_paths`, its scale is
+    frozen and gradients are recorded: only the output and the block input are kept, and a frozen 1x1 projection
+    shortcut is recomputed in the backward pass."""
+    weight, bias = _norm_params(norm)
+    lean = (getattr(norm, "lean_residual", False) and _act_fusable(act) and torch.is_grad_enabled()
+            and (x.requires_grad or block_input.requires_grad) and (weight is None or not weight.requires_grad))
+    if lean and shortcut is None:
+        return _NormActFunction.apply(x, weight, bias, block_input, norm.eps, act.negative_slope)
+    if (lean and isinstance(shortcut, (nn.Conv3d, nn.Conv2d)) and max(shortcut.kernel_size) == 1
+            and shortcut.groups == 1 and _frozen(shortcut.weight, shortcut.bias) and not hasattr(shortcut, "adapter")
+            and not hasattr(shortcut, "lora_A")):
+        return _NormActFunction.apply(x, weight, bias, block_input, norm.eps, act.negative_slope, shortcut.weight,
+                                      shortcut.bias, shortcut.stride)
+    return act(norm(x) + (shortcut(block_input) if shortcut is not None else block_input))
+
+
+# --- activation checkpointing ---------------------------------------------------------------------------------
+class _Checkpointed:
+    """Mixin for a block whose forward is recomputed during the backward pass instead of keeping its activations."""
+
+    def forward(self, *args):
+        if torch.is_grad_enabled() and (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                                        or any(p.requires_grad for p in self.parameters())):
+            return checkpoint(super().forward, *args, use_reentrant=False)
+        return super().forward(*args)
+
+
+CHECKPOINTING = ("off", "on", "auto")
+
+
+@dataclass(frozen=True)
+class MemoryPaths:
+    """Which memory paths a network uses.
+
+    Attributes:
+        lean_convs: frozen convolutions keep no input (default on).
+        lean_norm_act: norm + LeakyReLU (+ residual sum) keep only their output (default on).
+        activation_checkpointing: ``off`` (default), ``on``, or ``auto`` (resolved to on/off by
+            :func:`nnunet_tpp.models.memory.resolve_checkpointing` before training).
+    """
+
+    lean_convs: bool = True
+    lean_norm_act: bool = True
+    activation_checkpointing: str = "off"
+
+    def __post_init__(self):
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
+                             f"got {self.activation_checkpointing!r}")
+
+    def label(self) -> str:
+        """A short description, e.g. ``lean convs + lean norm/act, checkpointing off``."""
+        levers = [n for n, on in (("lean convs", self.lean_convs), ("lean norm/act", self.lean_norm_act)) if on]
+        return f"{' + '.join(levers) or 'plain'}, checkpointing {self.activation_checkpointing}"
+
+
+def apply_memory_paths(model: nn.Module, paths: MemoryPaths) -> dict[str, int]:
+    """Switches the memory paths of ``paths`` on in ``model`` (in place; call after the PEFT method is applied).
+
+    Args:
+        model: a network that describes itself (:func:`nnunet_tpp.models.sites.describe`).
+        paths: the levers; ``activation_checkpointing="auto"`` must be resolved to ``on``/``off`` first.
+    Returns:
+        How many modules each lever changed: ``{"lean_convs", "lean_norm_act", "lean_residual",
+        "checkpointed_blocks"}``.
+    """
+    if paths.activation_checkpointing == "auto":
+        raise ValueError("resolve activation_checkpointing='auto' to 'on' or 'off' before applying it "
+                         "(nnunet_tpp.models.memory.resolve_checkpointing)")
+    sites = describe(model)
+    counts = {"lean_convs": 0, "lean_norm_act": 0, "lean_residual": 0, "checkpointed_blocks": 0}
+    if paths.lean_convs:
+        for module in model.modules():
+            if isinstance(module, (nn.Conv3d, nn.Conv2d)):
+                counts["lean_convs"] += _swap_class(module, _LeanConv)
+    if paths.lean_norm_act:
+        for site in sites.convs:
+            if site.norm is None:
+                continue
+            norm = model.get_submodule(site.norm)
+            if norm._forward_hooks:  # something joins after it (conv_adapter join=after_act): keep it a module call
+                continue
+            if site.act is not None:
+                act = model.get_submodule(site.act)
+                if _norm_fusable(norm) and _act_fusable(act) and _swap_class(norm, _LeanNormAct):
+                    norm.lean_slope = act.negative_slope
+                    _swap_class(act, _FoldedAct)
+                    counts["lean_norm_act"] += 1
+            elif site.role == "block" and _norm_fusable(norm) and getattr(
+                    model.get_submodule(site.block), "lean_residual_join", False):
+                norm.lean_residual = True
+                counts["lean_residual"] += 1
+    if paths.activation_checkpointing == "on":
+        for name in sites.blocks:
+            counts["checkpointed_blocks"] += _swap_class(model.get_submodule(name), _Checkpointed)
+    model.memory_paths = paths
+    return counts

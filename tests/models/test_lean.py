@@ -1,0 +1,149 @@
+"""Memory paths give the trainable parameters the gradients of the plain path, leave frozen weights untouched,
+keep less for the backward pass, and switch themselves off where they do not apply."""
+import copy
+
+import pytest
+import torch
+
+from nnunet_tpp import peft
+from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
+from nnunet_tpp.models.memory import estimate_training_peak, resolve_checkpointing
+from nnunet_tpp.models.stunet import build_stunet
+
+PATHS = {"lean convs": MemoryPaths(True, False), "lean norm/act": MemoryPaths(False, True),
+         "both": MemoryPaths(), "both + checkpointing": MemoryPaths(activation_checkpointing="on")}
+
+
+def _randomise_affine(net):
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+
+
+def _grads(net, x):
+    net.zero_grad(set_to_none=True)
+    out = net(x)
+    sum(o.square().mean() + o[:, :1].mean() for o in out).backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
+
+
+def _max_rel(a, b):
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in b)
+
+
+def test_every_memory_path_gives_the_plain_gradients_on_stunet_s_in_float64():
+    torch.manual_seed(0)
+    net = build_stunet("S", 1, 3).double()
+    _randomise_affine(net)
+    peft.apply(net, "conv_adapter")
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
+    plain = _grads(net, x)
+    for label, paths in PATHS.items():
+        lean = copy.deepcopy(net)
+        apply_memory_paths(lean, paths)
+        assert _max_rel(_grads(lean, x), plain) < 1e-5, label
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit", "linear_probe"])
+def test_other_methods_get_the_plain_gradients(micro_stunet, method):
+    net = micro_stunet(depth=2).double()
+    _randomise_affine(net)
+    peft.apply(net, method)
+    x = torch.randn(2, 1, 16, 32, 32, dtype=torch.float64)
+    plain = _grads(net, x)
+    for label, paths in PATHS.items():
+        lean = copy.deepcopy(net)
+        apply_memory_paths(lean, paths)
+        assert _max_rel(_grads(lean, x), plain) < 1e-10, label
+
+
+def test_a_norm_scale_of_zero_does_not_break_the_lean_backward(micro_stunet):
+    net = micro_stunet().double()
+    _randomise_affine(net)
+    with torch.no_grad():
+        net.conv_blocks_context[1][0].norm1.weight[:3] = 0.0
+        net.conv_blocks_context[2][0].norm2.weight[1] = 0.0
+    peft.apply(net, "conv_adapter")
+    x = torch.randn(1, 1, 32, 32, 32, dtype=torch.float64)
+    plain = _grads(net, x)
+    lean = copy.deepcopy(net)
+    apply_memory_paths(lean, MemoryPaths())
+    got = _grads(lean, x)
+    assert all(torch.isfinite(g).all() for g in got.values())
+    assert _max_rel(got, plain) < 1e-10
+
+
+def test_frozen_weights_stay_bit_identical_and_the_forward_is_unchanged(micro_stunet):
+    net = micro_stunet()
+    peft.apply(net, "conv_adapter")
+    reference = copy.deepcopy(net)
+    apply_memory_paths(net, MemoryPaths(activation_checkpointing="on"))
+    assert set(net.state_dict()) == set(reference.state_dict())  # names and keys unchanged
+    frozen = {n: p.detach().clone() for n, p in net.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=1e-2)
+    x = torch.randn(2, 1, 32, 32, 32)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(o.square().mean() for o in net(x)).backward()
+        opt.step()
+    for name, param in net.named_parameters():
+        if name in frozen:
+            assert torch.equal(param, frozen[name]) and param.grad is None, name
+    net.eval()
+    reference.load_state_dict(net.state_dict())
+    reference.eval()
+    with torch.no_grad():  # without gradients every module runs its plain forward
+        assert torch.allclose(net(x)[0], reference(x)[0], atol=1e-6)
+
+
+def _saved_bytes(net, x):
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = net(x)
+    del out
+    return sum(v for k, v in storages.items() if k not in params)
+
+
+def test_the_backward_pass_keeps_less_with_each_lever(micro_stunet):
+    """What autograd keeps is a property of the graph, not a timing: each lever must shrink it."""
+    x = torch.randn(2, 1, 32, 32, 32)
+    kept = {}
+    for label, paths in {"plain": None, **PATHS}.items():
+        net = peft.apply(micro_stunet(), "conv_adapter")
+        if paths is not None:
+            apply_memory_paths(net, paths)
+        kept[label] = _saved_bytes(net, x)
+    assert kept["lean convs"] < kept["plain"] and kept["lean norm/act"] < kept["plain"]
+    assert kept["both"] < min(kept["lean convs"], kept["lean norm/act"])
+    assert kept["both"] < 0.7 * kept["plain"]
+    assert kept["both + checkpointing"] < 0.75 * kept["both"]
+
+
+def test_the_peak_estimate_follows_the_memory_paths_and_auto_resolves(micro_stunet, monkeypatch):
+    plain = peft.apply(micro_stunet(), "conv_adapter")
+    lean_net = copy.deepcopy(plain)
+    apply_memory_paths(lean_net, MemoryPaths())
+    full = peft.apply(micro_stunet(), "full")
+    shape = (2, 1, 32, 32, 32)
+    e_plain, e_lean, e_full = (estimate_training_peak(n, shape) for n in (plain, lean_net, full))
+    assert e_lean.activations < e_plain.activations
+    assert e_full.gradients == e_full.weights and e_plain.gradients < e_full.gradients
+    import nnunet_tpp.models.memory as memory
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10 ** 12)
+    assert resolve_checkpointing("auto", lean_net, shape, "cpu")[0] == "off"
+    monkeypatch.setattr(memory, "available_bytes", lambda device: e_lean.total // 2)
+    resolved, reason = resolve_checkpointing("auto", lean_net, shape, "cpu")
+    assert resolved == "on" and "estimated training peak" in reason
+    assert resolve_checkpointing("on", lean_net, shape, "cpu")[0] == "on"
+    with pytest.raises(ValueError, match="off, on or auto"):
+        resolve_checkpointing("sometimes", lean_net, shape, "cpu")
+    with pytest.raises(ValueError, match="activation_checkpointing must be one of"):
+        MemoryPaths(activation_checkpointing="maybe")
