@@ -159,7 +159,8 @@ def _experiment(args) -> int:
 
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
-    out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name)
+    out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name,
+                             force=args.force)
     print(f"wrote {out}; nnUNetv2_predict can use this model folder now")
     return 0
 
@@ -241,8 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     restore = sub.add_parser("restore", help="rebuild checkpoint_final.pth from peft_weights.pth + the backbone")
     restore.add_argument("model_folder", help="nnU-Net model folder (…/Trainer__Plans__3d_fullres)")
     restore.add_argument("-f", "--fold", default="0")
-    restore.add_argument("--backbone", required=True, help="the published STU-Net checkpoint used for training")
+    restore.add_argument("--backbone", required=True,
+                         help="the pre-trained checkpoint the model was fine-tuned from (its fingerprint is checked)")
     restore.add_argument("--checkpoint-name", dest="checkpoint_name", default="checkpoint_final.pth")
+    restore.add_argument("--force", action="store_true",
+                         help="build the model on --backbone even if it is not the checkpoint the adapters were "
+                              "trained on")
     restore.set_defaults(func=_restore)
 
     from nnunet_tpp.vision2d.cli import add_train2d_parser
@@ -251,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench2d_parser(sub)
     from nnunet_tpp.vision2d.ssa_bench import add_ssa_bench_parser
     add_ssa_bench_parser(sub)
+    from nnunet_tpp.pretext.probe import add_probe_parser
+    add_probe_parser(sub)
     return parser
 
 

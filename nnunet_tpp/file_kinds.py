@@ -48,6 +48,8 @@ _EXPECTED = {
     TARGET_PARAMETERS: ("a target-parameter file", "a target-parameter file (written by `nnunet-tpp pretrain -o "
                                                    "FILE`, or a TPP run's fold folder: tpp_target_parameters.pth)"),
     ADAPTER: ("an adapter file", "an nnunet_tpp adapter file (peft_weights.pth in a fine-tuned fold folder)"),
+    NNUNET_CHECKPOINT: ("an nnU-Net checkpoint", "an nnU-Net v2 training checkpoint (checkpoint_final.pth / "
+                                                 "checkpoint_best.pth) or an nnssl pre-training checkpoint"),
 }
 _LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save(_use_new_zipfile_serialization=False)
 _PREFIXES = ("module.", "_orig_mod.")
@@ -264,15 +266,18 @@ def _fix(found: FileKind, expected: str, noun: str) -> str:
                     f"{noun} here, and {restore}")
         return (f"it holds the fine-tuned weights of a trained model, not pre-trained target parameters; {TARGET_ENV} "
                 f"takes {_EXPECTED[TARGET_PARAMETERS][1]}; to use the trained model, {restore}")
-    if kind == STUNET:
+    if kind == STUNET and expected != NNUNET_CHECKPOINT:
         if expected == TARGET_PARAMETERS:
             return (f"pass it with -pretrained_weights (it is the backbone); {TARGET_ENV} takes "
                     f"{_EXPECTED[TARGET_PARAMETERS][1]}")
         return f"pass it with -pretrained_weights; an adapter file is {_EXPECTED[ADAPTER][1]}"
     if kind == NNUNET_CHECKPOINT and expected == STUNET:
-        return (f"the PEFT trainers adapt {noun}; a network of nnU-Net's own (trainer "
-                f"{details.get('trainer_name')}) is fine-tuned with nnU-Net's trainers and its plans "
-                f"(nnUNetv2_move_plans_between_datasets)")
+        return (f"it is a network of nnU-Net's own (trainer {details.get('trainer_name')}), and this trainer adapts "
+                f"STU-Net; use the _nnUNet trainer of the same family (e.g. ConvAdapterTrainer_nnUNet) with the "
+                f"source model's plans (`nnunet-tpp adopt-plans`)")
+    if kind == STUNET and expected == NNUNET_CHECKPOINT:
+        return (f"the _nnUNet trainers adapt nnU-Net's own networks; for {found.description} use the STU-Net "
+                f"trainer of the same family with the size suffix (e.g. ConvAdapterTrainer_B)")
     return f"pass {noun}"
 
 

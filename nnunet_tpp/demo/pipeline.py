@@ -143,7 +143,12 @@ def check_demo(cfg: DemoConfig) -> CheckedDemo:
         raise ValueError(f"--trainer {cfg.trainer!r} is not an nnunet_tpp trainer"
                          + (f"; did you mean {', '.join(near)}?" if near else "")
                          + " (`nnunet-tpp trainers` lists them)")
-    size = TRAINERS[cfg.trainer].stunet_size
+    backbone = TRAINERS[cfg.trainer].backbone
+    if not backbone.is_stunet:
+        raise ValueError(f"--trainer {cfg.trainer}: the demo adapts STU-Net; pick an STU-Net trainer (suffix _S, _B, "
+                         f"_L or _H). The _nnUNet trainers are shown in the README section 'Fine-tuning your nnU-Net "
+                         f"model with adapters'")
+    size = backbone.key
     if Path(cfg.work_dir).exists() and not Path(cfg.work_dir).is_dir():
         raise ValueError(f"--work-dir {cfg.work_dir} is a file; give a folder")
     if cfg.pretrained is not None:

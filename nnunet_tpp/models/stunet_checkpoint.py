@@ -34,13 +34,15 @@ def _numpy_allow_list() -> list:
     return allowed + aliases
 
 
-def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False, expected: str | None = None) -> dict:
     """Reads a backbone checkpoint file without executing arbitrary pickled code.
 
     Args:
         path: a ``.model`` / ``.pth`` / ``.pt`` file.
         mmap: memory-map the tensors of a ZIP-format file instead of reading them (for checks of names and
             shapes; the legacy format is read whole).
+        expected: the kind of file wanted, for the message (:mod:`nnunet_tpp.file_kinds`; default an STU-Net
+            checkpoint).
     Returns:
         The unpickled dictionary (tensors on the CPU).
     Raises:
@@ -51,7 +53,7 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     from nnunet_tpp import file_kinds  # imports this module: import here, not at the top
     obj, kind = file_kinds.read(path, mmap=mmap)
     if obj is None or not isinstance(obj, dict) or kind.kind in file_kinds.NNUNET_TPP_KINDS:
-        raise CheckpointError(file_kinds.wrong_kind_message(kind, file_kinds.STUNET))
+        raise CheckpointError(file_kinds.wrong_kind_message(kind, expected or file_kinds.STUNET))
     return obj
 
 
@@ -103,15 +105,18 @@ class LoadReport:
     skipped: list[str] = field(default_factory=list)
     initialised: list[str] = field(default_factory=list)
     repeated_input_channels: list[str] = field(default_factory=list)
+    new_modules: list[str] = field(default_factory=list)  # modules the checkpoint lacks that must train
 
     def lines(self) -> list[str]:
         """A human-readable report, one line per item group."""
         out = [f"pre-trained weights: {self.path} ({self.source_format}, {self.architecture})",
-               f"  loaded {len(self.loaded)} tensors (every backbone tensor)",
+               f"  loaded {len(self.loaded)} tensors (every {'encoder' if self.new_modules else 'backbone'} tensor)",
                f"  skipped {len(self.skipped)} checkpoint tensors: {_short(self.skipped)}",
                f"  newly initialised {len(self.initialised)} tensors: {_short(self.initialised)}"]
         if self.repeated_input_channels:
             out.append(f"  first-layer weights repeated over the input channels: {self.repeated_input_channels}")
+        if self.new_modules:
+            out.append(f"  not in the checkpoint, trained with the heads: {', '.join(self.new_modules)}")
         return out
 
     def __str__(self) -> str:

@@ -1,13 +1,15 @@
 """The one nnU-Net trainer class behind every trainer name of the package.
 
-A trainer name (``ConvAdapterTrainer_S`` ...) is this class with a family (which recipe: PEFT method,
-learning rate) and an STU-Net size. The class hooks into nnU-Net at the documented places:
-``build_network_architecture`` (STU-Net + PEFT, also used by ``nnUNetv2_predict``), ``initialize``
-(pre-trained weights through our own safe loader), ``configure_optimizers`` (trainable parameters only),
-``save_checkpoint`` (atomic) and ``on_train_end`` (``peft_weights.pth``).
+A trainer name (``ConvAdapterTrainer_S``, ``LoRATrainer_nnUNet`` ...) is this class with a family (which recipe:
+PEFT method, learning rate) and a backbone (an STU-Net size, or the network the plans describe). The class hooks
+into nnU-Net at the documented places: ``build_network_architecture`` (backbone + PEFT + memory paths, also used by
+``nnUNetv2_predict``), ``initialize`` (checks before anything starts, ``activation_checkpointing: auto``,
+pre-trained weights through our own safe loader), ``configure_optimizers`` (trainable parameters only),
+``save_checkpoint`` (atomic), ``load_checkpoint`` (safe reading) and ``on_train_end`` (``peft_weights.pth``).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import ClassVar
 
@@ -16,11 +18,13 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_tpp import peft
-from nnunet_tpp.models.stunet import stunet_from_plans
-from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint
+from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
+from nnunet_tpp.peft.fingerprint import FINGERPRINT_ATTRIBUTE
+from nnunet_tpp.trainers.backbones import Backbone, backbone_of
 from nnunet_tpp.trainers.recipe import resolve_recipe
 
 PEFT_WEIGHTS_FILE = "peft_weights.pth"
+BACKBONE_RECORD = "backbone.json"
 PLANS_KEY = "nnunet_tpp"
 ENV_SKIP_VALIDATION = "NNUNET_TPP_SKIP_VALIDATION"
 ENV_TARGET_PARAMETERS = "NNUNET_TPP_TARGET_PARAMETERS"
@@ -28,31 +32,38 @@ ENV_TARGET_PARAMETERS = "NNUNET_TPP_TARGET_PARAMETERS"
 
 def build_network(spec: dict, configuration_manager, num_input_channels: int, num_output_channels: int,
                   enable_deep_supervision: bool = True) -> torch.nn.Module:
-    """STU-Net for an nnU-Net configuration with the PEFT method of ``spec`` applied.
+    """The backbone for an nnU-Net configuration with the PEFT method and memory paths of ``spec`` applied.
 
     Args:
-        spec: ``{"size", "method", "options"}`` as produced by ``TrainerRecipe.network_spec``.
-        configuration_manager: nnU-Net configuration (pool sizes).
+        spec: ``{"size", "method", "options", "memory"}`` as produced by ``TrainerRecipe.network_spec``
+            (``memory.activation_checkpointing`` already resolved to on/off; plans written before memory paths
+            existed have no ``memory`` and get the plain network).
+        configuration_manager: nnU-Net configuration (pool sizes, or the whole architecture for ``nnUNet``).
     Returns:
         The network (random backbone; load weights afterwards).
     """
-    net = stunet_from_plans(spec["size"], configuration_manager, num_input_channels, num_output_channels,
-                            enable_deep_supervision)
+    net = backbone_of(spec.get("size")).build(configuration_manager, num_input_channels, num_output_channels,
+                                              enable_deep_supervision)
     peft.apply(net, spec["method"], **spec["options"])
+    memory = spec.get("memory")
+    if memory:
+        checkpointing = memory.get("activation_checkpointing", "off")
+        lean = bool(memory.get("lean_backward", True))
+        apply_memory_paths(net, MemoryPaths(lean, lean, "off" if checkpointing == "auto" else checkpointing))
     return net
 
 
-class STUNetPeftTrainer(nnUNetTrainer):
-    """nnU-Net trainer for STU-Net with a PEFT method (see ``recipes.yaml`` for the families)."""
+class PeftTrainer(nnUNetTrainer):
+    """nnU-Net trainer for a pre-trained backbone with a PEFT method (``recipes.yaml`` holds the families)."""
 
     family: ClassVar[str] = "ConvAdapterTrainer"
-    stunet_size: ClassVar[str] = "B"
+    backbone: ClassVar[Backbone] = backbone_of("B")
     expects_pretrained: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.recipe = resolve_recipe(self.family, self.stunet_size)
+        self.recipe = resolve_recipe(self.family, self.backbone.key)
         spec = self.recipe.network_spec()
         # plans are data: the network spec travels with plans.json to nnUNetv2_predict
         self.plans_manager.plans["configurations"][configuration][PLANS_KEY] = spec
@@ -66,8 +77,8 @@ class STUNetPeftTrainer(nnUNetTrainer):
         if self.recipe.val_iterations_per_epoch:
             self.num_val_iterations_per_epoch = int(self.recipe.val_iterations_per_epoch)
         self.pretrained_report = None
-        self.print_to_log_file(f"nnunet_tpp: {type(self).__name__} = STU-Net-{self.stunet_size} + "
-                               f"{spec['method']} {spec['options']}; lr {self.initial_lr}, "
+        self.print_to_log_file(f"nnunet_tpp: {type(self).__name__} = {self.backbone.label(self.configuration_manager)}"
+                               f" + {spec['method']} {spec['options']}; lr {self.initial_lr}, "
                                f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations",
                                also_print_to_console=True)
 
@@ -77,20 +88,70 @@ class STUNetPeftTrainer(nnUNetTrainer):
         """Called by nnU-Net for training and by ``nnUNetv2_predict``; reads the spec from the plans."""
         spec = configuration_manager.configuration.get(PLANS_KEY)
         if spec is None:
-            spec = resolve_recipe(cls.family, cls.stunet_size).network_spec()
+            spec = resolve_recipe(cls.family, cls.backbone.key).network_spec()
         return build_network(spec, configuration_manager, num_input_channels, num_output_channels,
                              enable_deep_supervision)
 
     # --- initialisation ------------------------------------------------------------------------------
     def initialize(self):
         if not self.was_initialized:
+            self.check_inputs()
+            self._resolve_activation_checkpointing()
             self._route_pretrained_weights_to_our_loader()
         super().initialize()
-        self.print_to_log_file(str(peft.trainable_summary(self.network)), also_print_to_console=True)
+        net = peft.unwrap(self.network)
+        self.print_to_log_file(str(peft.trainable_summary(net)), also_print_to_console=True)
+        self.print_to_log_file(f"memory paths: {getattr(net, 'memory_paths', MemoryPaths(False, False)).label()}",
+                               also_print_to_console=True)
+
+    def check_inputs(self) -> None:
+        """Everything that can be checked before the network exists or nnU-Net starts its data loaders: a file given
+        with ``NNUNET_TPP_TARGET_PARAMETERS`` must be a target-parameter file of this trainer's method, options and
+        architecture (raises with the reason)."""
+        given = os.environ.get(ENV_TARGET_PARAMETERS)
+        if not given:
+            return
+        from nnunet_tpp import file_kinds
+        from nnunet_tpp.pretext.stage import TargetParameterError
+        try:
+            payload = file_kinds.load_expected(given, file_kinds.TARGET_PARAMETERS, role=ENV_TARGET_PARAMETERS,
+                                               mmap=True)
+        except file_kinds.FileKindError as e:
+            raise TargetParameterError(str(e)) from None
+        spec = self.configuration_manager.configuration[PLANS_KEY]
+        with torch.device("meta"):
+            meta = build_network({**spec, "memory": None}, self.configuration_manager, self._num_input_channels(),
+                                 self.label_manager.num_segmentation_heads, True)
+        peft.check_identity({k: payload.get(k) for k in ("method", "options", "architecture")},
+                            peft.identity(meta), given, "target parameters")
+
+    def _num_input_channels(self) -> int:
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        return determine_num_input_channels(self.plans_manager, self.configuration_manager, self.dataset_json)
+
+    def _resolve_activation_checkpointing(self) -> None:
+        """``activation_checkpointing: auto`` -> on/off from the estimated training peak on this device (a network
+        built on the meta device: no memory used)."""
+        spec = self.configuration_manager.configuration[PLANS_KEY]
+        memory = spec.get("memory") or {}
+        if memory.get("activation_checkpointing") != "auto":
+            return
+        from nnunet_tpp.models.memory import resolve_checkpointing
+        self._set_batch_size_and_oversample()
+        with torch.device("meta"):
+            meta = build_network({**spec, "memory": {**memory, "activation_checkpointing": "off"}},
+                                 self.configuration_manager, self._num_input_channels(),
+                                 self.label_manager.num_segmentation_heads, self.enable_deep_supervision)
+        shape = (self.batch_size, self._num_input_channels(), *self.configuration_manager.patch_size)
+        resolved, reason = resolve_checkpointing("auto", meta, shape, self.device)
+        memory = {**memory, "activation_checkpointing": resolved}
+        spec["memory"] = memory
+        self.plans_manager.plans["configurations"][self.configuration_name][PLANS_KEY] = spec
+        self.print_to_log_file(reason, also_print_to_console=True)
 
     def _route_pretrained_weights_to_our_loader(self) -> None:
-        """nnU-Net's ``-pretrained_weights`` loader cannot read published STU-Net checkpoints (v1 files,
-        ``seg_outputs`` heads, unsafe unpickling). ``nnunetv2.run.run_training`` calls it right after
+        """nnU-Net's ``-pretrained_weights`` loader unpickles arbitrarily and cannot read published STU-Net
+        checkpoints (v1 files, ``seg_outputs`` heads). ``nnunetv2.run.run_training`` calls it right after
         ``initialize``; for our network we route that call to :meth:`load_pretrained_backbone`."""
         import nnunetv2.run.run_training as run_training
 
@@ -107,12 +168,52 @@ class STUNetPeftTrainer(nnUNetTrainer):
         run_training.load_pretrained_weights = load_pretrained_weights
 
     def load_pretrained_backbone(self, path: str) -> None:
-        """Loads a published STU-Net checkpoint (v1 ``.model`` or v2 ``.pth``) into the backbone and logs
-        which tensors were loaded, skipped and newly initialised."""
+        """Loads the pre-trained checkpoint into the backbone, logs what was loaded, skipped and newly initialised,
+        fingerprints the backbone and records both in ``backbone.json``. Modules the checkpoint lacks (an nnssl
+        checkpoint's decoder) train with the heads: the optimiser is rebuilt for them."""
         net = peft.unwrap(self.network)
-        self.pretrained_report = load_stunet_checkpoint(net, path, new_keys=set(peft.target_parameters(net)))
+        self.pretrained_report = self.backbone.load(net, path, set(peft.target_parameters(net)))
         for line in self.pretrained_report.lines():
             self.print_to_log_file(line, also_print_to_console=True)
+        self._train_new_modules(self.pretrained_report.new_modules)
+        fingerprint = peft.fingerprint_backbone(net)
+        if self.local_rank == 0:
+            _atomic_json({"path": os.path.abspath(path), "fingerprint": fingerprint,
+                          "new_modules": self.pretrained_report.new_modules},
+                         os.path.join(self.output_folder, BACKBONE_RECORD))
+
+    def reloads_recorded_backbone(self) -> bool:
+        """True when this run will load its backbone from ``backbone.json`` itself (a resumed TPP pretext stage);
+        base: False."""
+        return False
+
+    def recorded_backbone(self) -> dict | None:
+        """The fold folder's ``backbone.json`` (the checkpoint this run started from and its fingerprint), if any."""
+        path = os.path.join(self.output_folder, BACKBONE_RECORD)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def _train_new_modules(self, new_modules: list[str]) -> None:
+        """Makes the modules a checkpoint did not hold (an nnssl checkpoint's decoder) train with the heads, and
+        rebuilds the optimiser for them."""
+        net = peft.unwrap(self.network)
+        missing = [m for m in new_modules if m not in net.head_prefixes]
+        if not missing:
+            return
+        net.head_prefixes = (*net.head_prefixes, *missing)
+        peft.freeze(net)
+        self._rebuild_optimizer()
+        self.print_to_log_file(f"{', '.join(missing)}: not in the pre-trained checkpoint, trained with the heads; "
+                               f"{peft.trainable_summary(net)}", also_print_to_console=True)
+
+    def _rebuild_optimizer(self) -> None:
+        if self.is_ddp:
+            raise RuntimeError("this checkpoint holds only an encoder, so the decoder must train; with DDP give the "
+                               "decoder to the recipe from the start (train it once with -num_gpus 1, or use a full "
+                               "nnU-Net checkpoint)")
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -129,10 +230,11 @@ class STUNetPeftTrainer(nnUNetTrainer):
             load_target_parameters(self.network, given)
             self.print_to_log_file(f"fine-tuning starts from the pre-trained target parameters in {given} "
                                    f"({ENV_TARGET_PARAMETERS})", also_print_to_console=True)
-        if self.expects_pretrained and self.pretrained_report is None and self.current_epoch == 0:
+        if (self.expects_pretrained and self.pretrained_report is None and self.current_epoch == 0
+                and not self.reloads_recorded_backbone()):
             self.print_to_log_file(
                 f"WARNING: {type(self).__name__} adapts a pre-trained backbone, but no -pretrained_weights "
-                f"were given: the backbone is random. Pass -pretrained_weights STUNet_{self.stunet_size}.model",
+                f"were given: the backbone is random. Pass {self.backbone.checkpoint_hint()}",
                 also_print_to_console=True)
 
     def save_checkpoint(self, filename: str) -> None:
@@ -141,6 +243,21 @@ class STUNetPeftTrainer(nnUNetTrainer):
         super().save_checkpoint(tmp)
         if os.path.exists(tmp):
             os.replace(tmp, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's ``--c`` / validation loading, but reading the file with ``weights_only=True`` and the numpy
+        allow-list (nnU-Net's own loader unpickles arbitrarily)."""
+        if isinstance(filename_or_checkpoint, str):
+            from nnunet_tpp import file_kinds
+            from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
+            filename_or_checkpoint = read_checkpoint(filename_or_checkpoint, expected=file_kinds.NNUNET_CHECKPOINT)
+        if not self.was_initialized:
+            self.initialize()
+        recorded = self.recorded_backbone() or {}
+        self._train_new_modules(recorded.get("new_modules", []))
+        super().load_checkpoint(filename_or_checkpoint)
+        if recorded.get("fingerprint"):  # the run started from this backbone (its checkpoint holds it)
+            setattr(peft.unwrap(self.network), FINGERPRINT_ATTRIBUTE, recorded["fingerprint"])
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if os.environ.get(ENV_SKIP_VALIDATION, "").lower() in ("1", "true", "yes"):
@@ -158,6 +275,18 @@ class STUNetPeftTrainer(nnUNetTrainer):
                 "plans_name": self.plans_manager.plans_name, "fold": self.fold,
                 "num_input_channels": self.num_input_channels,
                 "num_output_channels": self.label_manager.num_segmentation_heads,
-                "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes})
+                "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+                "new_modules": list(getattr(self.pretrained_report, "new_modules", []) or
+                                    (self.recorded_backbone() or {}).get("new_modules", []))})
             self.print_to_log_file(f"adapter-only weights (trained parameters + heads): {path} "
                                    f"({os.path.getsize(path) / 2**20:.1f} MB)", also_print_to_console=True)
+
+
+STUNetPeftTrainer = PeftTrainer  # the name the TPP trainer module imports
+
+
+def _atomic_json(data: dict, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from nnunet_tpp.models.lean import CHECKPOINTING
 from nnunet_tpp.peft import get_method
 
 ENV_RECIPE = "NNUNET_TPP_RECIPE"
@@ -34,7 +35,7 @@ class TrainerRecipe:
     """Everything that distinguishes one of our trainers from another.
 
     Attributes:
-        size: STU-Net size (S, B, L, H).
+        size: the backbone: an STU-Net size (S, B, L, H) or ``nnUNet`` (the network the plans describe).
         method: PEFT method name (``full`` trains every parameter, also from scratch).
         options: the method's options.
         initial_lr: SGD learning rate (nnU-Net's poly schedule).
@@ -43,6 +44,15 @@ class TrainerRecipe:
         tpp: pretext objective run before fine-tuning (``dino``), or None.
         pretext_epochs, pretext_iterations_per_epoch: length of the pretext stage.
         pretext_feature_stages: encoder stages pooled into the DINO head's input.
+        pretext_batch_size: samples per pretext iteration (its own, not nnU-Net's batch).
+        pretext_view_size: global view size per axis (None: half the plan's patch, rounded to the pooling); local
+            views are half of it. Each axis must be a multiple of the plan's pooling and fit every training case.
+        pretext_lr, pretext_min_lr: AdamW's peak learning rate (absolute) and the end of its cosine decay.
+        pretext_keep: whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
+        lean_backward: the exact memory paths of :mod:`nnunet_tpp.models.lean` (frozen convolutions keep no input,
+            norm + LeakyReLU keep only their output); they act only where the backbone is frozen.
+        activation_checkpointing: ``off``, ``on`` or ``auto`` (on when the estimated training peak does not fit
+            the device; :mod:`nnunet_tpp.models.memory`).
     """
 
     size: str = "B"
@@ -57,12 +67,29 @@ class TrainerRecipe:
     pretext_epochs: int = 50
     pretext_iterations_per_epoch: int = 100
     pretext_feature_stages: list[int] = field(default_factory=lambda: [4, 5])
+    pretext_batch_size: int = 8
+    pretext_view_size: list[int] | None = None
+    pretext_lr: float = 5e-4
+    pretext_min_lr: float = 1e-6
+    pretext_keep: str = "teacher"
+    lean_backward: bool = True
+    activation_checkpointing: str = "off"
+
+    def __post_init__(self):
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise RecipeError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
+                              f"{self.activation_checkpointing!r}")
+        if not isinstance(self.lean_backward, bool):
+            raise RecipeError(f"lean_backward must be true or false, got {self.lean_backward!r}")
 
     def network_spec(self) -> dict[str, Any]:
-        """The part of the recipe that determines the network's parameters (stored in the plans)."""
+        """What the network is built from (stored in the plans, so nnUNetv2_predict rebuilds it): the backbone,
+        the PEFT method with its resolved options, and the memory paths."""
         opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
-        return {"size": self.size, "method": self.method, "options": opts}
+        return {"size": self.size, "method": self.method, "options": opts,
+                "memory": {"lean_backward": self.lean_backward,
+                           "activation_checkpointing": self.activation_checkpointing}}
 
 
 TPP_PREFIX = "TPP"
@@ -114,6 +141,26 @@ def _env_int(name: str) -> int | None:
     return value
 
 
+def _families_running(method: str, tpp) -> str:
+    """Advice naming the trainer families that run ``method`` (with or without TPP), or saying none does."""
+    families = _family_defaults()
+    hits = sorted(f for f, d in families.items() if d["method"] == method and bool(d.get("tpp")) == bool(tpp))
+    if hits:
+        return f"use {' or '.join(hits)} (with a backbone suffix: _S, _B, _L, _H or _nnUNet)"
+    known = ", ".join(sorted({d["method"] for d in families.values()}))
+    return f"no nnU-Net trainer runs {method!r}; the trainers' methods are {known} (`nnunet-tpp trainers`)"
+
+
+def _tpp_variant(family: str, want_tpp: bool) -> str:
+    """Advice naming the TPP (or plain) variant of ``family``, or saying it has none."""
+    base = family[len(TPP_PREFIX):] if family.startswith(TPP_PREFIX) else family
+    other = TPP_PREFIX + base if want_tpp else base
+    if other != family and other in _family_defaults():
+        return f"use {other} instead (same backbone suffix), or remove tpp from the recipe"
+    return (f"{family} has no TPP variant: its method adds no parameters to pre-train; remove tpp from the recipe"
+            if want_tpp else "remove tpp from the recipe")
+
+
 def resolve_recipe(family: str, size: str) -> TrainerRecipe:
     """Family defaults, then the user's recipe file, then the schedule environment variables.
 
@@ -129,13 +176,13 @@ def resolve_recipe(family: str, size: str) -> TrainerRecipe:
         user = read_recipe_file(user_file)
         if "method" in user and user["method"] != fields["method"]:
             raise RecipeError(f"{user_file!r} asks for method {user['method']!r} but this trainer runs "
-                              f"{fields['method']!r}; pick the trainer of that method instead")
+                              f"{fields['method']!r}; {_families_running(user['method'], fields.get('tpp'))}")
         if "tpp" in user and user["tpp"] != fields.get("tpp"):
-            raise RecipeError(f"{user_file!r} sets tpp={user['tpp']!r}; pick the TPP trainer (TPP{family}) "
-                              f"or the plain one instead")
-        if "size" in user and str(user["size"]).upper() != size:
-            raise RecipeError(f"{user_file!r} asks for size {user['size']!r} but this trainer builds "
-                              f"STU-Net-{size}; use the trainer with suffix _{str(user['size']).upper()}")
+            raise RecipeError(f"{user_file!r} sets tpp={user['tpp']!r}, which {family} does not run; "
+                              f"{_tpp_variant(family, bool(user['tpp']))}")
+        if "size" in user and str(user["size"]).lower() != size.lower():
+            raise RecipeError(f"{user_file!r} asks for backbone {user['size']!r} but this trainer builds "
+                              f"{size}; use the trainer with suffix _{user['size']}")
         fields.update({k: v for k, v in user.items() if k not in ("method", "size", "tpp")})
     for key, env in (("epochs", ENV_EPOCHS), ("iterations_per_epoch", ENV_ITERS),
                      ("val_iterations_per_epoch", ENV_VAL_ITERS), ("pretext_epochs", ENV_PRETEXT_EPOCHS),

@@ -9,22 +9,22 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_tpp import peft
-from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint
+from nnunet_tpp import file_kinds, peft
 from nnunet_tpp.trainers.base import PEFT_WEIGHTS_FILE
 
 
 def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
-                       checkpoint_name: str = "checkpoint_final.pth") -> Path:
+                       checkpoint_name: str = "checkpoint_final.pth", force: bool = False) -> Path:
     """Writes ``model_folder/fold_F/checkpoint_name`` from the adapter file and the backbone checkpoint.
 
     Args:
         model_folder: ``.../Trainer__Plans__configuration`` holding ``plans.json`` and ``dataset.json``.
         fold: the fold (``0`` ... or ``all``).
-        backbone: the published STU-Net checkpoint the model was fine-tuned from.
+        backbone: the pre-trained checkpoint the model was fine-tuned from (STU-Net, nnU-Net or nnssl).
         checkpoint_name: output name; an existing file is never overwritten.
+        force: accept a backbone whose fingerprint differs from the one the adapter file records.
     Returns:
-        The written checkpoint path.
+        The written checkpoint path. Everything is checked before the file is written.
     """
     from nnunet_tpp.trainers.zoo import TRAINERS
 
@@ -37,7 +37,10 @@ def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
     out = fold_dir / checkpoint_name
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it first if you want it rebuilt")
-    meta = torch.load(adapter_file, map_location="cpu", weights_only=True)
+    try:
+        meta = file_kinds.load_expected(adapter_file, file_kinds.ADAPTER, role="peft_weights.pth")
+    except file_kinds.FileKindError as e:
+        raise ValueError(str(e)) from None
     trainer = TRAINERS.get(meta.get("trainer_name"))
     if trainer is None:
         raise ValueError(f"{adapter_file} names trainer {meta.get('trainer_name')!r}, which nnunet_tpp does not have")
@@ -47,9 +50,17 @@ def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
     network = trainer.build_network_architecture(
         plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+    if meta.get("new_modules"):
+        network.head_prefixes = (*network.head_prefixes, *meta["new_modules"])
+        peft.freeze(network)
     if meta["method"] != "full":
-        load_stunet_checkpoint(network, backbone, new_keys=set(peft.target_parameters(network)))
-    peft.load(network, adapter_file)
+        trainer.backbone.load(network, str(backbone), set(peft.target_parameters(network)))
+        peft.fingerprint_backbone(network)
+    try:
+        peft.load(network, adapter_file, allow_other_backbone=force)
+    except peft.PeftError as e:
+        raise ValueError(f"{e}. --backbone must be the checkpoint the model was fine-tuned from; pass --force to "
+                         f"build it on {backbone} anyway") from None
     checkpoint = {"network_weights": network.state_dict(), "trainer_name": meta["trainer_name"],
                   "init_args": {"configuration": meta["configuration"], "fold": fold},
                   "inference_allowed_mirroring_axes": meta.get("inference_allowed_mirroring_axes"),

@@ -1,35 +1,43 @@
-"""Every trainer name nnU-Net can be asked for: one class per family (``recipes.yaml``) and size.
+"""Every trainer name nnU-Net can be asked for: one class per family (``recipes.yaml``) and backbone.
 
-``ConvAdapterTrainer`` builds STU-Net-B; ``ConvAdapterTrainer_S``/``_B``/``_L``/``_H`` pick the size.
-The classes are generated from the recipe table so that adding a family is one line of YAML.
+``ConvAdapterTrainer_S``/``_B``/``_L``/``_H`` adapt a published STU-Net of that size (``ConvAdapterTrainer`` alone is
+``_B``); ``ConvAdapterTrainer_nnUNet`` adapts the network the plans describe (nnU-Net's ``PlainConvUNet`` or
+``ResidualEncoderUNet``), started from an nnU-Net or nnssl checkpoint. The classes are generated from the recipe
+table, so adding a family is one line of YAML.
 """
 from __future__ import annotations
 
 from nnunet_tpp.models.stunet import SIZES
-from nnunet_tpp.trainers.base import STUNetPeftTrainer
+from nnunet_tpp.trainers.backbones import DEFAULT_STUNET_SIZE, NNUNET, backbone_of
+from nnunet_tpp.trainers.base import PeftTrainer
 from nnunet_tpp.trainers.recipe import _family_defaults
 from nnunet_tpp.trainers.tpp import STUNetTPPTrainer
 
-DEFAULT_SIZE = "B"
-FROM_SCRATCH = {"STUNetTrainer"}
+FROM_SCRATCH = {"STUNetTrainer"}  # STU-Net trained from scratch: no nnU-Net variant (that is nnUNetTrainer)
+BACKBONES = (*SIZES, NNUNET)
+
+
+def _doc(family: str, fields: dict, key: str) -> str:
+    backbone = backbone_of(key)
+    what = backbone.label() if backbone.is_stunet else "the network of the plans (PlainConvUNet / ResidualEncoderUNet)"
+    start = " (trained from scratch)" if family in FROM_SCRATCH else f" from {backbone.checkpoint_hint()}"
+    tpp = ", its target parameters first pre-trained with DINO on the fold's images (TPP)" if fields.get("tpp") else ""
+    return f"nnU-Net trainer: {what} with PEFT method {fields['method']!r}{start}{tpp}."
 
 
 def _make_family(family: str) -> dict[str, type]:
     fields = _family_defaults()[family]
-    doc = (f"nnU-Net trainer: STU-Net-{{size}} with PEFT method {fields['method']!r}"
-           + (" (trained from scratch)" if family in FROM_SCRATCH else
-              " on a pre-trained backbone (-pretrained_weights)")
-           + (", its target parameters first pre-trained with DINO on the fold's images (TPP)" if fields.get("tpp")
-              else "") + ".")
+    parent = STUNetTPPTrainer if fields.get("tpp") else PeftTrainer
     attrs = {"family": family, "expects_pretrained": family not in FROM_SCRATCH, "__module__": __name__}
-    parent = STUNetTPPTrainer if fields.get("tpp") else STUNetPeftTrainer
-    base = type(family, (parent,), {**attrs, "stunet_size": DEFAULT_SIZE,
-                                               "__doc__": doc.format(size=DEFAULT_SIZE)})
+    base = type(family, (parent,), {**attrs, "backbone": backbone_of(DEFAULT_STUNET_SIZE),
+                                    "__doc__": _doc(family, fields, DEFAULT_STUNET_SIZE)})
     classes = {family: base}
-    for size in SIZES:
-        name = f"{family}_{size}"
-        classes[name] = type(name, (base,), {"stunet_size": size, "__module__": __name__,
-                                             "__doc__": doc.format(size=size)})
+    for key in BACKBONES:
+        if key == NNUNET and family in FROM_SCRATCH:
+            continue
+        name = f"{family}_{key}"
+        classes[name] = type(name, (base,), {"backbone": backbone_of(key), "__module__": __name__,
+                                             "__doc__": _doc(family, fields, key)})
     return classes
 
 

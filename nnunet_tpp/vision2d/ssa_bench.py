@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from nnunet_tpp.bench import _count, _load, _sync, machine_description
+from nnunet_tpp.bench import _count, _load, machine_description
+from nnunet_tpp.bench_workers import _sync
 from nnunet_tpp.models.vit import VisionTransformer, build_vit
 from nnunet_tpp.pretext.dino import ema_update
 from nnunet_tpp.vision2d.ssa import SSAError, SSASettings, build_ssa, check_method, ssa_settings, ssa_step

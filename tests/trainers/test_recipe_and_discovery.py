@@ -6,13 +6,16 @@ from nnunet_tpp import peft
 from nnunet_tpp.trainers.recipe import RecipeError, resolve_recipe
 
 
-def test_every_trainer_name_exists_in_every_size():
+def test_every_trainer_name_exists_for_every_backbone():
     from nnunet_tpp.trainers.zoo import TRAINERS
     for family in ("STUNetTrainer", "FullFinetuneTrainer", "LinearProbeTrainer", "BitFitTrainer", "LoRATrainer",
-                   "ConvAdapterTrainer"):
-        assert TRAINERS[family].stunet_size == "B"
+                   "ConvAdapterTrainer", "TPPConvAdapterTrainer", "TPPLoRATrainer"):
+        assert TRAINERS[family].backbone.key == "B"
         for size in "SBLH":
-            assert TRAINERS[f"{family}_{size}"].stunet_size == size
+            assert TRAINERS[f"{family}_{size}"].backbone.key == size
+        if family != "STUNetTrainer":  # training nnU-Net's network from scratch is nnUNetTrainer's job
+            assert not TRAINERS[f"{family}_nnUNet"].backbone.is_stunet
+    assert "STUNetTrainer_nnUNet" not in TRAINERS and "TPPBitFitTrainer" not in TRAINERS
 
 
 def test_nnunet_finds_our_trainers_through_its_own_search():
@@ -47,8 +50,11 @@ def test_recipe_defaults_env_and_user_file(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text,message", [
     ("options: {gamma: 4}\n", "unknown option"),
     ("learning_rate: 0.1\n", "unknown recipe field"),
-    ("method: lora\n", "pick the trainer of that method"),
+    ("method: lora\n", "use LoRATrainer"),
+    ("method: ssf\n", "no nnU-Net trainer runs 'ssf'"),
+    ("tpp: dino\n", "use TPPConvAdapterTrainer instead"),
     ("size: L\n", "suffix _L"),
+    ("activation_checkpointing: sometimes\n", "activation_checkpointing must be one of off, on, auto"),
 ])
 def test_bad_recipes_fail_before_training(tmp_path, monkeypatch, text, message):
     user = tmp_path / "r.yaml"
@@ -70,9 +76,11 @@ def test_build_network_architecture_reads_the_spec_from_the_plans():
     pools = [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
     config = ConfigurationManager({"architecture": {"arch_kwargs": {"strides": pools}},
                                    "nnunet_tpp": {"size": "S", "method": "lora",
-                                                  "options": {"rank": 2, "alpha": 4.0, "targets": ["conv1"]}}})
+                                                  "options": {"rank": 2, "alpha": 4.0, "targets": ["conv1"]},
+                                                  "memory": {"lean_backward": True, "activation_checkpointing": "on"}}})
     net = TRAINERS["ConvAdapterTrainer_S"].build_network_architecture(None, config, 1, 3, False)
     assert net.peft_config.method == "lora" and net.peft_config.options["rank"] == 2
+    assert net.memory_paths.activation_checkpointing == "on" and net.memory_paths.lean_convs
     assert net.pool_op_kernel_sizes[-2:] == [[1, 1, 1], [1, 1, 1]]
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)

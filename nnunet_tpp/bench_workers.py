@@ -1,0 +1,255 @@
+"""The measurements of ``nnunet-tpp bench``, each run in its own process (``python -m nnunet_tpp.bench_workers KIND
+CFG_JSON OUT_JSON``) so that its peak memory is its own.
+
+* ``training``: a method's training step (nnU-Net's SGD, deep-supervision cross-entropy), time and peak memory;
+* ``latency``: inference latency (batch 1, no grad) of the plain network, LoRA unmerged or LoRA merged;
+* ``pretext``: the TPP pretext (DINO) step of ``conv_adapter``.
+
+Every network is the same seeded random one: STU-Net of a size, or the network an nnU-Net plan describes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+NUM_CLASSES = 3
+SEED = 1234
+LATENCY_METHOD = "lora"
+MiB = 2 ** 20
+
+
+def _log(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _current_rss_mib() -> float:
+    """Resident set size now (MiB), from /proc; falls back to the peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MiB
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(cfg: dict, method: str | None, deep_supervision: bool = True):
+    """The seeded random network of ``cfg`` (``network``: ``stunet`` with ``size`` and ``pools``, or ``plans`` with
+    ``plans_file`` and ``configuration``), with ``method`` and ``cfg['memory']`` (memory paths) applied."""
+    import torch
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
+    torch.manual_seed(SEED)
+    if cfg.get("network", "stunet") == "plans":
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from nnunet_tpp.models.nnunet_networks import build_from_plans
+        with open(cfg["plans_file"]) as f:
+            manager = PlansManager(json.load(f)).get_configuration(cfg["configuration"])
+        net = build_from_plans(manager, int(cfg.get("channels", 1)), NUM_CLASSES, deep_supervision)
+    else:
+        from nnunet_tpp.models.stunet import build_stunet
+        net = build_stunet(cfg["size"], int(cfg.get("channels", 1)), NUM_CLASSES, cfg.get("pools"),
+                           enable_deep_supervision=deep_supervision, fast_cpu_kernels=True)
+    if method is not None:
+        peft.apply(net, method)
+        memory = cfg.get("memory") or {}
+        if memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
+            lean = bool(memory.get("lean_backward"))
+            apply_memory_paths(net, MemoryPaths(lean, lean, memory.get("activation_checkpointing", "off")))
+    return net
+
+
+def _sync(device) -> None:
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(cfg: dict):
+    import gc
+    import torch
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    device = torch.device(cfg["device"])
+    if device.type == "cuda":  # like nnU-Net; start each measurement's peak from what is left now
+        torch.backends.cudnn.benchmark = True
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def _peak_mib(device) -> float:
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_training(cfg: dict) -> dict:
+    """Times ``cfg['warmup'] + cfg['steps']`` training steps of ``cfg['method']`` and measures its memory.
+
+    Args:
+        cfg: ``{"network", "size"/"plans_file", "method", "memory", "patch", "batch", "device", "steps", "warmup",
+            "threads"}``.
+    Returns:
+        ``{"step_times_s", "step_time_s", "peak_memory_mib", "baseline_memory_mib", "trainable", "total"}``, or
+        ``{"out_of_memory": True, "error"}`` when the device ran out of memory.
+    """
+    import contextlib
+    import torch
+    import torch.nn.functional as F
+    from nnunet_tpp import peft
+
+    device = _setup(cfg)
+    cuda = device.type == "cuda"
+    try:
+        net = build(cfg, cfg["method"]).to(device).train()
+        summary = peft.trainable_summary(net)
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-2, momentum=0.99,
+                                    nesterov=True, weight_decay=3e-5)
+        gen = torch.Generator().manual_seed(SEED + 1)
+        shape = (int(cfg["batch"]), int(cfg.get("channels", 1)), *map(int, cfg["patch"]))
+        x = torch.randn(shape, generator=gen).to(device)
+        labels = torch.randint(0, NUM_CLASSES, (shape[0], 1, *shape[2:]), generator=gen).float().to(device)
+        targets: list = []
+        scaler = torch.amp.GradScaler("cuda") if cuda else None
+        autocast = (lambda: torch.autocast("cuda")) if cuda else contextlib.nullcontext
+        baseline = torch.cuda.memory_allocated(device) / MiB if cuda else _current_rss_mib()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                outputs = net(x)
+                if not targets:  # labels downsampled to each deep-supervision output, once
+                    targets.extend(F.interpolate(labels, size=o.shape[2:], mode="nearest")[:, 0].long()
+                                   for o in outputs)
+                loss = sum(F.cross_entropy(o, t) for o, t in zip(outputs, targets))
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+
+        name, times = f"{cfg.get('label', cfg['method'])}", []
+        for i in range(int(cfg["warmup"]) + int(cfg["steps"])):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            seconds = time.perf_counter() - start
+            warm = i < int(cfg["warmup"])
+            if not warm:
+                times.append(seconds)
+            _log(f"{name}: {'warm-up' if warm else 'step'} {i + 1} ({seconds:.3f} s)")
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        return {"out_of_memory": True, "error": str(e).splitlines()[0]}
+    except RuntimeError as e:
+        if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
+            return {"out_of_memory": True, "error": str(e).splitlines()[0]}
+        raise
+    return {"step_times_s": times, "step_time_s": statistics.median(times), "peak_memory_mib": _peak_mib(device),
+            "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
+
+
+def measure_latency(cfg: dict) -> dict:
+    """Inference latency (batch 1, eval, no grad, no deep supervision) of one variant: ``plain`` (the backbone),
+    ``unmerged`` (LoRA with non-zero updates) or ``merged`` (the same, merged in place; also reports the largest
+    output difference merged vs unmerged).
+
+    Returns:
+        ``{"variant", "latency_s"[, "merge_max_abs_diff"]}`` (median seconds per forward).
+    """
+    import contextlib
+    import torch
+    from nnunet_tpp import peft
+
+    device = _setup(cfg)
+    variant = cfg["variant"]
+    net = build(cfg, None if variant == "plain" else LATENCY_METHOD, deep_supervision=False)
+    if variant != "plain":
+        with torch.no_grad():  # LoRA's B starts at zero: make the update non-trivial so merging is checked
+            gen = torch.Generator().manual_seed(SEED + 3)
+            for p in peft.target_parameters(net).values():
+                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+    net = net.to(device).eval()
+    x = torch.randn((1, int(cfg.get("channels", 1)), *cfg["patch"]),
+                    generator=torch.Generator().manual_seed(SEED + 2)).to(device)
+    autocast = (lambda: torch.autocast("cuda")) if device.type == "cuda" else contextlib.nullcontext
+    result = {"variant": variant}
+    with torch.no_grad(), autocast():
+        if variant == "merged":
+            before = net(x).float()
+            peft.merge(net)
+            result["merge_max_abs_diff"] = (net(x).float() - before).abs().max().item()
+            del before
+        for _ in range(max(1, int(cfg["warmup"]))):
+            net(x)
+        times = []
+        for i in range(int(cfg["steps"])):
+            _sync(device)
+            start = time.perf_counter()
+            net(x)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    result["latency_s"] = statistics.median(times)
+    _log(f"latency {variant}: {result['latency_s']:.4f} s")
+    return result
+
+
+def measure_pretext(cfg: dict) -> dict:
+    """Times TPP pretext (DINO) steps of ``conv_adapter`` on random views (2 global at the patch size, 4 local at
+    half of it) and measures memory like :func:`measure_training`.
+
+    Returns:
+        ``{"step_time_s", "volumes_per_s", "peak_memory_mib"}`` (one volume = one sample's set of views).
+    """
+    import tempfile
+    import numpy as np
+    import torch
+    from nnunet_tpp.pretext.crops3d import view_sizes
+    from nnunet_tpp.pretext.dino import DINOConfig
+    from nnunet_tpp.pretext.stage import PretextSchedule, run_dino_stage
+
+    device = _setup(cfg)
+    net = build(cfg, "conv_adapter").to(device)
+    pools = cfg.get("pools") or [[2, 2, 2]] * 4 + [[1, 1, 2]]
+    global_size, local_size = view_sizes(cfg["patch"], np.prod(np.array(pools), axis=0))
+    gen = torch.Generator().manual_seed(SEED + 3)
+
+    def sample(batch: int):
+        return ([torch.randn((batch, 1, *global_size), generator=gen) for _ in range(2)],
+                [torch.randn((batch, 1, *local_size), generator=gen) for _ in range(4)])
+
+    stamps: list[float] = []
+    warmup, steps = int(cfg["warmup"]), int(cfg["steps"])
+    with tempfile.TemporaryDirectory() as tmp:
+        _sync(device)
+        stamps.append(time.perf_counter())
+        run_dino_stage(net, sample, PretextSchedule(epochs=warmup + steps, iterations_per_epoch=1,
+                                                    batch_size=int(cfg["batch"])),
+                       DINOConfig(), device, os.path.join(tmp, "state.pth"),
+                       log=lambda message: (_sync(device), stamps.append(time.perf_counter())))
+    step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
+    _log(f"TPP pretext: {steps} steps, {step:.3f} s each")
+    return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": _peak_mib(device)}
+
+
+MEASUREMENTS = {"training": measure_training, "latency": measure_latency, "pretext": measure_pretext}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nnunet_tpp.bench_workers KIND CFG_JSON OUT_JSON``: one measurement, its result as JSON."""
+    kind, cfg, out = (sys.argv[1:] if argv is None else argv)[:3]
+    result = MEASUREMENTS[kind](json.loads(cfg))
+    with open(out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
