@@ -1,5 +1,5 @@
 """The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``,
-``methods``, ``check``, ``restore`` (3-D), ``train2d``, ``bench2d`` and ``bench-ssa``
+``methods``, ``check``, ``adopt-plans``, ``restore`` (3-D), ``train2d``, ``bench2d`` and ``bench-ssa``
 (2-D)."""
 from __future__ import annotations
 
@@ -157,6 +157,17 @@ def _experiment(args) -> int:
     return 0
 
 
+def _adopt_plans(args) -> int:
+    from nnunet_tpp.adopt_plans import adopt_plans
+    plans = adopt_plans(args.source, args.dataset, args.plans_name, tuple(args.configurations), args.np,
+                        not args.no_preprocess)
+    name = plans.stem
+    print(f"plans {name} ready for {plans.parent.name}; train with\n  nnUNetv2_train {plans.parent.name} "
+          f"{args.configurations[0]} 0 -p {name} -tr ConvAdapterTrainer_nnUNet -pretrained_weights "
+          f"<the model's fold_X/checkpoint_final.pth>")
+    return 0
+
+
 def _restore(args) -> int:
     from nnunet_tpp.trainers.restore import restore_checkpoint
     out = restore_checkpoint(Path(args.model_folder), args.fold, Path(args.backbone), args.checkpoint_name,
@@ -238,6 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the PEFT methods").set_defaults(func=_methods)
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)
     sub.add_parser("check", help="check that nnU-Net finds the trainers").set_defaults(func=_check)
+
+    adopt = sub.add_parser("adopt-plans", help="give dataset D the plans of a trained nnU-Net model and preprocess it")
+    adopt.add_argument("source", help="the model folder (…/Trainer__Plans__3d_fullres) or one of its checkpoints")
+    adopt.add_argument("-d", "--dataset", required=True, help="target dataset id or name (raw, in $nnUNet_raw)")
+    adopt.add_argument("-p", "--plans-name", dest="plans_name", default=None,
+                       help="name of the new plans (default: <source plans>_from_<source dataset>)")
+    adopt.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
+    adopt.add_argument("-np", "--np", type=int, default=4, help="preprocessing processes (default 4)")
+    adopt.add_argument("--no-preprocess", dest="no_preprocess", action="store_true",
+                       help="write the plans only (run nnUNetv2_preprocess yourself)")
+    adopt.set_defaults(func=_adopt_plans)
 
     restore = sub.add_parser("restore", help="rebuild checkpoint_final.pth from peft_weights.pth + the backbone")
     restore.add_argument("model_folder", help="nnU-Net model folder (…/Trainer__Plans__3d_fullres)")

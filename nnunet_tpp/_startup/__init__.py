@@ -9,6 +9,11 @@
    ``ConvAdaptorTrainer_S``) gets our error with the nearest names, before that crash can happen (see
    :func:`close_trainer_names`). Other names go to nnU-Net's search unchanged.
 
+3. when ``nnunetv2.run.run_training`` is imported, wraps its ``run_training`` so that a call with one of our
+   trainers is checked (:mod:`nnunet_tpp.trainers.preflight`: checkpoint kind and fit, recipe, target-parameter
+   file, ``--c`` with ``-pretrained_weights``) before nnU-Net constructs the trainer, which creates the results
+   folder: a refused ``nnUNetv2_train`` writes nothing and ends with our message, not a traceback.
+
 It imports nothing heavy and never raises at start-up (the wrapped search raises nnU-Net's own error type
 for a misspelt name of ours).
 """
@@ -19,6 +24,7 @@ import sys
 
 VARIABLE = "nnUNet_extTrainer"
 _FIND_OBJECTS = "nnunetv2.utilities.find_objects"
+_RUN_TRAINING = "nnunetv2.run.run_training"
 
 
 def trainer_dir() -> str:
@@ -108,11 +114,42 @@ def _wrap_trainer_search(module) -> None:
     module.recursive_find_trainer_class_by_name = recursive_find_trainer_class_by_name
 
 
+def _wrap_run_training(module) -> None:
+    original = module.run_training
+    import inspect
+    signature = inspect.signature(original)
+
+    def run_training(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            from nnunet_tpp.trainers.preflight import preflight
+        except Exception:  # not the call we know: leave it to nnU-Net
+            return original(*args, **kwargs)
+        try:
+            preflight(**bound.arguments)
+        except ValueError as e:
+            if os.path.basename(sys.argv[0]).startswith("nnUNetv2_train"):
+                print(f"nnUNetv2_train: error (nnunet_tpp, nothing was written): {e}", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+        return original(*args, **kwargs)
+
+    run_training.__doc__ = original.__doc__
+    run_training.nnunet_tpp_wrapped = True
+    run_training.nnunet_original = original
+    module.run_training = run_training
+
+
+_WRAPPERS = {_FIND_OBJECTS: ("recursive_find_trainer_class_by_name", _wrap_trainer_search),
+             _RUN_TRAINING: ("run_training", _wrap_run_training)}
+
+
 class _TrainerSearchHook(importlib.abc.MetaPathFinder):
-    """Finds ``nnunetv2.utilities.find_objects`` like the normal path finder, then wraps its search."""
+    """Finds the nnU-Net modules we wrap (:data:`_WRAPPERS`) like the normal path finder, then wraps them."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _FIND_OBJECTS:
+        if fullname not in _WRAPPERS:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -122,7 +159,7 @@ class _TrainerSearchHook(importlib.abc.MetaPathFinder):
         def exec_module(module):
             exec_original(module)
             try:
-                _wrap_trainer_search(module)
+                _WRAPPERS[fullname][1](module)
             except Exception:
                 pass
 
@@ -136,10 +173,10 @@ def register() -> None:
         _add_trainer_dir()
         if not any(isinstance(f, _TrainerSearchHook) for f in sys.meta_path):
             sys.meta_path.insert(0, _TrainerSearchHook())
-        loaded = sys.modules.get(_FIND_OBJECTS)
-        if loaded is not None and not getattr(loaded.recursive_find_trainer_class_by_name,
-                                              "nnunet_tpp_wrapped", False):
-            _wrap_trainer_search(loaded)
+        for name, (attribute, wrap) in _WRAPPERS.items():
+            loaded = sys.modules.get(name)
+            if loaded is not None and not getattr(getattr(loaded, attribute, None), "nnunet_tpp_wrapped", False):
+                wrap(loaded)
     except Exception:  # never break interpreter start-up
         pass
 

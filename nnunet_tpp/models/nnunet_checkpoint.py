@@ -76,14 +76,16 @@ def _encoder_only(checkpoint: dict, state: dict[str, torch.Tensor]) -> tuple[dic
     return kept, skipped
 
 
-def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: set[str] | None = None
-                           ) -> LoadReport:
+def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: set[str] | None = None,
+                           check_only: bool = False) -> LoadReport:
     """Loads an nnU-Net v2 or nnssl checkpoint into ``model`` (nnU-Net's network of the plans, PEFT layers allowed).
 
     Args:
         model: the network to fill.
         path: the checkpoint file.
         new_keys: names of parameters a PEFT method added (they keep their initialisation).
+        check_only: compare names and shapes only (the file memory-mapped, nothing copied; the model may live on
+            the meta device).
     Returns:
         A :class:`LoadReport`; ``report.new_modules`` names modules the checkpoint does not hold that must train
         (an nnssl checkpoint's missing decoder).
@@ -93,7 +95,7 @@ def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
     """
     from nnunet_tpp import file_kinds
     path = os.fspath(path)
-    checkpoint = read_checkpoint(path, expected=file_kinds.NNUNET_CHECKPOINT)
+    checkpoint = read_checkpoint(path, mmap=check_only, expected=file_kinds.NNUNET_CHECKPOINT)
     state, fmt = extract_state_dict(checkpoint)
     stunet = describe_stunet(state)
     if stunet.startswith("STU-Net"):
@@ -150,9 +152,10 @@ def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
     report.skipped = sorted(skipped + [k for k in state if k not in loaded_names])
     if nnssl:
         report.new_modules = ["decoder"]
-    with torch.no_grad():
-        for key, value in to_load.items():
-            target[key].copy_(value.to(dtype=target[key].dtype))
+    if not check_only:
+        with torch.no_grad():
+            for key, value in to_load.items():
+                target[key].copy_(value.to(dtype=target[key].dtype))
     return report
 
 

@@ -133,8 +133,8 @@ def _is_head(key: str, model: STUNet) -> bool:
     return any(key.startswith(p + ".") for p in model.head_prefixes)
 
 
-def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: set[str] | None = None
-                           ) -> LoadReport:
+def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: set[str] | None = None,
+                           check_only: bool = False) -> LoadReport:
     """Loads a published STU-Net checkpoint into ``model`` (an :class:`STUNet`, PEFT layers allowed).
 
     Args:
@@ -142,6 +142,8 @@ def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
         path: checkpoint file.
         new_keys: model keys that are expected to be missing from a published checkpoint (parameters
             added by a PEFT method); they keep their initialisation.
+        check_only: compare names and shapes only (the file memory-mapped, nothing copied; the model may live on
+            the meta device).
     Returns:
         A :class:`LoadReport`.
     Raises:
@@ -149,8 +151,14 @@ def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
             left unchanged in that case.
     """
     new_keys = new_keys or set()
-    state, fmt = extract_state_dict(read_checkpoint(path))
+    checkpoint = read_checkpoint(path, mmap=check_only)
+    state, fmt = extract_state_dict(checkpoint)
     found = describe_stunet(state)
+    if not found.startswith("STU-Net") and ("init_args" in checkpoint or "nnssl_adaptation_plan" in checkpoint):
+        raise CheckpointError(
+            f"{os.fspath(path)!r} is a checkpoint of nnU-Net's own network (trainer "
+            f"{checkpoint.get('trainer_name', '?')}), not an STU-Net; to adapt it use the _nnUNet trainer of the same "
+            f"family (e.g. ConvAdapterTrainer_nnUNet) with the source model's plans (`nnunet-tpp adopt-plans`)")
     expected = f"STU-Net-{model.size_name}" if getattr(model, "size_name", None) else "STU-Net"
     if not found.startswith("STU-Net-") or (model.size_name and found != expected):
         hint = ""
@@ -182,7 +190,8 @@ def load_stunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
                               + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
     report.skipped = sorted(k for k in state if k not in to_load)
     report.loaded = sorted(to_load)
-    with torch.no_grad():
-        for key, value in to_load.items():
-            target[key].copy_(value.to(dtype=target[key].dtype))
+    if not check_only:
+        with torch.no_grad():
+            for key, value in to_load.items():
+                target[key].copy_(value.to(dtype=target[key].dtype))
     return report

@@ -55,14 +55,14 @@ class Backbone:
         from nnunet_tpp.models.nnunet_networks import build_from_plans
         return build_from_plans(configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision)
 
-    def load(self, network: nn.Module, path: str, new_keys: set[str]) -> LoadReport:
+    def load(self, network: nn.Module, path: str, new_keys: set[str], check_only: bool = False) -> LoadReport:
         """Loads a pre-trained checkpoint into ``network`` (PEFT applied); raises ``CheckpointError`` naming the
-        problem and the fix, leaving the network unchanged."""
+        problem and the fix, leaving the network unchanged. ``check_only`` compares names and shapes only."""
         if self.is_stunet:
             from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint
-            return load_stunet_checkpoint(network, path, new_keys=new_keys)
+            return load_stunet_checkpoint(network, path, new_keys=new_keys, check_only=check_only)
         from nnunet_tpp.models.nnunet_checkpoint import load_nnunet_checkpoint
-        return load_nnunet_checkpoint(network, path, new_keys=new_keys)
+        return load_nnunet_checkpoint(network, path, new_keys=new_keys, check_only=check_only)
 
 
 NNUNET = "nnUNet"

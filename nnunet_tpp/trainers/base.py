@@ -105,25 +105,53 @@ class PeftTrainer(nnUNetTrainer):
                                also_print_to_console=True)
 
     def check_inputs(self) -> None:
-        """Everything that can be checked before the network exists or nnU-Net starts its data loaders: a file given
-        with ``NNUNET_TPP_TARGET_PARAMETERS`` must be a target-parameter file of this trainer's method, options and
-        architecture (raises with the reason)."""
-        given = os.environ.get(ENV_TARGET_PARAMETERS)
-        if not given:
-            return
-        from nnunet_tpp import file_kinds
-        from nnunet_tpp.pretext.stage import TargetParameterError
-        try:
-            payload = file_kinds.load_expected(given, file_kinds.TARGET_PARAMETERS, role=ENV_TARGET_PARAMETERS,
-                                               mmap=True)
-        except file_kinds.FileKindError as e:
-            raise TargetParameterError(str(e)) from None
-        spec = self.configuration_manager.configuration[PLANS_KEY]
+        """:meth:`check_before_training` for this trainer's plans (also when nnU-Net's Python API or a DDP worker
+        builds the trainer without going through ``nnUNetv2_train``)."""
+        self.check_before_training(self.plans_manager.plans, self.configuration_name, self.dataset_json)
+
+    @classmethod
+    def check_before_training(cls, plans: dict, configuration: str, dataset_json: dict,
+                              pretrained_weights: str | None = None) -> None:
+        """Everything that can be checked before the trainer exists (so before anything is written or any data
+        loader starts), on a network built on the meta device (no memory):
+
+        * the recipe (``NNUNET_TPP_RECIPE`` and the schedule variables);
+        * ``pretrained_weights``: of the kind this backbone loads (an STU-Net checkpoint of this size, or an nnU-Net
+          / nnssl checkpoint of these plans' network), every tensor present with its shape;
+        * a file given with ``NNUNET_TPP_TARGET_PARAMETERS``: a target-parameter file of this method, options
+          and architecture.
+
+        Raises:
+            ValueError (``RecipeError``, ``CheckpointError``, ``TargetParameterError``, ``PeftError``) naming the
+            problem and the fix.
+        """
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        manager = PlansManager(plans)
+        config = manager.get_configuration(configuration)
+        spec = resolve_recipe(cls.family, cls.backbone.key).network_spec()
+        channels = determine_num_input_channels(manager, config, dataset_json)
         with torch.device("meta"):
-            meta = build_network({**spec, "memory": None}, self.configuration_manager, self._num_input_channels(),
-                                 self.label_manager.num_segmentation_heads, True)
-        peft.check_identity({k: payload.get(k) for k in ("method", "options", "architecture")},
-                            peft.identity(meta), given, "target parameters")
+            meta = build_network({**spec, "memory": None}, config, channels,
+                                 manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+        if pretrained_weights:
+            cls.backbone.load(meta, pretrained_weights, set(peft.target_parameters(meta)), check_only=True)
+        given = os.environ.get(ENV_TARGET_PARAMETERS)
+        if given:
+            from nnunet_tpp import file_kinds
+            from nnunet_tpp.pretext.stage import TargetParameterError
+            try:
+                payload = file_kinds.load_expected(given, file_kinds.TARGET_PARAMETERS, role=ENV_TARGET_PARAMETERS,
+                                                   mmap=True)
+            except file_kinds.FileKindError as e:
+                raise TargetParameterError(str(e)) from None
+            try:
+                peft.check_identity({k: payload.get(k) for k in ("method", "options", "architecture")},
+                                    peft.identity(meta), given, "target parameters")
+            except peft.PeftError as e:
+                raise TargetParameterError(f"{e} ({ENV_TARGET_PARAMETERS}; pick the trainer of that method and "
+                                           f"backbone, or pre-train target parameters for this one with "
+                                           f"`nnunet-tpp pretrain`)") from None
 
     def _num_input_channels(self) -> int:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels

@@ -1,0 +1,142 @@
+"""Fine-tuning an nnU-Net model of one's own with adapters, end to end on the real CT with the stock commands: a
+model saved by nnU-Net's own ``nnUNetTrainer`` (its ``save_checkpoint``; the file layout is what matters) -> another
+label set -> ``nnunet-tpp adopt-plans`` -> ``ConvAdapterTrainer_nnUNet`` -> ``nnUNetv2_predict``; ResEnc from a
+ResEnc preset plan; the refusals of checkpoints that do not fit."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
+from nnunet_tpp.evaluation import geometry_mismatches
+from nnunet_tpp.nnunet_commands import NNUNetCommandError, NNUNetFolders, run_nnunet
+from tests.conftest import CT_IMAGE, CT_LABELS, require
+from tests.test_e2e_ct import _write_v1_checkpoint
+
+pytestmark = pytest.mark.e2e
+SOURCE, TARGET = 621, 622
+PLANS = "nnUNetPlans_from_Dataset621_Source"
+
+
+STOCK_SAVE = """
+import json, sys, torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+plans_file, dataset_file, model = sys.argv[1:4]
+plans, dataset_json = json.load(open(plans_file)), json.load(open(dataset_file))
+json.dump(plans, open(model + "/plans.json", "w"))
+plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args sets (nnU-Net 2.8)
+trainer = nnUNetTrainer(plans, "3d_fullres", "all", dataset_json, device=torch.device("cpu"))
+trainer.initialize()
+json.dump(dataset_json, open(model + "/dataset.json", "w"))
+trainer.save_checkpoint(model + "/fold_all/checkpoint_final.pth")
+"""
+
+
+def _stock_checkpoint(folders: NNUNetFolders, env: dict, plans_name: str = "nnUNetPlans") -> tuple:
+    """A model folder as nnUNetv2_train leaves it: nnUNetTrainer's own save_checkpoint (untrained weights), and the
+    plans.json and dataset.json it writes beside the folds."""
+    import subprocess
+    import sys
+    preprocessed = folders.preprocessed / "Dataset621_Source"
+    model = folders.results / "Dataset621_Source" / f"nnUNetTrainer__{plans_name}__3d_fullres"
+    (model / "fold_all").mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", STOCK_SAVE, str(preprocessed / f"{plans_name}.json"),
+                           str(preprocessed / "dataset.json"), str(model)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return model, model / "fold_all" / "checkpoint_final.pth"
+
+
+@pytest.fixture(scope="module")
+def nnunet_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e_nnunet")
+    folders = NNUNetFolders(root)
+    folders.make()
+    write_raw_dataset(folders.raw, SOURCE, "Source", [Case("ct001", require(CT_IMAGE), require(CT_LABELS))],
+                      {"background": 0, "liver": 1, "kidney": 2})
+    # the target task: another label set (liver only) on its own images
+    liver = sitk.ReadImage(str(CT_LABELS))
+    array = sitk.GetArrayFromImage(liver)
+    relabelled = sitk.GetImageFromArray((array == 1).astype(np.uint8))
+    relabelled.CopyInformation(liver)
+    target_labels = root / "liver_labels.nii.gz"
+    sitk.WriteImage(relabelled, str(target_labels))
+    raw = write_raw_dataset(folders.raw, TARGET, "Target", [Case("ct001", CT_IMAGE, target_labels)],
+                            {"background": 0, "liver": 1}, test=[Case("ct001", CT_IMAGE)])
+    env = folders.env(NNUNET_TPP_EPOCHS="1", NNUNET_TPP_ITERS_PER_EPOCH="2", NNUNET_TPP_VAL_ITERS_PER_EPOCH="1",
+                      NNUNET_TPP_SKIP_VALIDATION="1")
+    log = root / "log.txt"
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", SOURCE, "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env, log)
+    plans_file = folders.preprocessed / "Dataset621_Source" / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["configurations"]["3d_fullres"]["patch_size"] = [64, 64, 64]  # 5x faster CPU steps; same network
+    plans_file.write_text(json.dumps(plans, indent=2))
+    model, checkpoint = _stock_checkpoint(folders, env)
+    return folders, raw, env, log, model, checkpoint
+
+
+def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(nnunet_model):
+    folders, raw, env, log, model, checkpoint = nnunet_model
+    source_bytes = checkpoint.read_bytes()
+    run_nnunet(["nnunet-tpp", "adopt-plans", model, "-d", TARGET, "-np", "1"], env, log)
+    adopted = folders.preprocessed / "Dataset622_Target" / f"{PLANS}.json"
+    plans = json.loads(adopted.read_text())
+    assert plans["dataset_name"] == "Dataset622_Target" and plans["plans_name"] == PLANS
+    assert (folders.preprocessed / "Dataset622_Target" / "dataset.json").exists()
+    with pytest.raises(NNUNetCommandError, match="exists; pass another name"):  # never overwritten
+        run_nnunet(["nnunet-tpp", "adopt-plans", model, "-d", TARGET, "--no-preprocess"], env, log)
+
+    run_nnunet(["nnUNetv2_train", TARGET, "3d_fullres", "all", "-p", PLANS, "-tr", "ConvAdapterTrainer_nnUNet",
+                "-pretrained_weights", checkpoint, "-device", "cpu"], env, log)
+    fold = folders.results / "Dataset622_Target" / f"ConvAdapterTrainer_nnUNet__{PLANS}__3d_fullres" / "fold_all"
+    text = next(fold.glob("training_log_*.txt")).read_text()
+    assert "trainable parameters: " in text and "memory paths: lean convs + lean norm/act" in text
+    assert "the plans' PlainConvUNet + conv_adapter" in text
+    source = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    backbone = {k: v for k, v in source.items() if ".seg_layers." not in k}
+    assert backbone and all(torch.equal(final[k], v) for k, v in backbone.items())
+    assert any(".adapter." in k for k in final) and (fold / "peft_weights.pth").exists()
+    assert json.loads((fold / "backbone.json").read_text())["fingerprint"].startswith("blake2b:")
+    assert checkpoint.read_bytes() == source_bytes  # the user's model is untouched
+
+    predictions = folders.root / "pred"
+    run_nnunet(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", TARGET, "-c", "3d_fullres",
+                "-p", PLANS, "-f", "all", "-tr", "ConvAdapterTrainer_nnUNet", "-device", "cpu", "-npp", "1",
+                "-nps", "1", "--disable_tta"], env, log)
+    assert geometry_mismatches(CT_IMAGE, predictions / "ct001.nii.gz") == []
+
+
+def test_checkpoints_that_do_not_fit_are_refused_before_anything_is_written(nnunet_model):
+    folders, raw, env, log, model, checkpoint = nnunet_model
+    stunet = folders.root / "STUNet_S.model"
+    _write_v1_checkpoint(stunet)
+    cases = [("ConvAdapterTrainer_nnUNet", stunet, "is an STU-Net-S checkpoint; the _nnUNet trainers adapt nnU-Net"),
+             ("ConvAdapterTrainer_S", checkpoint, "ConvAdapterTrainer_nnUNet"),
+             ("LoRATrainer_nnUNet", folders.root / "nope.pth", "not found")]
+    for trainer, weights, message in cases:
+        with pytest.raises(NNUNetCommandError, match=message):
+            run_nnunet(["nnUNetv2_train", SOURCE, "3d_fullres", "all", "-tr", trainer, "-pretrained_weights",
+                        weights, "-device", "cpu"], env, log)
+        assert not list((folders.results / "Dataset621_Source").glob(f"{trainer}__*")), trainer  # nothing written
+
+
+def test_resenc_preset_plans_build_a_residual_encoder_with_adapters(nnunet_model):
+    folders, raw, env, log, model, checkpoint = nnunet_model
+    run_nnunet(["nnUNetv2_plan_experiment", "-d", SOURCE, "-pl", "nnUNetPlannerResEncM"], env, log)
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.nnunet_checkpoint import load_nnunet_checkpoint
+    from nnunet_tpp.models.stunet_checkpoint import CheckpointError
+    from nnunet_tpp.trainers.zoo import TRAINERS
+    manager = PlansManager(str(folders.preprocessed / "Dataset621_Source" / "nnUNetResEncUNetMPlans.json"))
+    config = manager.get_configuration("3d_fullres")
+    net = TRAINERS["ConvAdapterTrainer_nnUNet"].build_network_architecture(manager, config, 1, 3, True)
+    assert type(net).__name__ == "ResidualEncoderUNet" and net.peft_config.method == "conv_adapter"
+    assert peft.trainable_summary(net).percent < 5
+    assert any(".adapter." in n for n in peft.target_parameters(net))
+    with pytest.raises(CheckpointError, match="holds a PlainConvUNet .* these plans build a ResidualEncoderUNet"):
+        load_nnunet_checkpoint(net, checkpoint, set(peft.target_parameters(net)))
