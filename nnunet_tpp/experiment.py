@@ -48,7 +48,7 @@ def evaluation_note(exp: Experiment) -> str:
     """How the validation predictions that nnU-Net writes per fold are evaluated."""
     return (f"then, per trainer and fold: nnunet-tpp evaluate $nnUNet_preprocessed/<dataset>/gt_segmentations "
             f"$nnUNet_results/<dataset>/<trainer>__{exp.plans}__{exp.configuration}/fold_<f>/validation "
-            f"-d {exp.dataset['id']} --json metrics.json")
+            f"-d {exp.dataset['id']} --fold <f> --json metrics.json")
 
 
 def run_experiment(exp: Experiment, source: str, pretrained: str, echo=print) -> dict:
@@ -74,10 +74,16 @@ def run_experiment(exp: Experiment, source: str, pretrained: str, echo=print) ->
     dataset = maybe_convert_to_dataset_name(int(exp.dataset["id"]))
     labels = json.loads((Path(nnUNet_preprocessed) / dataset / "dataset.json").read_text())["labels"]
     gt = Path(nnUNet_preprocessed) / dataset / "gt_segmentations"
+    splits = json.loads((Path(nnUNet_preprocessed) / dataset / "splits_final.json").read_text())
+
+    def fold_cases(fold):  # each fold's validation folder holds only that fold's validation cases
+        return None if str(fold) == "all" else splits[int(fold)]["val"]
+
     results = {}
     for trainer in exp.trainers:
         base = Path(nnUNet_results) / dataset / f"{trainer}__{exp.plans}__{exp.configuration}"
-        per_fold = [evaluate_folder(gt, base / f"fold_{f}" / "validation", labels) for f in exp.folds]
+        per_fold = [evaluate_folder(gt, base / f"fold_{f}" / "validation", labels, cases=fold_cases(f))
+                    for f in exp.folds]
         merged = Evaluation.from_cases([case for fold in per_fold for case in fold.per_case])
         echo(f"\n{trainer} ({len(merged.per_case)} validation cases over folds {exp.folds})\n{merged.markdown()}")
         results[trainer] = merged.to_json()

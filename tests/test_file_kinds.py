@@ -145,7 +145,7 @@ def test_load_expected_returns_the_right_kind_and_refuses_the_others(files):
         fk.load_expected(files / "peft_weights.pth", fk.TARGET_PARAMETERS, fk.TARGET_ENV)
     with pytest.raises(fk.FileKindError, match="target-parameter file not found"):
         fk.load_expected(files / "missing.pth", fk.TARGET_PARAMETERS, fk.TARGET_ENV)
-    with pytest.raises(fk.FileKindError, match="PlainConvUNet, trainer nnUNetTrainer.*nnU-Net's trainers"):
+    with pytest.raises(fk.FileKindError, match="PlainConvUNet, trainer nnUNetTrainer.*ConvAdapterTrainer_nnUNet"):
         fk.load_expected(files / "nnunet_checkpoint_final.pth", fk.STUNET, "-pretrained_weights")
     sd = fk.load_expected(files / "STUNet_S.pth", fk.STUNET, mmap=True)["network_weights"]
     assert sd["conv_blocks_context.0.0.conv1.weight"].shape[0] == 16  # STU-Net-S
