@@ -140,14 +140,14 @@ def _memory_label(memory: dict, method: str) -> str:
         " + checkpointing" if memory["activation_checkpointing"] == "on" else "")
 
 
-def _bench_backbone(base: dict, names, variants, measure_pretext: bool) -> dict:
+def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_estimate: bool = False) -> dict:
     """All rows, the pretext step and the latencies for one backbone."""
     table = {}
     for row, method, memory in _rows(names, variants):
         cfg = {**base, "method": method, "memory": memory, "label": f"{base['label']} {row}"}
         fits, estimate, available = _fits(cfg)
         label = _memory_label(memory, method)
-        if not fits:
+        if not fits and not ignore_estimate:
             _log(f"{cfg['label']}: estimated peak {estimate:.0f} MiB > {available:.0f} MiB available: not run")
             table[row] = {"out_of_memory": True, "estimated": True, "estimated_peak_mib": estimate,
                           "available_mib": available, "memory_paths": label}
@@ -178,7 +178,7 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool) -> dict:
 
 def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", steps=3, warmup=1, json_out=None,
               threads=None, pools=None, network="stunet", plans_file=None, configuration="3d_fullres",
-              memory_paths=("lean",), channels=1) -> dict:
+              memory_paths=("lean",), channels=1, ignore_estimate=False) -> dict:
     """Runs the benchmark, prints the markdown report to stdout and optionally writes JSON.
 
     Args:
@@ -194,6 +194,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         network: ``stunet`` or ``plans`` (the network ``plans_file`` describes for ``configuration``).
         memory_paths: variants measured for each PEFT method (``lean``, ``plain``, ``checkpointing``).
         channels: input channels.
+        ignore_estimate: run a method even when its estimated peak does not fit (an actual out-of-memory end is
+            still a row marked out of memory).
     Returns:
         ``{"machine", "methods": {row: {"step_time_ratio", "peak_memory_ratio", "trainable_ratio", "step_time_s",
         "peak_memory_mib", "memory_paths", ...} or {"out_of_memory": True, ...}}, "merged_latency_ratio", ...,
@@ -221,7 +223,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
             key = arch
         else:
             base.update(network="stunet", size=key, pools=pools, label=f"STU-Net-{key}")
-        measured = _bench_backbone(base, names, variants, measure_pretext=network == "stunet")
+        measured = _bench_backbone(base, names, variants, measure_pretext=network == "stunet",
+                                   ignore_estimate=ignore_estimate)
         per_backbone[key] = {
             "machine": machine, "torch": torch.__version__, "device": device, "network": base["label"],
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
@@ -324,6 +327,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--plans", default=None, metavar="nnUNetPlans.json",
                         help="take patch, batch size and pool sizes from an nnU-Net plan (--patch/--batch win)")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
+    parser.add_argument("--ignore-estimate", dest="ignore_estimate", action="store_true",
+                        help="measure methods whose estimated peak does not fit the device too")
 
 
 def bench_main(args) -> int:
@@ -335,7 +340,7 @@ def bench_main(args) -> int:
                   json_out=args.json_out, threads=args.threads,
                   pools=plan.get("pools") if args.network == "stunet" else None, network=args.network,
                   plans_file=args.plans, configuration=args.configuration, memory_paths=args.memory_paths,
-                  channels=args.channels)
+                  channels=args.channels, ignore_estimate=args.ignore_estimate)
     except ValueError as exc:  # BenchError, PeftError
         print(f"nnunet-tpp bench: error: {exc}", file=sys.stderr)
         return 2

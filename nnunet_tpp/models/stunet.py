@@ -74,7 +74,11 @@ class ResidualBlock(nn.Module):
 
 
 class NearestUpsample(nn.Module):
-    """Nearest-neighbour upsampling by the pool size, then a 1x1x1 conv to the skip's width."""
+    """Nearest-neighbour upsampling by the pool size and a 1x1x1 conv to the skip's width.
+
+    The published network upsamples first; a 1x1x1 conv commutes with nearest-neighbour replication, so the conv
+    runs first, at the low resolution: the same output (to float rounding) for a fraction of the work and memory.
+    """
 
     def __init__(self, in_ch: int, out_ch: int, scale: Sequence[int]):
         super().__init__()
@@ -82,7 +86,7 @@ class NearestUpsample(nn.Module):
         self.scale = tuple(float(s) for s in scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(nn.functional.interpolate(x, scale_factor=self.scale, mode="nearest"))
+        return nn.functional.interpolate(self.conv(x), scale_factor=self.scale, mode="nearest")
 
 
 class _DecoderFlags(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from nnunet_tpp.models.lean import CHECKPOINTING
+from nnunet_tpp.models.lean import MemoryPaths
 from nnunet_tpp.peft import get_method
 
 ENV_RECIPE = "NNUNET_TPP_RECIPE"
@@ -48,6 +48,7 @@ class TrainerRecipe:
         pretext_view_size: global view size per axis (None: half the plan's patch, rounded to the pooling); local
             views are half of it. Each axis must be a multiple of the plan's pooling and fit every training case.
         pretext_lr, pretext_min_lr: AdamW's peak learning rate (absolute) and the end of its cosine decay.
+        pretext_teacher_temp: the DINO teacher's temperature (constant).
         pretext_keep: whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
         lean_backward: the exact memory paths of :mod:`nnunet_tpp.models.lean` (frozen convolutions keep no input,
             norm + LeakyReLU keep only their output); they act only where the backbone is frozen.
@@ -71,14 +72,16 @@ class TrainerRecipe:
     pretext_view_size: list[int] | None = None
     pretext_lr: float = 5e-4
     pretext_min_lr: float = 1e-6
+    pretext_teacher_temp: float = 0.02
     pretext_keep: str = "teacher"
     lean_backward: bool = True
     activation_checkpointing: str = "off"
 
     def __post_init__(self):
-        if self.activation_checkpointing not in CHECKPOINTING:
-            raise RecipeError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
-                              f"{self.activation_checkpointing!r}")
+        try:
+            MemoryPaths(activation_checkpointing=self.activation_checkpointing)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
         if not isinstance(self.lean_backward, bool):
             raise RecipeError(f"lean_backward must be true or false, got {self.lean_backward!r}")
 
