@@ -140,7 +140,8 @@ def _memory_label(memory: dict, method: str) -> str:
         " + checkpointing" if memory["activation_checkpointing"] == "on" else "")
 
 
-def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_estimate: bool = False) -> dict:
+def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_estimate: bool = False,
+                    measure_latency: bool = True) -> dict:
     """All rows, the pretext step and the latencies for one backbone."""
     table = {}
     for row, method, memory in _rows(names, variants):
@@ -168,17 +169,19 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_e
         pretext = _measure("pretext", {**base, "method": "conv_adapter", "memory": VARIANTS[variants[0]]})
         pretext["supervised_volumes_per_s"] = int(base["batch"]) / adapter["step_time_s"]
         pretext["supervised_peak_memory_mib"] = adapter["peak_memory_mib"]
-    latency = {v: _measure("latency", {**base, "variant": v}) for v in ("plain", "unmerged", "merged")}
-    lat = {f"{v}_s": r["latency_s"] for v, r in latency.items()}
-    lat["merge_max_abs_diff"] = latency["merged"]["merge_max_abs_diff"]
-    return {"methods": table, "latency": lat, "pretext": pretext,
-            "merged_latency_ratio": lat["merged_s"] / lat["plain_s"],
-            "unmerged_latency_ratio": lat["unmerged_s"] / lat["plain_s"]}
+    result = {"methods": table, "pretext": pretext, "latency": None}
+    if measure_latency:
+        latency = {v: _measure("latency", {**base, "variant": v}) for v in ("plain", "unmerged", "merged")}
+        lat = {f"{v}_s": r["latency_s"] for v, r in latency.items()}
+        lat["merge_max_abs_diff"] = latency["merged"]["merge_max_abs_diff"]
+        result.update(latency=lat, merged_latency_ratio=lat["merged_s"] / lat["plain_s"],
+                      unmerged_latency_ratio=lat["unmerged_s"] / lat["plain_s"])
+    return result
 
 
 def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", steps=3, warmup=1, json_out=None,
               threads=None, pools=None, network="stunet", plans_file=None, configuration="3d_fullres",
-              memory_paths=("lean",), channels=1, ignore_estimate=False) -> dict:
+              memory_paths=("lean",), channels=1, ignore_estimate=False, pretext=True, latency=True) -> dict:
     """Runs the benchmark, prints the markdown report to stdout and optionally writes JSON.
 
     Args:
@@ -196,6 +199,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         channels: input channels.
         ignore_estimate: run a method even when its estimated peak does not fit (an actual out-of-memory end is
             still a row marked out of memory).
+        pretext, latency: also measure the TPP pretext step (STU-Net) and the LoRA latencies.
     Returns:
         ``{"machine", "methods": {row: {"step_time_ratio", "peak_memory_ratio", "trainable_ratio", "step_time_s",
         "peak_memory_mib", "memory_paths", ...} or {"out_of_memory": True, ...}}, "merged_latency_ratio", ...,
@@ -223,8 +227,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
             key = arch
         else:
             base.update(network="stunet", size=key, pools=pools, label=f"STU-Net-{key}")
-        measured = _bench_backbone(base, names, variants, measure_pretext=network == "stunet",
-                                   ignore_estimate=ignore_estimate)
+        measured = _bench_backbone(base, names, variants, measure_pretext=pretext and network == "stunet",
+                                   ignore_estimate=ignore_estimate, measure_latency=latency)
         per_backbone[key] = {
             "machine": machine, "torch": torch.__version__, "device": device, "network": base["label"],
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
@@ -270,12 +274,13 @@ def format_report(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         lines += [_row(name, m) for name, m in r["methods"].items()]
         lat = r["latency"]
-        lines += ["", f"Inference latency, batch 1, {LATENCY_METHOD} (merge max abs diff "
-                  f"{lat['merge_max_abs_diff']:.2e}; each network in its own process):", "",
-                  "| network | latency (s) | vs plain network |", "|---|---|---|"]
-        for key, label in (("plain", "plain network"), ("unmerged", f"{LATENCY_METHOD} unmerged"),
-                           ("merged", f"{LATENCY_METHOD} merged")):
-            lines.append(f"| {label} | {lat[key + '_s']:.4f} | {lat[key + '_s'] / lat['plain_s']:.2f}x |")
+        if lat:
+            lines += ["", f"Inference latency, batch 1, {LATENCY_METHOD} (merge max abs diff "
+                      f"{lat['merge_max_abs_diff']:.2e}; each network in its own process):", "",
+                      "| network | latency (s) | vs plain network |", "|---|---|---|"]
+            lines += [f"| {label} | {lat[key + '_s']:.4f} | {lat[key + '_s'] / lat['plain_s']:.2f}x |"
+                      for key, label in (("plain", "plain network"), ("unmerged", f"{LATENCY_METHOD} unmerged"),
+                                         ("merged", f"{LATENCY_METHOD} merged"))]
         if r.get("pretext"):
             p = r["pretext"]
             lines += ["", "TPP with conv_adapter: DINO pretext step (2 global + 4 local views per volume) vs the "
@@ -329,6 +334,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of --plans")
     parser.add_argument("--ignore-estimate", dest="ignore_estimate", action="store_true",
                         help="measure methods whose estimated peak does not fit the device too")
+    parser.add_argument("--no-pretext", dest="pretext", action="store_false", help="skip the TPP pretext step")
+    parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the LoRA latencies")
 
 
 def bench_main(args) -> int:
@@ -340,7 +347,8 @@ def bench_main(args) -> int:
                   json_out=args.json_out, threads=args.threads,
                   pools=plan.get("pools") if args.network == "stunet" else None, network=args.network,
                   plans_file=args.plans, configuration=args.configuration, memory_paths=args.memory_paths,
-                  channels=args.channels, ignore_estimate=args.ignore_estimate)
+                  channels=args.channels, ignore_estimate=args.ignore_estimate, pretext=args.pretext,
+                  latency=args.latency)
     except ValueError as exc:  # BenchError, PeftError
         print(f"nnunet-tpp bench: error: {exc}", file=sys.stderr)
         return 2

@@ -20,9 +20,9 @@ DATASET_ID = 611
 LABELS = {"background": 0, "liver": 1, "kidney": 2}
 
 
-def _write_v1_checkpoint(path, size="S"):
+def _write_v1_checkpoint(path, size="S", seed=0):
     """A published-style nnU-Net v1 .model file of random STU-Net weights (105 classes, DDP prefix)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = build_stunet(size, 1, 105)
     torch.save({"epoch": 1000, "state_dict": {"module." + k: v for k, v in net.state_dict().items()},
                 "optimizer_state_dict": None, "plot_stuff": ([np.float64(1.0)], [np.float64(0.9)], [], [])}, path)
@@ -106,8 +106,8 @@ def test_checkpoint_of_another_size_stops_before_training(workspace):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "LoRATrainer_S",
                     "-pretrained_weights", ckpt, "-device", "cpu"], env, log)
     assert "is STU-Net-B, but this network is STU-Net-S" in str(err.value)
-    fold = next(folders.results.rglob("LoRATrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
-    assert not (fold / "checkpoint_final.pth").exists() and not (fold / "checkpoint_latest.pth").exists()
+    assert "nothing was written" in str(err.value)
+    assert not list(folders.results.rglob("LoRATrainer_S__nnUNetPlans__3d_fullres"))  # checked before nnU-Net starts
 
 
 def test_missing_checkpoint_file_is_a_clear_error(workspace):
@@ -115,6 +115,21 @@ def test_missing_checkpoint_file_is_a_clear_error(workspace):
     with pytest.raises(NNUNetCommandError, match="checkpoint file not found"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "BitFitTrainer_S",
                     "-pretrained_weights", folders.root / "nope.model", "-device", "cpu"], env, log)
+
+
+def test_wrong_files_and_flags_are_refused_before_anything_is_written(workspace, trained):
+    folders, raw, env, log = workspace
+    ckpt, _, _, fold = trained
+    before = sorted(p.name for p in fold.iterdir())
+    cases = [(["--c", "-pretrained_weights", ckpt], {}, "--c continues a run from its own checkpoint"),
+             (["-pretrained_weights", ckpt], {"NNUNET_TPP_TARGET_PARAMETERS": str(ckpt)},
+              "is an STU-Net-S checkpoint .* not a target-parameter file: pass it with -pretrained_weights")]
+    for extra, variables, message in cases:
+        with pytest.raises(NNUNetCommandError, match=message) as err:
+            run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S", *extra,
+                        "-device", "cpu"], dict(env, **variables), log)
+        assert "weights_only=False" not in str(err.value)
+    assert sorted(p.name for p in fold.iterdir()) == before
 
 
 def test_model_is_restored_from_adapter_weights_and_backbone(workspace, trained):
@@ -131,6 +146,14 @@ def test_model_is_restored_from_adapter_weights_and_backbone(workspace, trained)
         assert torch.equal(restored["network_weights"][key], value), key
     assert main(["restore", str(fold.parent), "-f", "all", "--backbone", str(ckpt),
                  "--checkpoint-name", "restored.pth"]) == 2  # never overwrites
+    other = folders.root / "other_STUNet_S.model"  # the same architecture, other weights
+    torch.manual_seed(7)
+    torch.save({"state_dict": build_stunet("S", 1, 105).state_dict()}, other)
+    assert main(["restore", str(fold.parent), "-f", "all", "--backbone", str(other),
+                 "--checkpoint-name", "other.pth"]) == 2  # the adapter file's backbone fingerprint differs
+    assert not (fold / "other.pth").exists()
+    assert main(["restore", str(fold.parent), "-f", "all", "--backbone", str(other), "--checkpoint-name",
+                 "other.pth", "--force"]) == 0
 
 
 def test_interrupted_run_resumes_with_c(workspace, trained):
@@ -161,8 +184,13 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trai
     assert result["method"] == "conv_adapter" and result["architecture"] == "STUNet-S"
     assert all(".adapter." in k for k in result["target_parameters"])
     assert (fold / "tpp_progress.png").exists()
+    assert result["backbone"] == json.loads((fold / "backbone.json").read_text())["fingerprint"]
+    diagnostics = json.loads((fold / "tpp_diagnostics.json").read_text())
+    assert len(diagnostics) == 1 and set(diagnostics[0]) == {"epoch", "loss", "teacher_entropy",
+                                                             "batch_mean_entropy", "kl", "log_k"}
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "TPP: pretext stage finished" in text and "starts from the pre-trained target parameters" in text
+    assert "teacher entropy" in text and "mean IoU" in text
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     for key, value in backbone.items():
         assert torch.equal(final["network_weights"][key], value), key
@@ -175,9 +203,33 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trai
                 "-pretrained_weights", ckpt, "-device", "cpu"], dict(tpp_env, NNUNET_TPP_RECIPE=str(frozen_lr)), log)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert "pretext stage already finished" in text and "not repeated" in text
+    assert "was made from this backbone, method and options: reusing its pretext result" in text
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     for key, value in result["target_parameters"].items():
         assert torch.equal(final["network_weights"][key], value), key
+
+    # a fresh run with another backbone in this fold is refused before the fold's files change
+    other = folders.root / "STUNet_S_other.model"
+    _write_v1_checkpoint(other, seed=1)
+    watched = {p.name: p.read_bytes() for p in fold.iterdir() if p.name.startswith("tpp_") or p.name.startswith(
+        ("backbone.json", "checkpoint_"))}
+    with pytest.raises(NNUNetCommandError, match="tpp_state.pth and tpp_target_parameters.pth of another TPP run"):
+        run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
+                    "-pretrained_weights", other, "-device", "cpu"], tpp_env, log)
+    assert {name: (fold / name).read_bytes() for name in watched} == watched
+
+    # --c of an interrupted pretext stage (only its state left): the recorded backbone is reloaded first, without a
+    # warning about a random backbone, and the stage resumes
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth", "tpp_target_parameters.pth"):
+        (fold / name).unlink(missing_ok=True)
+    logs = set(fold.glob("training_log_*.txt"))
+    run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S", "--c",
+                "-device", "cpu"], tpp_env, log)
+    text = "".join(p.read_text() for p in set(fold.glob("training_log_*.txt")) - logs)
+    assert "TPP: resuming; reloading the pre-trained backbone" in text and "resuming at epoch 1" in text
+    assert "the backbone is random" not in text
+    resumed = torch.load(fold / "tpp_target_parameters.pth", map_location="cpu", weights_only=True)
+    assert all(torch.equal(v, result["target_parameters"][k]) for k, v in resumed["target_parameters"].items())
 
 
 def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, trained):
@@ -185,16 +237,22 @@ def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, 
     ckpt, _, _, _ = trained
     out = folders.root / "ct_target_parameters.pth"
     pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1")
+    tpp_fold = next(folders.results.rglob("TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
+    watched = {p.name: p.read_bytes() for p in tpp_fold.iterdir() if not p.name.startswith("training_log")}
     run_nnunet(["nnunet-tpp", "pretrain", "-d", DATASET_ID, "-tr", "TPPConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-o", out], pre_env, log)
     assert torch.load(out, weights_only=True)["method"] == "conv_adapter"
+    assert json.loads(out.with_suffix(".tpp_diagnostics.json").read_text())[0]["epoch"] == 1
+    assert out.with_suffix(".tpp_state.pth").exists() and out.with_suffix(".tpp_progress.png").exists()
+    assert {p.name: p.read_bytes() for p in tpp_fold.iterdir() if not p.name.startswith("training_log")} == watched
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "ConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"],
                dict(env, NNUNET_TPP_TARGET_PARAMETERS=str(out), NNUNET_TPP_SKIP_VALIDATION="1"), log)
     fold = next(folders.results.rglob("ConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
     assert f"starts from the pre-trained target parameters in {out}" in text
-    with pytest.raises(NNUNetCommandError, match="holds target parameters of conv_adapter"):
+    with pytest.raises(NNUNetCommandError, match="holds target parameters that do not fit this model: method "
+                                                 "conv_adapter"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "LoRATrainer_S",
                     "-pretrained_weights", ckpt, "-device", "cpu"],
                    dict(env, NNUNET_TPP_TARGET_PARAMETERS=str(out)), log)

@@ -224,7 +224,7 @@ def dinov2_terms(student: nn.Module, teacher: nn.Module, objective: DINOv2Loss, 
                  ) -> dict[str, torch.Tensor]:
     """One DINOv2 forward (``SSLMetaArch.forward_backward`` without the backward): the teacher sees the global
     views, the student the masked global views and the local views; class tokens and masked patch tokens go
-    through the same head of each network (each group standardised on its own by the head's batch norm).
+    through the same head of each network (one call per group).
 
     Args:
         student, teacher: modules with ``tokens(images, masks=None) -> (B, prefix + N, D)`` (masked patches
@@ -237,7 +237,7 @@ def dinov2_terms(student: nn.Module, teacher: nn.Module, objective: DINOv2Loss, 
     Returns:
         The objective's terms (``loss``, ``dino``, ``ibot``, ``koleo``).
     """
-    patches = masks.sum() > 1  # the head's batch norm needs two masked patches
+    patches = masks.sum() > 1  # (iBOT on fewer than two masked patches is skipped)
     with torch.no_grad():
         t_tokens = teacher.tokens(global_views)
         t_cls = teacher.head(t_tokens[:, 0]).float()

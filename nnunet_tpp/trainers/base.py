@@ -195,20 +195,27 @@ class PeftTrainer(nnUNetTrainer):
         load_pretrained_weights.nnunet_original = original
         run_training.load_pretrained_weights = load_pretrained_weights
 
-    def load_pretrained_backbone(self, path: str) -> None:
+    def load_pretrained_backbone(self, path: str, record: bool = True) -> None:
         """Loads the pre-trained checkpoint into the backbone, logs what was loaded, skipped and newly initialised,
-        fingerprints the backbone and records both in ``backbone.json``. Modules the checkpoint lacks (an nnssl
-        checkpoint's decoder) train with the heads: the optimiser is rebuilt for them."""
+        fingerprints the backbone, runs :meth:`check_loaded_backbone` and (``record``) records path and fingerprint
+        in the fold's ``backbone.json``. Modules the checkpoint lacks (an nnssl checkpoint's decoder) train with the
+        heads: the optimiser is rebuilt for them."""
         net = peft.unwrap(self.network)
         self.pretrained_report = self.backbone.load(net, path, set(peft.target_parameters(net)))
         for line in self.pretrained_report.lines():
             self.print_to_log_file(line, also_print_to_console=True)
         self._train_new_modules(self.pretrained_report.new_modules)
         fingerprint = peft.fingerprint_backbone(net)
-        if self.local_rank == 0:
+        self.check_loaded_backbone(path, record)
+        if record and self.local_rank == 0:
             _atomic_json({"path": os.path.abspath(path), "fingerprint": fingerprint,
                           "new_modules": self.pretrained_report.new_modules},
                          os.path.join(self.output_folder, BACKBONE_RECORD))
+
+    def check_loaded_backbone(self, path: str, training_run: bool = True) -> None:
+        """Checks that need the loaded (fingerprinted) backbone, before it is recorded or anything trains; raises to
+        refuse (base: nothing; the TPP trainers check the fold's pretext files against it). ``training_run`` is
+        False for ``nnunet-tpp pretrain``, which leaves the fold folder alone."""
 
     def reloads_recorded_backbone(self) -> bool:
         """True when this run will load its backbone from ``backbone.json`` itself (a resumed TPP pretext stage);
@@ -310,7 +317,6 @@ class PeftTrainer(nnUNetTrainer):
                                    f"({os.path.getsize(path) / 2**20:.1f} MB)", also_print_to_console=True)
 
 
-STUNetPeftTrainer = PeftTrainer  # the name the TPP trainer module imports
 
 
 def _atomic_json(data: dict, path: str) -> None:

@@ -1,13 +1,27 @@
 """``nnunet-tpp pretrain``: the TPP pretext stage alone, on the dataset to be fine-tuned or on another one
 (the paper's cross-dataset setting), writing a target-parameter file that any PEFT trainer of the same
-method, options and STU-Net size can start from (``NNUNET_TPP_TARGET_PARAMETERS=FILE``)."""
+method, options, STU-Net size and backbone can start from (``NNUNET_TPP_TARGET_PARAMETERS=FILE``).
+
+Beside the output ``NAME.pth`` it writes ``NAME.tpp_diagnostics.json`` (the collapse diagnostics per epoch, as
+``tpp_diagnostics.json`` in a TPP fold folder), ``NAME.tpp_progress.png`` and, while it runs,
+``NAME.tpp_state.pth``: a killed run resumes when started again with the same arguments (the state records the
+backbone fingerprint, method and options; another backbone is refused). Nothing is written into the trainer's
+nnU-Net fold folder but nnU-Net's own log.
+"""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from nnunet_tpp.trainers.tpp import STUNetTPPTrainer
+from nnunet_tpp.trainers.tpp import TPPTrainer
+
+
+def side_files(output: str) -> dict[str, str]:
+    """The files written beside ``output``: ``{"state", "plot", "diagnostics"}``."""
+    root = output[:-4] if output.endswith(".pth") else output
+    return {"state": f"{root}.tpp_state.pth", "plot": f"{root}.tpp_progress.png",
+            "diagnostics": f"{root}.tpp_diagnostics.json"}
 
 
 def pretrain(dataset: str, trainer_name: str, pretrained_weights: str, output: str, fold: str = "all",
@@ -29,11 +43,15 @@ def pretrain(dataset: str, trainer_name: str, pretrained_weights: str, output: s
     if os.path.exists(output):
         raise FileExistsError(f"{output} exists; choose another output file")
     cls = recursive_find_trainer_class_by_name(trainer_name)
-    if not issubclass(cls, STUNetTPPTrainer):
+    if not issubclass(cls, TPPTrainer):
         raise ValueError(f"{trainer_name} has no pretext stage; use its TPP variant (e.g. TPPConvAdapterTrainer_S)")
     trainer = get_trainer_from_args(str(dataset), configuration, fold if fold == "all" else int(fold), trainer_name,
                                     plans, device=torch.device(device))
     trainer.initialize()
-    trainer.load_pretrained_backbone(pretrained_weights)
-    trainer.run_pretext_stage(output)
+    trainer.load_pretrained_backbone(pretrained_weights, record=False)
+    files = side_files(output)
+    trainer.check_resumable_state(files["state"])  # settings, views and an earlier state: before the stage
+    trainer.run_pretext_stage(output, files)
+    trainer.print_to_log_file(f"TPP: collapse diagnostics per epoch in {files['diagnostics']}",
+                              also_print_to_console=True)
     return output

@@ -72,7 +72,7 @@ class TrainerRecipe:
     pretext_view_size: list[int] | None = None
     pretext_lr: float = 5e-4
     pretext_min_lr: float = 1e-6
-    pretext_teacher_temp: float = 0.02
+    pretext_teacher_temp: float = 0.01
     pretext_keep: str = "teacher"
     lean_backward: bool = True
     activation_checkpointing: str = "off"

@@ -11,7 +11,7 @@ from nnunet_tpp.models.stunet import SIZES
 from nnunet_tpp.trainers.backbones import DEFAULT_STUNET_SIZE, NNUNET, backbone_of
 from nnunet_tpp.trainers.base import PeftTrainer
 from nnunet_tpp.trainers.recipe import _family_defaults
-from nnunet_tpp.trainers.tpp import STUNetTPPTrainer
+from nnunet_tpp.trainers.tpp import TPPTrainer
 
 FROM_SCRATCH = {"STUNetTrainer"}  # STU-Net trained from scratch: no nnU-Net variant (that is nnUNetTrainer)
 BACKBONES = (*SIZES, NNUNET)
@@ -27,7 +27,7 @@ def _doc(family: str, fields: dict, key: str) -> str:
 
 def _make_family(family: str) -> dict[str, type]:
     fields = _family_defaults()[family]
-    parent = STUNetTPPTrainer if fields.get("tpp") else PeftTrainer
+    parent = TPPTrainer if fields.get("tpp") else PeftTrainer
     attrs = {"family": family, "expects_pretrained": family not in FROM_SCRATCH, "__module__": __name__}
     base = type(family, (parent,), {**attrs, "backbone": backbone_of(DEFAULT_STUNET_SIZE),
                                     "__doc__": _doc(family, fields, DEFAULT_STUNET_SIZE)})

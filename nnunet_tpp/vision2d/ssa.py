@@ -38,10 +38,11 @@ from torch import nn
 from nnunet_tpp import peft
 from nnunet_tpp.models.vit import VisionTransformer, config_dict
 from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
-from nnunet_tpp.pretext.dino import DINOHead, cosine_schedule, ema_update
+from nnunet_tpp.pretext.dino import INPUT_NORMS, DINOHead, cancel_last_layer_gradients, cosine_schedule, ema_update
 from nnunet_tpp.pretext.dinov2 import CENTERINGS, MASK_MODES, DINOv2Loss, dinov2_terms, sample_masks
 from nnunet_tpp.pretext.crops2d import random_views, view_sizes
-from nnunet_tpp.pretext.stage import _teacher_of, copy_target_parameters
+from nnunet_tpp.pretext.optim import set_weight_decay, weight_decay_groups
+from nnunet_tpp.pretext.stage import _teacher_of
 
 STATE_FILE, BACKBONE_FILE, PLOT_FILE = "ssa_state.pth", "ssa_backbone.pth", "ssa_progress.png"
 FORMAT, KEEP = "nnunet_tpp.ssa/1", ("teacher", "student")
@@ -63,7 +64,10 @@ class SSASettings:
     views; ``n_local`` local views (always 2 global); ``*_scale``: crop areas; ``local_size_fraction``: local
     side / image side, rounded to a multiple of the patch; ``freeze_last_layer_epochs``: prototypes frozen;
     ``method_options``: options of ``ssa_method`` (``apla``: ``rows=-1`` unless given); ``keep``: ``teacher``
-    (ESSA) or ``student`` weights become the backbone; ``seed``: crops and masks (None: the run's seed).
+    (ESSA) or ``student`` weights become the backbone; ``seed``: crops and masks (None: the run's seed);
+    ``head_input_norm``: ``batch`` (each head call's tokens standardised with their own statistics, in the
+    teacher too; SSA's batches are large), ``none`` (DINOv2's own head) or ``running`` (see
+    :class:`~nnunet_tpp.pretext.dino.DINOConfig`; one set of statistics for class and patch tokens).
     """
 
     batch_size: int = 64
@@ -98,14 +102,18 @@ class SSASettings:
     method_options: dict[str, Any] = field(default_factory=dict)
     keep: str = "teacher"
     seed: int | None = None
+    head_input_norm: str = "batch"
 
     def validate(self) -> None:
         """Raises :class:`SSAError` for values that cannot run."""
         if self.batch_size < 2:
-            raise SSAError(f"ssa batch_size must be >= 2 (KoLeo and the head's batch norm), got {self.batch_size}")
+            raise SSAError(f"ssa batch_size must be >= 2 (KoLeo needs a nearest neighbour), got {self.batch_size}")
         if self.centering not in CENTERINGS or self.mask_mode not in MASK_MODES or self.keep not in KEEP:
             raise SSAError(f"ssa: centering must be one of {CENTERINGS}, mask_mode one of {MASK_MODES}, keep teacher "
                            f"or student (got {self.centering!r}, {self.mask_mode!r}, {self.keep!r})")
+        if self.head_input_norm not in INPUT_NORMS:
+            raise SSAError(f"ssa: head_input_norm must be one of {', '.join(INPUT_NORMS)}, got "
+                           f"{self.head_input_norm!r}")
         if self.n_local < 0 or not 0 < self.local_size_fraction <= 1 or not 0 <= self.mask_probability <= 1:
             raise SSAError("ssa: need n_local >= 0, 0 < local_size_fraction <= 1, 0 <= mask_probability <= 1")
 
@@ -227,13 +235,15 @@ class SSAModels:
 
 def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, device: torch.device,
               mask_token: torch.Tensor | None = None) -> SSAModels:
-    """A student (a copy of ``backbone`` with ``method`` applied, the head, the mask token), its EMA teacher,
-    the objective and AdamW (weights decay, biases / norms / tokens do not)."""
+    """A student (a copy of ``backbone`` with ``method`` applied, the head, the mask token), its EMA teacher (in
+    eval mode), the objective and AdamW (weights decay; biases, 1-D parameters, tokens and position embeddings do
+    not: :func:`~nnunet_tpp.pretext.optim.weight_decay_groups`)."""
     check_method(method, settings.method_options)
     cfg = backbone.config
     net = SSABackbone(copy.deepcopy(backbone))
     peft.apply(net, method, **settings.method_options)
-    head = DINOHead(cfg.embed_dim, settings.out_dim, settings.hidden_dim, settings.bottleneck_dim)
+    head = DINOHead(cfg.embed_dim, settings.out_dim, settings.hidden_dim, settings.bottleneck_dim,
+                    settings.head_input_norm)
     token = mask_token if mask_token is not None else torch.zeros(1, cfg.embed_dim)
     student = SSAStudent(net, head, token).to(device)
     student.mask_token.requires_grad_(method == "full")
@@ -241,9 +251,7 @@ def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, d
     objective = DINOv2Loss(settings.out_dim, settings.student_temp, settings.center_momentum, settings.centering,
                            settings.dino_weight, settings.ibot_weight, settings.koleo_weight).to(device)
     named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
-    decays = [p.ndim >= 2 and n != "mask_token" for n, p in named]
-    optimizer = torch.optim.AdamW([{"params": [p for (_, p), d in zip(named, decays) if d]},
-                                   {"params": [p for (_, p), d in zip(named, decays) if not d], "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW(weight_decay_groups(named, settings.weight_decay))
     return SSAModels(student, teacher, objective, optimizer, [p for _, p in named], peft.trainable_summary(net),
                      *view_sizes(cfg.img_size, cfg.patch_size, settings.local_size_fraction))
 
@@ -267,7 +275,7 @@ def ssa_step(m: SSAModels, images: torch.Tensor, settings: SSASettings, step: in
     if settings.grad_clip:
         torch.nn.utils.clip_grad_norm_(m.params, settings.grad_clip)
     if freeze_last_layer:
-        m.student.head.prototypes.parametrizations.weight.original1.grad = None
+        cancel_last_layer_gradients(m.student.head)
     m.optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}
 
@@ -358,15 +366,14 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
     amp = bool(getattr(cfg, "amp", True))
     for epoch in range(state["epoch"], epochs):
         m.student.train()
-        m.teacher.train()
-        m.teacher.net.eval()  # no stochastic depth in the teacher; its head standardises with batch statistics
+        m.teacher.eval()  # no stochastic depth or dropout in the teacher (DINO builds it without)
         sums, started = {}, time.perf_counter()
         batches = _batches(train_set, batch, seed * 1000 + epoch, steps, int(getattr(cfg, "num_workers", 0)))
         for i, images in enumerate(batches):
             step = epoch * steps + i
             for group in m.optimizer.param_groups:
                 group["lr"] = sched["lr"][step]
-            m.optimizer.param_groups[0]["weight_decay"] = sched["wd"][step]
+            set_weight_decay(m.optimizer, sched["wd"][step])
             terms = ssa_step(m, images.to(device, non_blocking=True), settings, step, seed, sched["temp"][step],
                              epoch < settings.freeze_last_layer_epochs, amp)
             ema_update(m.student, m.teacher, sched["momentum"][step])
@@ -397,8 +404,9 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
         peft.merge(adapted.net)
         weights = {k: v.detach().cpu().clone() for k, v in adapted.net.backbone.state_dict().items()}
         backbone.load_state_dict(weights)
-    else:  # the backbone stayed frozen (not stored again); the method's own parameters go on into the supervised run
-        carried = {n: p.detach().cpu().clone() for n, p in peft.target_parameters(adapted.net).items()}
+    else:  # the backbone stayed frozen (not stored again); what the method trained goes on into the supervised run
+        trained = set(peft.trained_parameter_names(adapted.net))  # its own parameters and e.g. the adapter's norms
+        carried = {n: p.detach().cpu().clone() for n, p in adapted.net.named_parameters() if n in trained}
     backbone.requires_grad_(True)
     peft.atomic_torch_save({"format": FORMAT, "recipe": recipe, "backbone": weights, "result": result,
                             "target_parameters": carried, "identity": peft.identity(adapted.net)}, done)
@@ -425,8 +433,16 @@ def carry_ssa_parameters(model: nn.Module, work_dir: str | os.PathLike, log: Cal
     if (theirs["method"], theirs["options"]) != (ours["method"], ours["options"]):
         raise SSAError(f"{path} holds SSA-trained {theirs['method']} {theirs['options']}; the supervised model has "
                        f"{ours['method']} {ours['options']}")
-    copy_target_parameters(model, carried, str(path))
-    log(f"supervised {ours['method']} starts from its SSA-trained parameters in {path}")
+    params = dict(model.named_parameters())
+    unknown = sorted(set(carried) - set(params))
+    bad = [n for n in carried if n in params and carried[n].shape != params[n].shape]
+    if unknown or bad or not set(peft.target_parameters(model)) <= set(carried):
+        raise SSAError(f"{path}: the SSA-trained parameters do not fit this model (unknown {unknown[:3]}, other "
+                       f"shapes {bad[:3]}); run SSA again for this model")
+    with torch.no_grad():
+        for name, value in carried.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    log(f"supervised {ours['method']} starts from its SSA-trained parameters in {path} ({len(carried)} tensors)")
     return len(carried)
 
 
@@ -440,8 +456,8 @@ def _same_recipe(saved: dict, recipe: dict, path: Path) -> None:
 
 
 def _saved_names(m: SSAModels) -> set[str]:
-    """What the state file holds: the student's trained parameters and every buffer (centres of the head's
-    batch norm, APLA's row indices); frozen weights are rebuilt from the backbone."""
+    """What the state file holds: the student's trained parameters and every buffer (the head's running input
+    statistics, APLA's row indices); frozen weights are rebuilt from the backbone."""
     return {n for n, p in m.student.named_parameters() if p.requires_grad} | {n for n, _ in m.student.named_buffers()}
 
 

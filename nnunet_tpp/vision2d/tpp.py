@@ -6,16 +6,22 @@ objective, the target-parameter file format and its identity check.
 Settings (``tpp_options`` of a run; defaults from the TPP paper, DESIGN.md):
 
 * MAE: mask ratio 0.75, normalised-pixel MSE, AdamW lr 1.5e-3, weight decay 1.5e-2, batch 64, warm-up
-  (the paper's 40 epochs of a long schedule: here 10% of ``tpp_epochs``) then cosine. The decoder of a MAE
+  (the paper's 40 epochs of a long schedule: here 10% of ``tpp_epochs``) then cosine. Weight decay as MAE's
+  ``add_weight_decay`` (timm's, as ``main_pretrain.py`` calls it): biases and one-dimensional parameters
+  (norms) are exempt, every other trained tensor decays (:func:`~nnunet_tpp.pretext.optim.weight_decay_groups`
+  with no name exemptions). The decoder of a MAE
   pre-training checkpoint given as ``backbone`` is inherited: frozen for classification, trained for
   segmentation (the paper's Table 11); without one a new decoder (width 128, depth 2) trains.
 * DINO: lr 1e-4 * batch / 256, 10 warm-up epochs (at most half the stage), cosine; weight decay
-  0.04 -> 0.4; teacher temperature 0.04 -> 0.07; teacher momentum 0.996 -> 1; 2 global crops at the image
-  size and 4 local crops at half of it (a multiple of the patch); the class token feeds the DINO head. The
-  training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`).
+  0.04 -> 0.4 (none on biases and 1-D parameters); teacher temperature 0.04 -> 0.07; teacher momentum
+  0.996 -> 1; 2 global crops at the image size and 4 local crops at half of it (a multiple of the patch); the class
+  token feeds the DINO head. The training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`:
+  teacher in eval mode, prototypes frozen in the first epoch, one head call over all views with running input
+  statistics per view size, the teacher's target parameters as the result, ``tpp_diagnostics.json``).
 
 Files in ``work_dir``: ``tpp_target_parameters.pth`` (the result; when present the stage is not run
-again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes), ``tpp_progress.png``.
+again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes), ``tpp_progress.png``,
+``tpp_diagnostics.json`` (DINO: the collapse diagnostics per epoch).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ from nnunet_tpp import peft
 from nnunet_tpp.pretext.dino import DINOConfig, cosine_schedule
 from nnunet_tpp.pretext.crops2d import random_views, view_sizes
 from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
+from nnunet_tpp.pretext.optim import weight_decay_groups
 from nnunet_tpp.pretext.stage import PretextSchedule, plot_losses, run_dino_stage, save_target_parameters
 
 RESULT_FILE = "tpp_target_parameters.pth"
@@ -212,8 +219,8 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
     decoder.requires_grad_(decoder_trains)
     decoder.decoder_pos_embed.requires_grad_(False)
     pretext = _MAEPretext(vit, decoder, s).to(device)
-    params = [p for p in pretext.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay, betas=(0.9, 0.95))
+    groups = weight_decay_groups(pretext.named_parameters(), s.weight_decay, skip=())  # MAE's add_weight_decay
+    optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))
     steps = -(-len(images) // min(s.batch_size, len(images)))
     total = cfg.tpp_epochs * steps
     lrs = cosine_schedule(s.lr, 0.0, total, int(s.warmup_fraction * total))
@@ -242,10 +249,12 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
 
 def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device, log) -> list[float]:
     """The 3-D stage's DINO loop (:func:`run_dino_stage`) on 2-D multi-crop views and the class token."""
-    dino = DINOConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim, base_lr=s.base_lr,
-                      warmup_epochs=s.warmup_epochs, teacher_temp=s.teacher_temp,
-                      warmup_teacher_temp=s.warmup_teacher_temp, warmup_teacher_temp_epochs=max(1, cfg.tpp_epochs // 3))
     batch = min(s.batch_size, len(images))
+    peak = s.base_lr * batch / 256  # the paper's DINO rule (the 2-D recipe)
+    dino = DINOConfig(out_dim=s.out_dim, hidden_dim=s.hidden_dim, bottleneck_dim=s.bottleneck_dim, lr=None,
+                      base_lr=s.base_lr, min_lr=min(1e-6, 0.01 * peak), warmup_epochs=s.warmup_epochs,
+                      teacher_temp=s.teacher_temp,
+                      warmup_teacher_temp=s.warmup_teacher_temp, warmup_teacher_temp_epochs=max(1, cfg.tpp_epochs // 3))
     size, local = view_sizes(vit.config.img_size, vit.config.patch_size, s.local_fraction)
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -258,4 +267,5 @@ def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device
     schedule = PretextSchedule(epochs=cfg.tpp_epochs, iterations_per_epoch=-(-len(images) // batch), batch_size=batch,
                                grad_clip=s.grad_clip)
     return run_dino_stage(model, sample, schedule, dino, device, str(work_dir / STATE_FILE), log,
-                          str(work_dir / "tpp_progress.png"), embedding=ClassTokenEmbedding(vit))
+                          str(work_dir / "tpp_progress.png"), embedding=ClassTokenEmbedding(vit),
+                          diagnostics_file=str(work_dir / "tpp_diagnostics.json"))

@@ -200,3 +200,59 @@ def test_train2d_runs_ssa_through_vpt_then_vpt_from_the_carried_prompts(tmp_path
     with pytest.raises(SSAError, match="cannot be merged"):
         run_train2d(wrong, log=lambda _: None, progress=False)
     assert not wrong.out.exists()
+
+
+def test_ssa_follows_dino_teacher_eval_weight_decay_groups_and_last_layer_freezing(images, tmp_path, monkeypatch):
+    """As the official DINO / DINOv2: the teacher runs in eval mode, biases / 1-D parameters / the mask token get
+    no weight decay, the prototypes do not train in the first epoch."""
+    import nnunet_tpp.vision2d.ssa as ssa
+    settings = ssa_settings({**SMALL_HEAD, "batch_size": 16})
+    m = build_ssa(tiny_vit(), "full", settings, torch.device("cpu"))
+    assert not any(module.training for module in m.teacher.modules())
+    names = {id(p): n for n, p in m.student.named_parameters()}
+    decayed, exempt = m.optimizer.param_groups
+    assert exempt["weight_decay"] == 0.0 and exempt.get("no_decay")
+    assert all(p.ndim >= 2 and not names[id(p)].endswith(".bias") for p in decayed["params"])
+    assert {"mask_token", "net.backbone.cls_token"} <= {names[id(p)] for p in exempt["params"]}
+    assert all(names[id(p)] in ("mask_token",) or "token" in names[id(p)] or "pos_embed" in names[id(p)]
+               or p.ndim <= 1 for p in exempt["params"])
+    x = torch.stack([images[i][0] for i in range(16)])
+    prototypes = m.student.head.last_layer[0].detach().clone()
+    ssa.ssa_step(m, x, settings, 0, 0, 0.04, freeze_last_layer=True, amp=False)
+    assert torch.equal(m.student.head.last_layer[0], prototypes)
+    ssa.ssa_step(m, x, settings, 1, 0, 0.04, freeze_last_layer=False, amp=False)
+    assert not torch.equal(m.student.head.last_layer[0], prototypes)
+
+    modes = []
+    original = ssa.dinov2_terms
+
+    def recording(student, teacher, *args, **kwargs):
+        modes.append((student.training, any(module.training for module in teacher.modules())))
+        return original(student, teacher, *args, **kwargs)
+
+    monkeypatch.setattr(ssa, "dinov2_terms", recording)
+    run_ssa(tiny_vit(), Subset(images, range(32)), make_cfg(tmp_path, epochs=1, batch_size=16, iterations_per_epoch=2),
+            tmp_path / "ssa", torch.device("cpu"), lambda _: None)
+    assert modes == [(True, False)] * 2  # student trains, no module of the teacher is in training mode
+
+
+def test_a_carried_method_brings_everything_it_trained_into_the_supervised_model(tmp_path):
+    """The Houlsby adapter also trains the LayerNorms (as adapter-bert): SSA's norms must reach the supervised run."""
+    from nnunet_tpp import peft
+    from nnunet_tpp.models.vit_heads import ViTClassifier
+    from nnunet_tpp.vision2d.ssa import carry_ssa_parameters
+    vit = tiny_vit()
+    net = peft.apply(SSABackbone(vit), "adapter")
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                p.fill_(0.5)
+    trained = set(peft.trained_parameter_names(net))
+    assert any(".norm" in n for n in trained)
+    torch.save({"format": "nnunet_tpp.ssa/1", "backbone": {}, "result": {}, "recipe": {},
+                "target_parameters": {n: p.detach().clone() for n, p in net.named_parameters() if n in trained},
+                "identity": peft.identity(net)}, tmp_path / BACKBONE_FILE)
+    model = peft.apply(ViTClassifier(tiny_vit(), 2), "adapter")
+    assert carry_ssa_parameters(model, tmp_path, log=lambda _: None) == len(trained)
+    params = dict(model.named_parameters())
+    assert all(torch.all(params[n] == 0.5) for n in trained)
