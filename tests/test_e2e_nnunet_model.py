@@ -78,10 +78,16 @@ def nnunet_model(tmp_path_factory):
     return folders, raw, env, log, model, checkpoint
 
 
-def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(nnunet_model):
+@pytest.fixture(scope="module")
+def adopted(nnunet_model):
     folders, raw, env, log, model, checkpoint = nnunet_model
-    source_bytes = checkpoint.read_bytes()
     run_nnunet(["nnunet-tpp", "adopt-plans", model, "-d", TARGET, "-np", "1"], env, log)
+    return nnunet_model
+
+
+def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted):
+    folders, raw, env, log, model, checkpoint = adopted
+    source_bytes = checkpoint.read_bytes()
     adopted = folders.preprocessed / "Dataset622_Target" / f"{PLANS}.json"
     plans = json.loads(adopted.read_text())
     assert plans["dataset_name"] == "Dataset622_Target" and plans["plans_name"] == PLANS
@@ -108,6 +114,23 @@ def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(nnunet_model):
                 "-p", PLANS, "-f", "all", "-tr", "ConvAdapterTrainer_nnUNet", "-device", "cpu", "-npp", "1",
                 "-nps", "1", "--disable_tta"], env, log)
     assert geometry_mismatches(CT_IMAGE, predictions / "ct001.nii.gz") == []
+
+
+def test_tpp_pretrains_the_adapters_of_an_nnunet_model_then_fine_tunes(adopted):
+    folders, raw, env, log, model, checkpoint = adopted
+    tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2")
+    run_nnunet(["nnUNetv2_train", TARGET, "3d_fullres", "all", "-p", PLANS, "-tr", "TPPConvAdapterTrainer_nnUNet",
+                "-pretrained_weights", checkpoint, "-device", "cpu"], tpp_env, log)
+    fold = folders.results / "Dataset622_Target" / f"TPPConvAdapterTrainer_nnUNet__{PLANS}__3d_fullres" / "fold_all"
+    result = torch.load(fold / "tpp_target_parameters.pth", map_location="cpu", weights_only=True)
+    assert result["method"] == "conv_adapter" and result["architecture"].startswith("PlainConvUNet-")
+    assert result["backbone"] == json.loads((fold / "backbone.json").read_text())["fingerprint"]
+    diagnostics = json.loads((fold / "tpp_diagnostics.json").read_text())
+    assert diagnostics and set(diagnostics[0]) >= {"epoch", "loss", "teacher_entropy", "batch_mean_entropy", "kl",
+                                                   "log_k"}
+    source = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    assert all(torch.equal(final[k], v) for k, v in source.items() if ".seg_layers." not in k)
 
 
 def test_checkpoints_that_do_not_fit_are_refused_before_anything_is_written(nnunet_model):

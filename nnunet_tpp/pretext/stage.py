@@ -50,8 +50,8 @@ class PretextSchedule:
     Attributes:
         epochs, iterations_per_epoch: schedule.
         batch_size: samples per iteration (each gives 2 global + k local views).
-        feature_stages: encoder stages whose globally pooled outputs feed the DINO head (0 = full resolution,
-            the last = bottleneck).
+        feature_stages: encoder stages whose globally pooled outputs feed the DINO head (0 = full resolution;
+            negative counts from the bottleneck, -1).
         grad_clip: gradient norm clipping of the student.
         calibration_samples: samples whose views set the head's running input statistics before training.
     """
@@ -59,7 +59,7 @@ class PretextSchedule:
     epochs: int = 50
     iterations_per_epoch: int = 100
     batch_size: int = 8
-    feature_stages: tuple[int, ...] = (4, 5)
+    feature_stages: tuple[int, ...] = (-2, -1)
     grad_clip: float = 3.0
     calibration_samples: int = 32
 
@@ -76,13 +76,15 @@ class EncoderEmbedding(nn.Module):
     def __init__(self, network: nn.Module, stages: tuple[int, ...]):
         super().__init__()
         from nnunet_tpp.models.sites import describe, encoder_channels
-        self.network, self.stages = network, tuple(int(s) for s in stages)
+        self.network = network
         self.encoder_stages = describe(network).encoder_stages
         channels = encoder_channels(network)
-        bad = [s for s in self.stages if not 0 <= s < len(channels)]
-        if bad or not self.stages:
-            raise PretextSettingsError(f"pretext feature stages {list(self.stages)}: {type(network).__name__} has "
-                                       f"encoder stages 0..{len(channels) - 1}")
+        n = len(channels)
+        bad = [s for s in stages if not -n <= int(s) < n]
+        if bad or not stages:
+            raise PretextSettingsError(f"pretext feature stages {list(stages)}: {type(network).__name__} has "
+                                       f"encoder stages 0..{n - 1} (or -{n}..-1 counted from the bottleneck)")
+        self.stages = tuple(int(s) % n for s in stages)  # -1 = the bottleneck, whatever the depth
         self.dim = 2 * sum(channels[s] for s in self.stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

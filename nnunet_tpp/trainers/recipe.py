@@ -43,7 +43,8 @@ class TrainerRecipe:
         epochs, iterations_per_epoch, val_iterations_per_epoch: schedule (None: nnU-Net's defaults).
         tpp: pretext objective run before fine-tuning (``dino``), or None.
         pretext_epochs, pretext_iterations_per_epoch: length of the pretext stage.
-        pretext_feature_stages: encoder stages pooled into the DINO head's input.
+        pretext_feature_stages: encoder stages pooled into the DINO head's input (negative: counted from the
+            bottleneck; the default ``[-2, -1]`` is STU-Net's stages 4 and 5 and the last two stages of any network).
         pretext_batch_size: samples per pretext iteration (its own, not nnU-Net's batch).
         pretext_view_size: global view size per axis (None: half the plan's patch, rounded to the pooling); local
             views are half of it. Each axis must be a multiple of the plan's pooling and fit every training case.
@@ -67,7 +68,7 @@ class TrainerRecipe:
     tpp: str | None = None
     pretext_epochs: int = 50
     pretext_iterations_per_epoch: int = 100
-    pretext_feature_stages: list[int] = field(default_factory=lambda: [4, 5])
+    pretext_feature_stages: list[int] = field(default_factory=lambda: [-2, -1])
     pretext_batch_size: int = 8
     pretext_view_size: list[int] | None = None
     pretext_lr: float = 5e-4

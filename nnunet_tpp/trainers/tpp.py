@@ -23,7 +23,8 @@ import torch
 from nnunet_tpp import peft
 from nnunet_tpp.pretext.crops3d import MultiCropConfig, MultiCropSampler, check_views, default_view_size
 from nnunet_tpp.pretext.dino import DINOConfig, PretextSettingsError
-from nnunet_tpp.pretext.stage import (PretextSchedule, TargetParameterError, check_file_identity, check_state,
+from nnunet_tpp.pretext.stage import (EncoderEmbedding, PretextSchedule, TargetParameterError, check_file_identity,
+                                      check_state,
                                       load_target_parameters, read_state, read_target_parameters, run_dino_stage,
                                       save_target_parameters, stage_settings)
 from nnunet_tpp.trainers.base import ENV_TARGET_PARAMETERS, PeftTrainer
@@ -187,6 +188,7 @@ class TPPTrainer(PeftTrainer):
         if schedule.epochs < 1 or schedule.iterations_per_epoch < 1:
             raise PretextSettingsError("pretext_epochs and pretext_iterations_per_epoch must be >= 1")
         dino.validate(schedule.batch_size)
+        EncoderEmbedding(net, schedule.feature_stages)  # stages the network has (raises PretextSettingsError)
         train_keys, _ = self.do_split()
         shapes = None
         if check_cases:
@@ -209,7 +211,6 @@ class TPPTrainer(PeftTrainer):
                                    seed=12345 + (0 if self.fold == "all" else int(self.fold)))
         net = peft.unwrap(self.network)
         targets = peft.target_parameters(net)
-        from nnunet_tpp.pretext.stage import EncoderEmbedding
         reached = EncoderEmbedding(net, schedule.feature_stages).reached(targets)
         overlap = sampler.global_overlap()
         self.print_to_log_file(
