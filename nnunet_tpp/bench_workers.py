@@ -57,7 +57,7 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
         memory = cfg.get("memory") or {}
         if memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
             lean = bool(memory.get("lean_backward"))
-            apply_memory_paths(net, MemoryPaths(lean, lean, memory.get("activation_checkpointing", "off")))
+            apply_memory_paths(net, MemoryPaths(False, lean, memory.get("activation_checkpointing", "off")))
     return net
 
 

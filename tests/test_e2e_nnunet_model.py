@@ -99,7 +99,7 @@ def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted):
                 "-pretrained_weights", checkpoint, "-device", "cpu"], env, log)
     fold = folders.results / "Dataset622_Target" / f"ConvAdapterTrainer_nnUNet__{PLANS}__3d_fullres" / "fold_all"
     text = next(fold.glob("training_log_*.txt")).read_text()
-    assert "trainable parameters: " in text and "memory paths: lean convs + lean norm/act" in text
+    assert "trainable parameters: " in text and "memory paths: lean norm/act, checkpointing off" in text
     assert "the plans' PlainConvUNet + conv_adapter" in text
     source = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]

@@ -49,7 +49,7 @@ def build_network(spec: dict, configuration_manager, num_input_channels: int, nu
     if memory:
         checkpointing = memory.get("activation_checkpointing", "off")
         lean = bool(memory.get("lean_backward", True))
-        apply_memory_paths(net, MemoryPaths(lean, lean, "off" if checkpointing == "auto" else checkpointing))
+        apply_memory_paths(net, MemoryPaths(False, lean, "off" if checkpointing == "auto" else checkpointing))
     return net
 
 

@@ -51,8 +51,8 @@ class TrainerRecipe:
         pretext_lr, pretext_min_lr: AdamW's peak learning rate (absolute) and the end of its cosine decay.
         pretext_teacher_temp: the DINO teacher's temperature (constant).
         pretext_keep: whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
-        lean_backward: the exact memory paths of :mod:`nnunet_tpp.models.lean` (frozen convolutions keep no input,
-            norm + LeakyReLU keep only their output); they act only where the backbone is frozen.
+        lean_backward: the exact lean norm/activation memory path of :mod:`nnunet_tpp.models.lean` (norm +
+            LeakyReLU (+ residual sum) keep only their output); it acts only where the backbone is frozen.
         activation_checkpointing: ``off``, ``on`` or ``auto`` (on when the estimated training peak does not fit
             the device; :mod:`nnunet_tpp.models.memory`).
     """

@@ -209,8 +209,8 @@ def test_batch_size_1_runs_and_the_stage_runs_with_memory_paths(tmp_path):
     losses = _run(_net(), tmp_path, epochs=2, iterations=2, batch=1)
     assert len(losses) == 2 and all(np.isfinite(losses))
     lean = _net()
-    counts = apply_memory_paths(lean, MemoryPaths())
-    assert counts["lean_convs"] > 0
+    counts = apply_memory_paths(lean, MemoryPaths(lean_convs=True))
+    assert counts["lean_convs"] > 0 and counts["lean_norm_act"] > 0
     before = {n: p.detach().clone() for n, p in lean.named_parameters()}
     (tmp_path / "state.pth").unlink()
     losses = _run(lean, tmp_path, epochs=1, iterations=2, batch=2)

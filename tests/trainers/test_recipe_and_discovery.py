@@ -80,7 +80,7 @@ def test_build_network_architecture_reads_the_spec_from_the_plans():
                                                   "memory": {"lean_backward": True, "activation_checkpointing": "on"}}})
     net = TRAINERS["ConvAdapterTrainer_S"].build_network_architecture(None, config, 1, 3, False)
     assert net.peft_config.method == "lora" and net.peft_config.options["rank"] == 2
-    assert net.memory_paths.activation_checkpointing == "on" and net.memory_paths.lean_convs
+    assert net.memory_paths.activation_checkpointing == "on" and net.memory_paths.lean_norm_act
     assert net.pool_op_kernel_sizes[-2:] == [[1, 1, 1], [1, 1, 1]]
     with torch.no_grad():
         assert net(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
