@@ -112,7 +112,7 @@ def test_checkpoint_of_another_size_stops_before_training(workspace):
 
 def test_missing_checkpoint_file_is_a_clear_error(workspace):
     folders, raw, env, log = workspace
-    with pytest.raises(NNUNetCommandError, match="checkpoint file not found"):
+    with pytest.raises(NNUNetCommandError, match="checkpoint not found: .* is a path that does not exist"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "BitFitTrainer_S",
                     "-pretrained_weights", folders.root / "nope.model", "-device", "cpu"], env, log)
 

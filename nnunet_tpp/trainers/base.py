@@ -282,17 +282,40 @@ class PeftTrainer(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's ``--c`` / validation loading, but reading the file with ``weights_only=True`` and the numpy
         allow-list (nnU-Net's own loader unpickles arbitrarily)."""
-        if isinstance(filename_or_checkpoint, str):
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
             from nnunet_tpp import file_kinds
             from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
-            filename_or_checkpoint = read_checkpoint(filename_or_checkpoint, expected=file_kinds.NNUNET_CHECKPOINT)
+            checkpoint = read_checkpoint(checkpoint, expected=file_kinds.NNUNET_CHECKPOINT)
         if not self.was_initialized:
             self.initialize()
         recorded = self.recorded_backbone() or {}
         self._train_new_modules(recorded.get("new_modules", []))
-        super().load_checkpoint(filename_or_checkpoint)
+        self._restore_training_state(checkpoint)
         if recorded.get("fingerprint"):  # the run started from this backbone (its checkpoint holds it)
             setattr(peft.unwrap(self.network), FINGERPRINT_ATTRIBUTE, recorded["fingerprint"])
+
+    def _restore_training_state(self, checkpoint: dict) -> None:
+        """Puts an nnU-Net checkpoint dict back into this trainer, as nnU-Net's ``load_checkpoint`` does for a
+        file (its 2.8.1 code cannot take a dict): weights (``module.`` prefixes dropped), epoch, logger, EMA,
+        mirroring axes, optimizer and grad-scaler state."""
+        network = peft.unwrap(self.network)
+        own_keys = network.state_dict().keys()
+        weights = {}
+        for key, value in checkpoint["network_weights"].items():
+            if key not in own_keys and key.startswith("module."):
+                key = key[len("module."):]
+            weights[key] = value
+        network.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if os.environ.get(ENV_SKIP_VALIDATION, "").lower() in ("1", "true", "yes"):
