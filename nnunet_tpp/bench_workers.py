@@ -1,8 +1,9 @@
 """The measurements of ``nnunet-tpp bench``, each run in its own process (``python -m nnunet_tpp.bench_workers KIND
-CFG_JSON OUT_JSON``) so that its peak memory is its own.
+CFG_JSON OUT_JSON``) so that its peak memory is its own (the latencies share one process: they compare time only).
 
 * ``training``: a method's training step (nnU-Net's SGD, deep-supervision cross-entropy), time and peak memory;
-* ``latency``: inference latency (batch 1, no grad) of the plain network, LoRA unmerged or LoRA merged;
+* ``latency``: inference latency (batch 1, no grad) of LoRA unmerged and merged against the plain network, timed
+  in alternating rounds in one process;
 * ``pretext``: the TPP pretext (DINO) step of ``conv_adapter``.
 
 Every network is the same seeded random one: STU-Net of a size, or the network an nnU-Net plan describes.
@@ -157,48 +158,60 @@ def measure_training(cfg: dict) -> dict:
 
 
 def measure_latency(cfg: dict) -> dict:
-    """Inference latency (batch 1, eval, no grad, no deep supervision) of one variant: ``plain`` (the backbone),
-    ``unmerged`` (LoRA with non-zero updates) or ``merged`` (the same, merged in place; also reports the largest
-    output difference merged vs unmerged).
+    """Inference latency (batch 1, eval, no grad, no deep supervision) of LoRA unmerged and merged against the
+    plain network, all in this one process and timed in alternating rounds (plain, LoRA, plain, LoRA, ...), so
+    that the ratios compare the networks and not two processes' allocators or the machine's load at two times.
+    LoRA gets non-zero updates first, so merging is checked (largest output difference merged vs unmerged).
 
     Returns:
-        ``{"variant", "latency_s"[, "merge_max_abs_diff"]}`` (median seconds per forward).
+        ``{"plain_s", "unmerged_s", "merged_s", "merge_max_abs_diff", "rounds", "unmerged_vs_plain",
+        "merged_vs_plain"}``: median seconds per forward; each ratio is the median of per-round ratios against
+        the plain forward of the same round.
     """
     import contextlib
     import torch
     from nnunet_tpp import peft
 
     device = _setup(cfg)
-    variant = cfg["variant"]
-    net = build(cfg, None if variant == "plain" else LATENCY_METHOD, deep_supervision=False)
-    if variant != "plain":
-        with torch.no_grad():  # LoRA's B starts at zero: make the update non-trivial so merging is checked
-            gen = torch.Generator().manual_seed(SEED + 3)
-            for p in peft.target_parameters(net).values():
-                p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
-    net = net.to(device).eval()
+    plain = build(cfg, None, deep_supervision=False).to(device).eval()
+    lora = build(cfg, LATENCY_METHOD, deep_supervision=False)
+    with torch.no_grad():  # LoRA's B starts at zero: make the update non-trivial so merging is checked
+        gen = torch.Generator().manual_seed(SEED + 3)
+        for p in peft.target_parameters(lora).values():
+            p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
+    lora = lora.to(device).eval()
     x = torch.randn((1, int(cfg.get("channels", 1)), *cfg["patch"]),
                     generator=torch.Generator().manual_seed(SEED + 2)).to(device)
     autocast = (lambda: torch.autocast("cuda")) if device.type == "cuda" else contextlib.nullcontext
-    result = {"variant": variant}
-    with torch.no_grad(), autocast():
-        if variant == "merged":
-            before = net(x).float()
-            peft.merge(net)
-            result["merge_max_abs_diff"] = (net(x).float() - before).abs().max().item()
-            del before
+    rounds = max(5, int(cfg["steps"]))
+
+    def timed(net) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        net(x)
+        _sync(device)
+        return time.perf_counter() - start
+
+    def alternate(net, label: str) -> tuple[list[float], list[float]]:
         for _ in range(max(1, int(cfg["warmup"]))):
-            net(x)
-        times = []
-        for i in range(int(cfg["steps"])):
-            _sync(device)
-            start = time.perf_counter()
-            net(x)
-            _sync(device)
-            times.append(time.perf_counter() - start)
-    result["latency_s"] = statistics.median(times)
-    _log(f"latency {variant}: {result['latency_s']:.4f} s")
-    return result
+            plain(x), net(x)
+        pairs = [(timed(plain), timed(net)) for _ in range(rounds)]
+        _log(f"latency {label}: {statistics.median(b for _, b in pairs):.4f} s "
+             f"(plain {statistics.median(a for a, _ in pairs):.4f} s)")
+        return [a for a, _ in pairs], [b for _, b in pairs]
+
+    with torch.no_grad(), autocast():
+        plain_unmerged, unmerged = alternate(lora, "unmerged")
+        before = lora(x).float()
+        peft.merge(lora)
+        diff = (lora(x).float() - before).abs().max().item()
+        del before
+        plain_merged, merged = alternate(lora, "merged")
+    plains = plain_unmerged + plain_merged
+    return {"plain_s": statistics.median(plains), "unmerged_s": statistics.median(unmerged),
+            "merged_s": statistics.median(merged), "merge_max_abs_diff": diff, "rounds": rounds,
+            "unmerged_vs_plain": statistics.median(b / a for a, b in zip(plain_unmerged, unmerged)),
+            "merged_vs_plain": statistics.median(b / a for a, b in zip(plain_merged, merged))}
 
 
 def measure_pretext(cfg: dict) -> dict:
