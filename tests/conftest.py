@@ -12,6 +12,7 @@ SHARED = Path(os.environ.get("NNUNET_TPP_SHARED", REPO.parent / "shared"))
 CT_IMAGE = SHARED / "data" / "ct" / "abdomen_ct_001.nii.gz"
 CT_LABELS = SHARED / "data" / "ct" / "abdomen_ct_001_labels.nii.gz"
 REFERENCE = SHARED / "reference"
+PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
 
 
 def require(path: Path) -> Path:
@@ -19,6 +20,20 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"test data missing: {path} (set NNUNET_TPP_SHARED to the shared/ folder)")
     return path
+
+
+def balanced_pneumonia_subset(out: Path, sizes: dict[str, int]) -> Path:
+    """Writes ``out`` (.npz): the first ``sizes[split]`` images of each split of the shared PneumoniaMNIST file,
+    half of each class (the file is sorted by class); returns ``out``."""
+    import numpy as np
+    data = np.load(require(PNEUMONIA))
+    arrays = {}
+    for split, n in sizes.items():
+        labels = data[f"{split}_labels"].reshape(-1)
+        keep = np.concatenate([np.flatnonzero(labels == c)[:n // 2] for c in (0, 1)])
+        arrays.update({f"{split}_images": data[f"{split}_images"][keep], f"{split}_labels": labels[keep]})
+    np.savez(out, **arrays)
+    return out
 
 
 @pytest.fixture

@@ -11,9 +11,8 @@ import yaml
 
 from nnunet_tpp.cli import main
 from nnunet_tpp.vision2d.bench2d import SuiteError, load_suite, run_suite
-from tests.conftest import REPO, SHARED, require
+from tests.conftest import REPO, balanced_pneumonia_subset
 
-PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
 CONFIGS = REPO / "configs" / "2d"
 PAPER_RECIPES = ("mhist", "oct_c8", "chest_xray_pa", "glas", "qata_cov19")
 TINY = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "epochs": 1, "batch_size": 64, "device": "cpu",
@@ -22,17 +21,9 @@ TINY = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "epochs": 1, "batch
 
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
-    """200 training, 40 validation and 80 test images of PneumoniaMNIST, half of each class (the file is
-    sorted by class)."""
-    data = np.load(require(PNEUMONIA))
-    arrays = {}
-    for split, n in (("train", 200), ("val", 40), ("test", 80)):
-        labels = data[f"{split}_labels"].reshape(-1)
-        keep = np.concatenate([np.flatnonzero(labels == c)[:n // 2] for c in (0, 1)])
-        arrays.update({f"{split}_images": data[f"{split}_images"][keep], f"{split}_labels": labels[keep]})
-    path = tmp_path_factory.mktemp("data") / "pneumonia_small.npz"
-    np.savez(path, **arrays)
-    return path
+    """200 training, 40 validation and 80 test images of PneumoniaMNIST, half of each class."""
+    return balanced_pneumonia_subset(tmp_path_factory.mktemp("data") / "pneumonia_small.npz",
+                                     {"train": 200, "val": 40, "test": 80})
 
 
 def write_suite(folder: Path, datasets: dict, methods: list, **extra) -> Path:

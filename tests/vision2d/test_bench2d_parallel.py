@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -21,9 +20,8 @@ from nnunet_tpp.vision2d.bench2d_lock import LOCK_NAME, RunLock
 from nnunet_tpp.vision2d.bench2d_parallel import (ParallelError, in_shard, jobs_for, parse_devices, parse_shard,
                                                   record_suite)
 from nnunet_tpp.vision2d.bench2d_report import write_results
-from tests.conftest import REPO, SHARED, require
+from tests.conftest import REPO, balanced_pneumonia_subset
 
-PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
 TINY = {"arch": "vit_tiny", "img_size": 28, "patch_size": 4, "epochs": 1, "batch_size": 64, "device": "cpu",
         "arch_options": {"depth": 2, "embed_dim": 48, "num_heads": 3}}
 TIMING = ("peak_memory_mb", "images_per_s", "seconds", "run_dir", "device")  # differ between any two runs
@@ -31,15 +29,8 @@ TIMING = ("peak_memory_mb", "images_per_s", "seconds", "run_dir", "device")  # d
 
 @pytest.fixture(scope="module")
 def small_npz(tmp_path_factory):
-    data = np.load(require(PNEUMONIA))
-    arrays = {}
-    for split, n in (("train", 96), ("val", 32), ("test", 32)):
-        labels = data[f"{split}_labels"].reshape(-1)
-        keep = np.concatenate([np.flatnonzero(labels == c)[:n // 2] for c in (0, 1)])
-        arrays.update({f"{split}_images": data[f"{split}_images"][keep], f"{split}_labels": labels[keep]})
-    path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, **arrays)
-    return path
+    return balanced_pneumonia_subset(tmp_path_factory.mktemp("data") / "small.npz",
+                                     {"train": 96, "val": 32, "test": 32})
 
 
 def write_suite(folder: Path, data: Path, methods: list, name: str = "tiny", **extra) -> Path:
