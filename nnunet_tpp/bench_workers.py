@@ -57,8 +57,7 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
         peft.apply(net, method)
         memory = cfg.get("memory") or {}
         if memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
-            lean = bool(memory.get("lean_backward"))
-            apply_memory_paths(net, MemoryPaths(False, lean, memory.get("activation_checkpointing", "off")))
+            apply_memory_paths(net, MemoryPaths.from_settings({"lean_backward": False, **memory}))
     return net
 
 

@@ -261,6 +261,13 @@ class MemoryPaths:
             raise ValueError(f"activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, "
                              f"got {self.activation_checkpointing!r}")
 
+    @classmethod
+    def from_settings(cls, memory: dict) -> "MemoryPaths":
+        """The paths of a recipe's stored ``memory`` settings (``{"lean_backward", "activation_checkpointing"}``,
+        the defaults where a key is missing)."""
+        return cls(lean_norm_act=bool(memory.get("lean_backward", True)),
+                   activation_checkpointing=memory.get("activation_checkpointing", "off"))
+
     def label(self) -> str:
         """A short description, e.g. ``lean norm/act, checkpointing off``."""
         levers = [n for n, on in (("lean convs", self.lean_convs), ("lean norm/act", self.lean_norm_act)) if on]

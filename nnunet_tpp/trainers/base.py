@@ -9,6 +9,7 @@ pre-trained weights through our own safe loader), ``configure_optimizers`` (trai
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import ClassVar
@@ -47,9 +48,10 @@ def build_network(spec: dict, configuration_manager, num_input_channels: int, nu
     peft.apply(net, spec["method"], **spec["options"])
     memory = spec.get("memory")
     if memory:
-        checkpointing = memory.get("activation_checkpointing", "off")
-        lean = bool(memory.get("lean_backward", True))
-        apply_memory_paths(net, MemoryPaths(False, lean, "off" if checkpointing == "auto" else checkpointing))
+        paths = MemoryPaths.from_settings(memory)
+        if paths.activation_checkpointing == "auto":  # resolved by the trainer once the device is known
+            paths = dataclasses.replace(paths, activation_checkpointing="off")
+        apply_memory_paths(net, paths)
     return net
 
 
@@ -101,7 +103,7 @@ class PeftTrainer(nnUNetTrainer):
         super().initialize()
         net = peft.unwrap(self.network)
         self.print_to_log_file(str(peft.trainable_summary(net)), also_print_to_console=True)
-        self.print_to_log_file(f"memory paths: {getattr(net, 'memory_paths', MemoryPaths(False, False)).label()}",
+        self.print_to_log_file(f"memory paths: {getattr(net, 'memory_paths', MemoryPaths(lean_norm_act=False)).label()}",
                                also_print_to_console=True)
 
     def check_inputs(self) -> None:
@@ -338,8 +340,6 @@ class PeftTrainer(nnUNetTrainer):
                                     (self.recorded_backbone() or {}).get("new_modules", []))})
             self.print_to_log_file(f"adapter-only weights (trained parameters + heads): {path} "
                                    f"({os.path.getsize(path) / 2**20:.1f} MB)", also_print_to_console=True)
-
-
 
 
 def _atomic_json(data: dict, path: str) -> None:
