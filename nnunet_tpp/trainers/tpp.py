@@ -171,8 +171,11 @@ class TPPTrainer(PeftTrainer):
         Returns:
             ``(schedule, dino, global_size, divisor, train_keys)``. Raises :class:`PretextSettingsError` for a
             batch below 1, views the plan's pooling does not divide or larger than a training case, a learning
-            rate <= 0 or a min_lr not below it.
+            rate <= 0 or a min_lr not below it. A setup checked against the cases is kept: the stage that follows
+            its check does not read every case's shape again.
         """
+        if check_cases and getattr(self, "_checked_pretext_setup", None) is not None:
+            return self._checked_pretext_setup
         r = self.recipe
         net = peft.unwrap(self.network)
         pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
@@ -195,7 +198,10 @@ class TPPTrainer(PeftTrainer):
             dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
             shapes = {k: tuple(dataset.load_case(k)[0].shape[1:]) for k in train_keys}
         check_views(view, divisor, shapes, schedule.batch_size)
-        return schedule, dino, view, divisor, train_keys
+        setup = schedule, dino, view, divisor, train_keys
+        if check_cases:
+            self._checked_pretext_setup = setup
+        return setup
 
     def run_pretext_stage(self, result_file: str, files: dict[str, str] | None = None) -> None:
         """DINO on the fold's training cases (never its validation cases); writes ``result_file``.
