@@ -1,41 +1,34 @@
-"""A plain Vision Transformer with timm-style parameter names (written here: timm cannot be imported).
+"""The 2-D branch's Vision Transformer: timm's ``VisionTransformer`` built from a small config, plus what the
+package's stages need on top of timm's forward pass (MAE's kept patches, iBOT's masked patches, tapped blocks).
 
-Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``reg_token``,
-``pos_embed``, ``blocks.N.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,mlp.fc1,mlp.fc2,ls2.gamma}``,
-``norm``), so MAE / DINO / DINOv2 checkpoints load with few renames (:mod:`nnunet_tpp.models.vit_checkpoint`).
+Every layer is timm's (``PatchEmbed``, ``Block`` with ``Attention``, ``Mlp`` and ``LayerScale``, the LayerNorms), so
+parameter names are timm's: ``patch_embed.proj``, ``cls_token``, ``reg_token``, ``pos_embed``, ``norm_pre``,
+``blocks.N.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``, ``norm``.
 
-Token order: ``[cls, registers..., patches]``. The position embedding covers the class token and the
-patches (``cls_pos_embed=True``, timm/MAE/DINO) or the patches only (``cls_pos_embed=False``, MedCoSS);
-register tokens never get a position. ``pre_norm`` adds a LayerNorm after the position embedding
-(``norm_pre``, MedCoSS), over all tokens or (``pre_norm_prefix=False``, MedCoSS) over the patch tokens only;
-``final_norm=False`` drops the output LayerNorm (MedCoSS).
-
-PEFT methods extend the network through documented slots instead of editing its code:
-
-* ``Block.adapter_attn`` / ``Block.adapter_mlp``: a module applied to the attention / MLP branch output,
-  ``h + adapter(h)`` (sequential adapters, Houlsby);
-* ``Block.adapter_parallel``: a module of the block's residual input added beside the MLP branch
-  (AdaptFormer);
-* ``VisionTransformer.tuner``: a :class:`TokenTuner` that sees the token stream around every block
-  (VPT prompts, EVP, DTL's side network).
+Token order: ``[cls, registers..., patches]``. :class:`ViTConfig` maps onto timm's options: ``cls_pos_embed=False``
+(MedCoSS) is timm's ``no_embed_class``; a model with register tokens is always built ``no_embed_class`` (as timm's
+DINOv2-with-registers models), and a checkpoint's class-token position is folded into ``cls_token`` on loading,
+which is exact. One layout has no timm option: MedCoSS normalises the patch tokens after the position embedding and
+before the class token joins them (``pre_norm_prefix=False``), where timm's ``norm_pre`` normalises every token;
+:meth:`VisionTransformer.embed` assembles the tokens for both (``norm_pre`` is timm's LayerNorm either way; timm's
+own ``pre_norm`` flag is not used because it also drops the patch embedding's bias, as CLIP does).
 
 Two facts about a loaded backbone live on the model as data (set by
-:func:`~nnunet_tpp.models.vit_checkpoint.load_vit_checkpoint`): ``pretraining``, the name of its
-self-supervised pre-training (a key of :data:`PRETRAININGS`, or None when unknown: random initialisation or a
-supervised checkpoint), which ``partial``'s ``quarter: auto`` reads; and ``pos_resampling``, the
-:class:`PosResampling` rule of the checkpoint's own code, used whenever the position embedding is resampled
-to another grid (at load and for other image sizes).
+:func:`~nnunet_tpp.models.vit_checkpoint.load_vit_checkpoint`): ``pretraining`` (a key of
+:data:`~nnunet_tpp.models.vit_pretraining.PRETRAININGS` or None), which ``partial``'s ``quarter: auto`` reads, and
+``pos_resampling``, the rule of the checkpoint's own code used whenever the position embedding meets another grid.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
-import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
 from nnunet_tpp.models.vit_pretraining import (PRETRAININGS, RESAMPLING, PosResampling,  # noqa: F401
-                                               Pretraining, resample_patch_pos_embed)
+                                               resample_patch_pos_embed)
 
 
 @dataclass(frozen=True)
@@ -49,13 +42,11 @@ class ViTConfig:
         embed_dim, depth, num_heads, mlp_ratio, qkv_bias: the usual transformer sizes.
         layer_scale: initial value of the per-channel layer scale (DINOv2: 1e-5), or None for none.
         num_register_tokens: extra learned tokens after the class token (DINOv2 with registers).
-        cls_pos_embed: whether the class token has a position (False: MedCoSS).
-        pre_norm: LayerNorm after the position embedding (MedCoSS).
-        pre_norm_prefix: whether ``norm_pre`` normalises the class and register tokens too (True, timm); False
-            normalises the patch tokens only (MedCoSS normalises the patch embeddings before the class token
-            joins them).
-        final_norm: LayerNorm ``norm`` on the output tokens (True); False makes ``norm`` an identity (MedCoSS's
-            encoder has no output norm).
+        cls_pos_embed: whether the class token has a position (False: MedCoSS; always False with registers).
+        pre_norm: LayerNorm ``norm_pre`` after the position embedding (MedCoSS).
+        pre_norm_prefix: whether ``norm_pre`` normalises the class and register tokens too (True); False normalises
+            the patch tokens only, before the class token joins them (MedCoSS).
+        final_norm: LayerNorm ``norm`` on the output tokens (True); False makes it an identity (MedCoSS).
         dynamic_img_size: interpolate the position embedding when an input has another size; when False
             such an input raises an error.
         drop_path_rate: stochastic depth at the last block (linearly increasing).
@@ -111,271 +102,103 @@ def vit_config(arch: str, **overrides) -> ViTConfig:
     return cfg
 
 
-class PatchEmbed(nn.Module):
-    """Non-overlapping patches -> tokens with one strided conv (``proj``)."""
-
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
-        super().__init__()
-        self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, H/p * W/p, D)."""
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with one fused ``qkv`` projection and an output projection ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
-
-
-class Mlp(nn.Module):
-    """fc1 -> GELU -> fc2."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    """Per-channel scale ``gamma`` (DINOv2, CaiT)."""
-
-    def __init__(self, dim: int, init: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: drops a sample's whole residual branch with probability ``p`` while training."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block with the PEFT slots described in the module docstring."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, layer_scale: float | None,
-                 drop_path: float, eps: float):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.adapter_attn: nn.Module | None = None
-        self.adapter_mlp: nn.Module | None = None
-        self.adapter_parallel: nn.Module | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.attn(self.norm1(x))
-        if self.adapter_attn is not None:
-            h = h + self.adapter_attn(h)
-        x = x + self.drop_path(self.ls1(h))
-        h = self.mlp(self.norm2(x))
-        if self.adapter_mlp is not None:
-            h = h + self.adapter_mlp(h)
-        out = x + self.drop_path(self.ls2(h))
-        if self.adapter_parallel is not None:
-            out = out + self.adapter_parallel(x)
-        return out
-
-
-class TokenTuner(nn.Module):
-    """Base class of a PEFT module that works on the token stream around the blocks (set as
-    ``VisionTransformer.tuner``). Every hook defaults to "change nothing".
-
-    ``state`` is a dict a tuner may use to carry values from :meth:`start` to the later hooks of the
-    same forward pass (never across passes). A tuner that sets ``wants_patch_embed = True`` finds the patch
-    embeddings before the position embedding in ``state["patch_embed"]`` (see
-    :meth:`VisionTransformer.embed`).
-    """
-
-    wants_patch_embed: bool = False
-
-    def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Called once with the embedded tokens (after position embedding) and the input image."""
-        return x
-
-    def before_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Called before block ``index``."""
-        return x
-
-    def after_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Called after block ``index``."""
-        return x
-
-    def strip(self, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Removes tokens the tuner added (prompts), leaving ``[prefix tokens, patches]``."""
-        return x
-
-
-class VisionTransformer(nn.Module):
-    """The ViT backbone: image -> tokens. Heads live outside (:mod:`nnunet_tpp.models.vit_heads`).
+class VisionTransformer(TimmVisionTransformer):
+    """timm's ViT (no classifier: heads live in :mod:`nnunet_tpp.models.vit_heads`) built from a :class:`ViTConfig`.
 
     Attributes:
         config: the :class:`ViTConfig`.
-        num_prefix_tokens: class token + register tokens.
-        tuner: the :class:`TokenTuner` a PEFT method installed, or None.
-        pretraining: the name of the backbone's self-supervised pre-training (:data:`PRETRAININGS`), or None
-            (random initialisation or unknown); set by the checkpoint loader.
+        pretraining: the backbone's self-supervised pre-training, or None; set by the checkpoint loader.
         pos_resampling: the :class:`PosResampling` rule for other grids (MAE's until a checkpoint sets its own).
+        token_state: during :meth:`forward_features`, the ``masked``, ``mask_token`` and ``keep`` arguments of the
+            call (empty otherwise), for PEFT modules that must follow them (EVP).
     """
 
     def __init__(self, config: ViTConfig):
-        super().__init__()
         config.validate()
+        super().__init__(img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
+                         num_classes=0, embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
+                         mlp_ratio=config.mlp_ratio, qkv_bias=config.qkv_bias, init_values=config.layer_scale,
+                         no_embed_class=not config.cls_pos_embed or config.num_register_tokens > 0,
+                         reg_tokens=config.num_register_tokens, final_norm=config.final_norm,
+                         dynamic_img_size=config.dynamic_img_size, drop_path_rate=config.drop_path_rate,
+                         norm_layer=partial(nn.LayerNorm, eps=config.eps))
+        if config.pre_norm:
+            self.norm_pre = nn.LayerNorm(config.embed_dim, eps=config.eps)
         self.config = config
-        d = config.embed_dim
-        self.patch_embed = PatchEmbed(config.patch_size, config.in_chans, d)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
-        self.reg_token = nn.Parameter(torch.zeros(1, config.num_register_tokens, d)) \
-            if config.num_register_tokens else None
-        self.num_prefix_tokens = 1 + config.num_register_tokens
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.grid ** 2 + int(config.cls_pos_embed), d))
-        self.norm_pre = nn.LayerNorm(d, eps=config.eps) if config.pre_norm else nn.Identity()
-        rates = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.ModuleList(
-            Block(d, config.num_heads, config.mlp_ratio, config.qkv_bias, config.layer_scale, r, config.eps)
-            for r in rates)
-        self.norm = nn.LayerNorm(d, eps=config.eps) if config.final_norm else nn.Identity()
-        self.tuner: TokenTuner | None = None
         self.pretraining: str | None = None
         self.pos_resampling: PosResampling = RESAMPLING["mae"]
-        self._init_weights()
-
-    @property
-    def embed_dim(self) -> int:
-        return self.config.embed_dim
-
-    def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self.token_state: dict = {}
 
     def grid_for(self, image: torch.Tensor) -> tuple[int, int]:
         """Patches per side of ``image`` (B, C, H, W); raises ValueError for sizes the model cannot take."""
-        if image.ndim != 4 or image.shape[1] != self.config.in_chans:
-            raise ValueError(f"expected images of shape (B, {self.config.in_chans}, H, W), got {tuple(image.shape)}")
+        c = self.config
+        if image.ndim != 4 or image.shape[1] != c.in_chans:
+            raise ValueError(f"expected images of shape (B, {c.in_chans}, H, W), got {tuple(image.shape)}")
         h, w = image.shape[-2:]
-        p = self.config.patch_size
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        if (h // p, w // p) != (self.config.grid,) * 2 and not self.config.dynamic_img_size:
-            raise ValueError(f"this ViT was built for {self.config.img_size}x{self.config.img_size} images and "
-                             f"dynamic_img_size is off; got {h}x{w}. Resize the images or enable dynamic_img_size")
-        return h // p, w // p
+        if h % c.patch_size or w % c.patch_size:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {c.patch_size}")
+        if (h // c.patch_size, w // c.patch_size) != (c.grid,) * 2 and not c.dynamic_img_size:
+            raise ValueError(f"this ViT was built for {c.img_size}x{c.img_size} images and dynamic_img_size is "
+                             f"off; got {h}x{w}. Resize the images or enable dynamic_img_size")
+        return h // c.patch_size, w // c.patch_size
 
     def patch_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The patch part of the position embedding, resampled to ``grid`` by ``pos_resampling`` when needed:
-        (1, N, D)."""
-        pos = self.pos_embed[:, int(self.config.cls_pos_embed):]
+        """The patch part of the position embedding, resampled to ``grid`` by ``pos_resampling``: (1, N, D)."""
+        pos = self.pos_embed[:, 0 if self.no_embed_class else self.num_prefix_tokens:]
         return resample_patch_pos_embed(pos, grid, self.pos_resampling)
 
     def embed(self, image: torch.Tensor, masked: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
-              keep: torch.Tensor | None = None, state: dict | None = None) -> torch.Tensor:
-        """Image -> ``[cls, registers, patches]`` tokens with position embedding (and ``norm_pre``, over
-        every token or, with ``pre_norm_prefix=False``, over the patch tokens only).
+              keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Image -> ``[cls, registers, patches]`` tokens with position embedding and ``norm_pre``.
 
         Args:
             masked: optional (B, N) bool; those patches' embeddings are replaced by ``mask_token`` (1, 1, D)
                 before the position embedding (iBOT / DINOv2 masked-token training).
-            keep: optional (B, K) long indices of the patches to keep, the others dropped after the position
-                embedding (MAE's encoder sees only the visible patches).
-            state: optional dict that receives ``"patch_embed"``: the patch embeddings (B, N, D) of every patch
-                before the position embedding (masked ones already replaced by ``mask_token``), for tuners
-                that read them (EVP).
+            keep: optional (B, K) long indices of the patches to keep after the position embedding (MAE's
+                encoder sees only the visible patches).
         Returns:
             (B, prefix + N or K, D) tokens.
         """
         grid = self.grid_for(image)
-        x = self.patch_embed(image)
+        x = self.patch_embed(image).reshape(image.shape[0], grid[0] * grid[1], self.embed_dim)
         if masked is not None:
             x = torch.where(masked[..., None], mask_token.to(x.dtype), x)
-        if state is not None:
-            state["patch_embed"] = x
         x = x + self.patch_pos_embed(grid)
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))
-        cls = self.cls_token
-        if self.config.cls_pos_embed:
-            cls = cls + self.pos_embed[:, :1]
-        parts = [cls.expand(x.shape[0], -1, -1)]
+        cls = self.cls_token if self.no_embed_class else self.cls_token + self.pos_embed[:, :1]
+        prefix = [cls.expand(x.shape[0], -1, -1)]
         if self.reg_token is not None:
-            parts.append(self.reg_token.expand(x.shape[0], -1, -1))
+            prefix.append(self.reg_token.expand(x.shape[0], -1, -1))
         if not self.config.pre_norm_prefix:
-            return torch.cat(parts + [self.norm_pre(x)], dim=1)
-        return self.norm_pre(torch.cat(parts + [x], dim=1))
+            return torch.cat(prefix + [self.norm_pre(x)], dim=1)
+        return self.norm_pre(torch.cat(prefix + [x], dim=1))
 
     def forward_features(self, image: torch.Tensor, taps: tuple[int, ...] = (), masked: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None, keep: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Runs the transformer.
+        """Runs the transformer (timm's blocks, one by one).
 
         Args:
             image: (B, C, H, W).
             taps: 0-based block indices whose outputs are returned too (e.g. (2, 5, 8, 11) for UNETR skips).
-            masked, mask_token, keep: see :meth:`embed`. A tuner finds them in ``state["keep"]`` and
-                ``state["masked"]`` (None when unused) so that per-patch additions can follow the kept patches
-                and leave masked ones alone, and (when it ``wants_patch_embed``) the patch embeddings before
-                the position embedding in ``state["patch_embed"]`` (B, N, D).
+            masked, mask_token, keep: see :meth:`embed` (also in ``token_state`` during the call).
         Returns:
-            ``(tokens, tapped)``: the final normalised tokens (B, prefix + N, D) and the raw outputs of the
-            tapped blocks, each (B, prefix + N, D), both without any tokens a tuner added.
+            ``(tokens, tapped)``: the final normalised tokens (B, prefix + N, D) and the outputs of the tapped blocks
+            as the blocks give them (tokens a PEFT method inserted after the prefix included; the patch tokens are
+            always the last ones).
         """
-        state: dict = {"keep": keep, "masked": masked}
-        prefix, tuner, tapped = self.num_prefix_tokens, self.tuner, []
-        x = self.embed(image, masked, mask_token, keep, state=state if getattr(tuner, "wants_patch_embed", False)
-                       else None)
-        if tuner is not None:
-            x = tuner.start(x, image, prefix, state)
-        for i, block in enumerate(self.blocks):
-            if tuner is not None:
-                x = tuner.before_block(i, x, prefix, state)
-            x = block(x)
-            if tuner is not None:
-                x = tuner.after_block(i, x, prefix, state)
-            if i in taps:
-                tapped.append(tuner.strip(x, prefix, state) if tuner is not None else x)
-        if tuner is not None:
-            x = tuner.strip(x, prefix, state)
-        return self.norm(x), tapped
+        self.token_state.update(masked=masked, mask_token=mask_token, keep=keep)
+        try:
+            x = self.embed(image, masked, mask_token, keep)
+            tapped = []
+            for i, block in enumerate(self.blocks):
+                x = block(x)
+                if i in taps:
+                    tapped.append(x)
+            return self.norm(x), tapped
+        finally:
+            self.token_state.clear()
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Image -> final normalised tokens (B, prefix + N, D)."""
@@ -383,7 +206,8 @@ class VisionTransformer(nn.Module):
 
 
 def build_vit(arch: str | ViTConfig = "vit_base", **overrides) -> VisionTransformer:
-    """A randomly initialised :class:`VisionTransformer` of a named architecture (or a config)."""
+    """A randomly initialised :class:`VisionTransformer` (timm's initialisation) of a named architecture or a
+    config, with ``overrides`` applied."""
     cfg = vit_config(arch, **overrides) if isinstance(arch, str) else replace(arch, **overrides)
     return VisionTransformer(cfg)
 

@@ -64,12 +64,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from timm.models.vision_transformer import checkpoint_filter_fn
+
 from nnunet_tpp.models.stunet_checkpoint import CheckpointError, _numpy_allow_list
 from nnunet_tpp.models.vit import (PRETRAININGS, RESAMPLING, PosResampling, ViTConfig, VisionTransformer,
                                    config_dict, resample_patch_pos_embed)
 from nnunet_tpp.models.vit_medcoss import MEDCOSS_PRETRAIN_GRID, convert_medcoss, medcoss_config  # noqa: F401
 from nnunet_tpp.models.vit_pretraining import pretraining_from_contents, resampling_for
-from nnunet_tpp.peft import atomic_torch_save
 
 FORMATS = ("auto", "timm", "dinov2", "medcoss")
 _ALIASES = {"mae": "timm", "dino": "timm", "path_dino": "timm"}
@@ -137,6 +138,7 @@ class _Converted:
     notes: list[str]
     pretraining: str | None = None
     resampling: str = "timm"
+    layout: str = "timm"
 
 
 def _short(names: list[str], n: int = 5) -> str:
@@ -207,14 +209,13 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
 
 
 def _convert_timm(state: dict, notes: list[str]) -> tuple[dict, list[str], dict]:
+    """Splits a timm-named state dict into backbone, heads and extra (MAE decoder, mask token); DINOv2's chunked
+    blocks are flattened (timm's filter does not know them)."""
     backbone, heads, extra, chunked = {}, [], {}, False
     for key, value in state.items():
         m = _CHUNKED.match(key)
         if m:
             key, chunked = f"blocks.{m.group(1)}.{m.group(2)}", True
-        if key == "register_tokens":
-            key = "reg_token"
-            notes.append("register_tokens loaded as reg_token")
         if key.startswith(_HEADS):
             heads.append(key)
         elif key == "mask_token" or key.startswith("decoder"):
@@ -246,7 +247,7 @@ def _convert_file(path, fmt: str, medcoss_grid: int) -> _Converted:
         backbone, heads, extra = _convert_timm(state, notes)
     pretraining = pretraining_from_contents(requested, top, state, container, detected)
     return _Converted(backbone, sorted(heads), extra, detected if fmt == "auto" else fmt, container, notes,
-                      pretraining, resampling_for(pretraining, state))
+                      pretraining, resampling_for(pretraining, state), detected)
 
 
 def vit_state_dict_from_file(path: str | os.PathLike, fmt: str = "auto", *,
@@ -281,10 +282,11 @@ def mae_decoder_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in extra.items() if k == "mask_token" or k.startswith("decoder")}
 
 
-def _fit_pos_embed(state: dict, cfg: ViTConfig, interpolate_pos: bool, notes: list[str],
+def _fit_pos_embed(state: dict, model: VisionTransformer, interpolate_pos: bool, notes: list[str],
                    problems: list[str], hints: list[str], rule: PosResampling) -> str | None:
-    """Brings ``state["pos_embed"]`` to the model's layout in place; returns the resampling done."""
-    pos = state.get("pos_embed")
+    """Brings ``state["pos_embed"]`` to the model's grid in place (the checkpoint's own resampling rule, a class-token
+    row kept); returns the resampling done."""
+    cfg, pos = model.config, state.get("pos_embed")
     if pos is None or pos.ndim != 3:
         return None
     n = pos.shape[1]
@@ -293,27 +295,47 @@ def _fit_pos_embed(state: dict, cfg: ViTConfig, interpolate_pos: bool, notes: li
     if side * side != n - has_cls:
         problems.append(f"position embedding of {n} tokens is neither a square grid nor one plus a square grid")
         return None
-    cls_pos, patches, done = pos[:, :int(has_cls)], pos[:, int(has_cls):], None
-    if side != cfg.grid:
-        if not interpolate_pos:
-            problems.append(f"position embedding grid: checkpoint {side}x{side} patches, model {cfg.grid}x{cfg.grid} "
-                            f"(img_size {cfg.img_size}, patch {cfg.patch_size})")
-            hints.append(f"pass interpolate_pos=True, or build the model with img_size={side * cfg.patch_size}")
-            return None
-        patches = resample_patch_pos_embed(patches, (cfg.grid, cfg.grid), rule)
-        done = f"{side}x{side} -> {cfg.grid}x{cfg.grid}"
-    if cfg.cls_pos_embed:
-        if not has_cls:
-            cls_pos = patches.new_zeros(1, 1, patches.shape[-1])
-            notes.append("class-token position set to zero (the checkpoint has none)")
-        state["pos_embed"] = torch.cat([cls_pos, patches], dim=1)
-    else:
+    if side == cfg.grid:
+        return None
+    if not interpolate_pos:
+        problems.append(f"position embedding grid: checkpoint {side}x{side} patches, model {cfg.grid}x{cfg.grid} "
+                        f"(img_size {cfg.img_size}, patch {cfg.patch_size})")
+        hints.append(f"pass interpolate_pos=True, or build the model with img_size={side * cfg.patch_size}")
+        return None
+    patches = resample_patch_pos_embed(pos[:, int(has_cls):], (cfg.grid, cfg.grid), rule)
+    state["pos_embed"] = torch.cat([pos[:, :int(has_cls)], patches], dim=1)
+    return f"{side}x{side} -> {cfg.grid}x{cfg.grid}"
+
+
+def _fit_prefix(state: dict, model: VisionTransformer, fmt: str, extra: dict, notes: list[str]) -> None:
+    """The class token and registers in the model's layout, in place. DINOv2 files go through timm's own
+    ``checkpoint_filter_fn`` where it fits the model (registers; the class-token position folded into
+    ``cls_token``); otherwise a class-token position is folded into ``cls_token`` for a model without one and a
+    model with one gets a zero position where the checkpoint has none (both exact)."""
+    pos = state.get("pos_embed")
+    if fmt == "dinov2" and ("register_tokens" in state or not model.no_embed_class):
+        token = extra.get("mask_token", torch.zeros(1, model.embed_dim))  # timm recognises DINOv2 by its mask token
+        state.update(checkpoint_filter_fn({**state, "mask_token": token}, model))
+        state.pop("register_tokens", None)
+        if "reg_token" in state:
+            notes.append("DINOv2 registers loaded by timm's checkpoint_filter_fn (class-token position folded "
+                         "into cls_token)")
+        return
+    if "register_tokens" in state:
+        state["reg_token"] = state.pop("register_tokens")
+        notes.append("register_tokens loaded as reg_token")
+    if pos is None or pos.ndim != 3:
+        return
+    has_cls = math.isqrt(pos.shape[1]) ** 2 != pos.shape[1]
+    if not model.no_embed_class and not has_cls:
+        state["pos_embed"] = torch.cat([pos.new_zeros(1, 1, pos.shape[-1]), pos], dim=1)
+        notes.append("class-token position set to zero (the checkpoint has none)")
+    elif model.no_embed_class and has_cls:
         cls = state.get("cls_token")
-        if has_cls and cls is not None and cls.shape == cls_pos.shape:
-            state["cls_token"] = cls + cls_pos
+        if cls is not None and cls.shape == pos[:, :1].shape:
+            state["cls_token"] = cls + pos[:, :1]
             notes.append("class-token position folded into cls_token (the model has none)")
-        state["pos_embed"] = patches
-    return done
+        state["pos_embed"] = pos[:, 1:]
 
 
 def _hints(state: dict, fmt: str, cfg: ViTConfig, heads: list[str]) -> list[str]:
@@ -323,7 +345,7 @@ def _hints(state: dict, fmt: str, cfg: ViTConfig, heads: list[str]) -> list[str]
     if cls is not None and cls.shape[-1] != cfg.embed_dim:
         out.append(f"the checkpoint's embed_dim is {cls.shape[-1]}, the model's {cfg.embed_dim}: build the matching "
                    f"arch (vit_tiny 192, vit_small 384, vit_base 768, vit_large 1024)")
-    regs = state["reg_token"].shape[1] if "reg_token" in state else 0
+    regs = next((state[k].shape[1] for k in ("reg_token", "register_tokens") if k in state), 0)
     if regs != cfg.num_register_tokens:
         out.append(f"the checkpoint has {regs} register tokens, the model {cfg.num_register_tokens}: build the "
                    f"model with num_register_tokens={regs}")
@@ -392,7 +414,9 @@ def load_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike, fmt: 
     rule = RESAMPLING[conv.resampling if pos_resampling == "checkpoint" else pos_resampling]
     cfg, state, notes = model.config, dict(conv.backbone), list(conv.notes)
     problems, hints = [], []
-    interpolated = _fit_pos_embed(state, cfg, interpolate_pos, notes, problems, hints, rule)
+    interpolated = _fit_pos_embed(state, model, interpolate_pos, notes, problems, hints, rule)
+    if not problems:
+        _fit_prefix(state, model, conv.layout, conv.extra, notes)
     target = model.state_dict()
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
@@ -444,4 +468,11 @@ def save_vit_checkpoint(model: VisionTransformer, path: str | os.PathLike,
     if clash:
         raise ValueError(f"extra tensors clash with model keys: {clash[:5]}")
     state.update({k: v.detach().cpu().clone() for k, v in (extra or {}).items()})
-    atomic_torch_save({"model": state, "vit_config": config_dict(model), "pretraining": pretraining}, path)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save({"model": state, "vit_config": config_dict(model), "pretraining": pretraining}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -124,8 +124,10 @@ class ViTSegmenter(nn.Module):
         self.decoder = UNETRDecoder2d(c.in_chans, c.embed_dim, c.patch_size, c.depth, num_classes, feature_size)
         self.size_name = _size_name(backbone)
 
-    def _to_map(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        patches = tokens[:, self.backbone.num_prefix_tokens:]
+    @staticmethod
+    def _to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The patch tokens (always the last ones, after prefix and prompt tokens) as a map (B, D, H/p, W/p)."""
+        patches = tokens[:, tokens.shape[1] - grid[0] * grid[1]:]
         return patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int],
         pos: (1, N, D) patch positions of a square grid (no class-token position).
         grid: the new (rows, cols).
         rule: a :class:`PosResampling` or the name of one in :data:`RESAMPLING` (default MAE's: bicubic to
-            the output size, no antialiasing).
+            the output size, no antialiasing). Rules without an offset are timm's ``resample_abs_pos_embed``.
     Returns:
         (1, rows * cols, D) in ``pos``'s dtype; ``pos`` itself when the grid is already ``grid``.
     """
@@ -152,12 +153,11 @@ def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int],
     grid = (int(grid[0]), int(grid[1]))
     if (side, side) == grid:
         return pos
+    if rule.offset <= 0:
+        return resample_abs_pos_embed(pos, list(grid), (side, side), num_prefix_tokens=0, antialias=rule.antialias)
     img = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    if rule.offset > 0:
-        scale = ((grid[0] + rule.offset) / side, (grid[1] + rule.offset) / side)
-        img = F.interpolate(img, scale_factor=scale, mode="bicubic", align_corners=False, antialias=rule.antialias)
-    else:
-        img = F.interpolate(img, size=grid, mode="bicubic", align_corners=False, antialias=rule.antialias)
+    scale = ((grid[0] + rule.offset) / side, (grid[1] + rule.offset) / side)
+    img = F.interpolate(img, scale_factor=scale, mode="bicubic", align_corners=False, antialias=rule.antialias)
     if tuple(img.shape[-2:]) != grid:
         raise ValueError(f"resampling rule {rule.name} gave a {tuple(img.shape[-2:])} grid instead of {grid}")
     return img.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)

@@ -1,12 +1,14 @@
 """Adapter (Houlsby et al., ICML 2019; official code google-research/adapter-bert): a bottleneck
 ``up(GELU(down(h)))`` with a skip connection, ``h + adapter(h)``, inserted twice in every transformer block: on
 the output of the attention branch and on the output of the MLP branch, before each is added to the residual
-stream (the ViT's ``Block.adapter_attn`` / ``Block.adapter_mlp`` slots; adapter-bert's ``feedforward_adapter``
-after each dense output, before the residual sum).
+stream (adapter-bert's ``feedforward_adapter`` after each dense output, before the residual sum). The adapters are
+the blocks' new submodules ``adapter_attn`` / ``adapter_mlp``, applied by forward hooks on the attention and MLP
+sub-layers that the model's description names (:mod:`nnunet_tpp.models.transformer_sites`).
 
 What trains, by default as the official code (``optimization.py`` trains the ``adapters``, ``layer_norm`` and
 ``head`` variable collections): the adapters, **every LayerNorm of the backbone** (``norm1`` / ``norm2`` of every
-block, ``norm_pre`` and the output ``norm`` where the ViT has them) and the task head. ``train_norms=False``
+block, ``norm_pre`` and the output ``norm`` where the ViT has them; the norms the description names) and the task
+head. ``train_norms=False``
 freezes the LayerNorms (adapters + head only, this package's behaviour before it followed the official code).
 Only the adapters are the method's target parameters (what TPP pre-trains); the LayerNorms train in
 fine-tuning.
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from nnunet_tpp.peft.modules import BottleneckAdapter, find_vits, has_part, positive_int, set_slot
+from nnunet_tpp.peft.modules import BottleneckAdapter, attach, has_part, positive_int, qualified, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 POSITIONS = {"attn": "adapter_attn", "mlp": "adapter_mlp"}
@@ -95,29 +97,35 @@ class AdapterMethod(PeftMethod):
         return options
 
     def inject(self, model: nn.Module, opts: AdapterOptions) -> None:
-        """Fills the ``adapter_attn`` / ``adapter_mlp`` slots of every block."""
-        for _, vit in find_vits(model, self.name):
-            like = vit.pos_embed
-            for block in vit.blocks:
+        """Adds ``adapter_attn`` / ``adapter_mlp`` to every block, hooked to its attention / MLP output."""
+        for _, net, description in transformers(model, self.name):
+            like = next(net.parameters())
+            for i, name in enumerate(description.blocks):
+                block = net.get_submodule(name)
                 for position in dict.fromkeys(opts.positions):
-                    adapter = BottleneckAdapter(vit.embed_dim, int(opts.bottleneck), act="gelu",
+                    adapter = BottleneckAdapter(description.widths[i], int(opts.bottleneck), act="gelu",
                                                 dropout=float(opts.dropout))
                     if opts.init == "houlsby":
                         houlsby_init(adapter, float(opts.init_scale))
-                    set_slot(block, POSITIONS[position], adapter.to(like.device, like.dtype), self.name)
+                    attach(block, POSITIONS[position], adapter.to(like.device, like.dtype), self.name)
+                    sub_layer = description.layout.attention if position == "attn" else description.layout.mlp
+                    net.get_submodule(description.block_part(i, sub_layer)).register_forward_hook(
+                        adapter.residual_hook)
 
     def is_target(self, name: str) -> bool:
-        """The adapters in the ``adapter_attn`` / ``adapter_mlp`` slots."""
+        """The adapters (``adapter_attn`` / ``adapter_mlp``)."""
         return has_part(name, "adapter_attn") or has_part(name, "adapter_mlp")
 
     def trained_modules(self, model: nn.Module, opts: AdapterOptions) -> tuple[str, ...]:
-        """With ``train_norms``: every LayerNorm of every ViT in the model (e.g. ``backbone.blocks.0.norm1``)."""
+        """With ``train_norms``: every norm the description names (each block's and the outer ones), e.g.
+        ``backbone.blocks.0.norm1``."""
         if not opts.train_norms:
             return ()
         names = []
-        for name, vit in find_vits(model, self.name):
-            names += [f"{name}.{sub}" if name else sub for sub, m in vit.named_modules()
-                      if isinstance(m, nn.LayerNorm) and not self.is_target(sub)]
+        for prefix, _, description in transformers(model, self.name):
+            names += [qualified(prefix, description.block_part(i, norm)) for i in range(len(description.blocks))
+                      for norm in description.layout.norms]
+            names += [qualified(prefix, norm) for norm in description.outer_norms]
         return tuple(names)
 
     def merge(self, model: nn.Module, opts) -> None:

@@ -3,7 +3,10 @@ code (ShoufaChen/AdaptFormer, ``models/adapter.py`` and the parallel ``ffn_optio
 ``models/vit_image.py``): the branch reads the block's residual stream after attention, x, and computes
 ``s * up(dropout(ReLU(down(x))))`` with no LayerNorm of its own, s = 0.1, bottleneck 64, dropout 0.1,
 ``down`` Kaiming-uniform with zero bias and ``up`` all zeros ("lora" initialisation); its output is added to
-the block output next to the MLP branch (the ViT's ``Block.adapter_parallel`` slot). Not mergeable.
+the block output next to the MLP branch. The AdaptMLP is the block's new submodule ``adapter_parallel``: a forward
+pre-hook on the module that receives the residual stream entering the MLP sub-layer (the description's
+``mlp_input``: timm's ``norm2``, TinyViT's ``mlp``) computes it, a forward hook on the block adds it. Not
+mergeable.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from nnunet_tpp.peft.modules import BottleneckAdapter, find_vits, has_part, positive_int, set_slot
+from nnunet_tpp.peft.modules import BottleneckAdapter, attach, has_part, positive_int, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -48,13 +51,17 @@ class AdaptFormerMethod(PeftMethod):
     description = "AdaptFormer: scaled bottleneck MLP in parallel to every ViT block's MLP"
 
     def inject(self, model: nn.Module, opts: AdaptFormerOptions) -> None:
-        """Fills the ``adapter_parallel`` slot of every block."""
-        for _, vit in find_vits(model, self.name):
-            like = vit.pos_embed
-            for block in vit.blocks:
-                adapter = BottleneckAdapter(vit.embed_dim, int(opts.bottleneck), act="relu", scale=float(opts.scale),
-                                            dropout=float(opts.dropout)).to(like.device, like.dtype)
-                set_slot(block, "adapter_parallel", adapter, self.name)
+        """Adds ``adapter_parallel`` to every block: it reads the stream entering the MLP, adds to the block output."""
+        for _, net, description in transformers(model, self.name):
+            like = next(net.parameters())
+            for i, name in enumerate(description.blocks):
+                block = net.get_submodule(name)
+                adapter = BottleneckAdapter(description.widths[i], int(opts.bottleneck), act="relu",
+                                            scale=float(opts.scale), dropout=float(opts.dropout))
+                attach(block, "adapter_parallel", adapter.to(like.device, like.dtype), self.name)
+                net.get_submodule(description.block_part(i, description.layout.mlp_input)).register_forward_pre_hook(
+                    adapter.read_input_hook)
+                block.register_forward_hook(adapter.add_read_hook)
 
     def is_target(self, name: str) -> bool:
         """The AdaptMLPs in the ``adapter_parallel`` slots."""

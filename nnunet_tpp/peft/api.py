@@ -177,6 +177,7 @@ def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: 
     method, _ = _method_and_options(net)
     expected = set(trained_parameter_names(net))
     params = dict(net.named_parameters())
+    weights = current_names(net, weights)
     weights = {n: w for n, w in weights.items() if n in params or not method.legacy_key(n)}
     missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - set(params))
     if strict and (missing or unknown):
@@ -190,6 +191,14 @@ def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: 
             if n in params:
                 params[n].copy_(w.to(params[n].device, params[n].dtype))
     return sorted(n for n in weights if n in params)
+
+
+def current_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (adapter / target-parameter tensors by name) with the names of files written by earlier versions
+    mapped to the names ``model`` holds them under (e.g. Hugging Face ``peft``'s ``lora_A.default``)."""
+    method, _ = _method_and_options(model)
+    names = {n for n, _ in unwrap(model).named_parameters()}
+    return {method.current_name(n, names): w for n, w in weights.items()}
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_tpp.peft.modules import find_vits, module_like, replace_submodule
+from nnunet_tpp.peft.modules import module_like, replace_submodule, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -99,20 +99,21 @@ class APLAMethod(PeftMethod):
     description = "APLA: a random subset of rows of every attention output projection (mergeable)"
 
     def inject(self, model: nn.Module, opts: APLAOptions) -> None:
-        """Wraps every block's ``attn.proj`` and picks its rows."""
+        """Wraps every block's attention output projection (the description's ``attention_out``), picks its rows."""
         generator = torch.Generator().manual_seed(int(opts.seed))
-        for _, vit in find_vits(model, self.name):
-            for block in vit.blocks:
-                proj = block.attn.proj
+        for _, net, description in transformers(model, self.name):
+            for i in range(len(description.blocks)):
+                name = description.block_part(i, description.layout.attention_out)
+                proj = net.get_submodule(name)
                 if type(proj) is not nn.Linear:
-                    raise PeftError(f"apla: expected a plain nn.Linear as attn.proj, got {type(proj).__name__}")
+                    raise PeftError(f"apla: expected a plain nn.Linear as {name}, got {type(proj).__name__}")
                 index = choose_rows(proj.out_features, opts.rows, generator).to(proj.weight.device)
                 new = module_like(proj, APLALinear)
                 new.register_buffer("apla_index", index, persistent=True)
                 new.apla_weight = nn.Parameter(proj.weight.detach()[index].clone())
                 train_bias = opts.bias and proj.bias is not None
                 new.apla_bias = nn.Parameter(proj.bias.detach()[index].clone()) if train_bias else None
-                block.attn.proj = new
+                replace_submodule(net, name, new)
 
     def trains(self, name: str) -> bool:
         """The copies of the chosen rows (``apla_weight`` / ``apla_bias``)."""

@@ -5,7 +5,9 @@ input tokens z_i and accumulates ``h += B_i A_i z_i`` (A_i: D -> r, Kaiming-unif
 From block M on, after block i, the activated side output ``swish(h) = h * sigmoid(beta * h)`` is added
 to the backbone's tokens (all of them, class token included), which then feed the next block. Defaults as
 the official ViT-B scripts (``train_dtl.sh``): r = 2, beta = 100, LoRA before blocks 0-11 and adding after
-blocks 6-11, i.e. M = depth / 2. DTL+'s depth-wise fusion conv is not included. Not mergeable.
+blocks 6-11, i.e. M = depth / 2. DTL+'s depth-wise fusion conv is not included. The side network is the
+transformer's new submodule ``tuner``, run by forward pre-hooks (read) and forward hooks (add) on the described
+blocks. Not mergeable.
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnunet_tpp.models.vit import TokenTuner
-from nnunet_tpp.peft.modules import find_vits, has_part, positive_int, set_slot
+from functools import partial
+
+from nnunet_tpp.peft.modules import attach, has_part, positive_int, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -42,8 +45,8 @@ class DTLOptions:
             raise PeftError(f"dtl: start_block must be a block index >= 0 or null, got {self.start_block!r}")
 
 
-class DTLTuner(TokenTuner):
-    """The compact side network of one ViT: ``down[i]`` (D -> r) and ``up[i]`` (r -> D) per block."""
+class DTLTuner(nn.Module):
+    """The compact side network of one transformer: ``down[i]`` (D -> r) and ``up[i]`` (r -> D) per block."""
 
     def __init__(self, dim: int, depth: int, rank: int, start_block: int, beta: float):
         super().__init__()
@@ -53,19 +56,19 @@ class DTLTuner(TokenTuner):
             nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5))
             nn.init.zeros_(up.weight)
         self.start_block, self.beta = start_block, beta
+        self.side: torch.Tensor | None = None
 
-    def before_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Adds block ``index``'s low-rank map of its input to the side state."""
-        side = self.up[index](self.down[index](x))
-        state["dtl"] = side if index == 0 else state["dtl"] + side
-        return x
+    def read_hook(self, index: int, module: nn.Module, args: tuple) -> None:
+        """Pre-hook of block ``index``: adds the low-rank map of the block's input to the side state."""
+        side = self.up[index](self.down[index](args[0]))
+        self.side = side if index == 0 else self.side + side
 
-    def after_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """From block M on, adds the activated side output to the tokens."""
-        if index < self.start_block:
-            return x
-        h = state["dtl"]
-        return x + (h * torch.sigmoid(self.beta * h)).to(x.dtype)
+    def add_hook(self, index: int, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Hook of block ``index`` >= M: adds the activated side output to the block's output."""
+        h = self.side
+        if index == len(self.down) - 1:
+            self.side = None
+        return output + (h * torch.sigmoid(self.beta * h)).to(output.dtype)
 
 
 @register
@@ -80,14 +83,20 @@ class DTLMethod(PeftMethod):
     description = "Disentangled Transfer Learning: low-rank side network added back from block M on"
 
     def inject(self, model: nn.Module, opts: DTLOptions) -> None:
-        """Installs a :class:`DTLTuner` in every ViT."""
-        for _, vit in find_vits(model, self.name):
-            depth = vit.config.depth
+        """Adds a :class:`DTLTuner` (``tuner``) to every transformer and hooks it to the blocks."""
+        for _, net, description in transformers(model, self.name, token_stream=True):
+            depth = len(description.blocks)
             start = depth // 2 if opts.start_block is None else int(opts.start_block)
             if start >= depth:
                 raise PeftError(f"dtl: start_block {start} is not a block of this depth-{depth} ViT")
-            tuner = DTLTuner(vit.embed_dim, depth, int(opts.rank), start, float(opts.beta))
-            set_slot(vit, "tuner", tuner.to(vit.pos_embed.device, vit.pos_embed.dtype), self.name)
+            tuner = DTLTuner(description.widths[0], depth, int(opts.rank), start, float(opts.beta))
+            like = next(net.parameters())
+            attach(net, "tuner", tuner.to(like.device, like.dtype), self.name)
+            for i, name in enumerate(description.blocks):
+                block = net.get_submodule(name)
+                block.register_forward_pre_hook(partial(tuner.read_hook, i))
+                if i >= start:
+                    block.register_forward_hook(partial(tuner.add_hook, i))
 
     def is_target(self, name: str) -> bool:
         """The side network (the ViT's tuner)."""

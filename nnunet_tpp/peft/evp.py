@@ -16,7 +16,10 @@ Two explicit features per patch, both of width c = D / scale_factor, are summed:
 
 Before every block i, the prompt ``shared_up(GELU(lightweight_i(sum)))`` (lightweight_i: c -> c per block,
 shared_up: c -> D shared) is added to the patch tokens. Linear weights ~ trunc-normal(0.02) with zero
-biases, conv weights ~ N(0, sqrt(2 / fan_out)) as the official code. Not mergeable.
+biases, conv weights ~ N(0, sqrt(2 / fan_out)) as the official code. The generator is the transformer's new
+submodule ``tuner``: a forward hook on the described patch embedding reads the image and the patch embeddings,
+forward pre-hooks on the blocks add the prompts (the masked / kept patches of the call come from the
+transformer's ``token_state``). Not mergeable.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnunet_tpp.models.vit import TokenTuner
-from nnunet_tpp.peft.modules import find_vits, has_part, positive_int, set_slot
+from functools import partial
+
+from nnunet_tpp.peft.modules import attach, has_part, positive_int, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 EMBEDDING_INPUTS = ("patch_embed", "tokens")
@@ -69,17 +73,14 @@ def high_frequency(image: torch.Tensor, rate: float) -> torch.Tensor:
     return torch.fft.ifft2(spectrum, norm="forward").real.abs()
 
 
-class EVPTuner(TokenTuner):
-    """EVP's prompt generator for one ViT."""
-
-    wants_patch_embed = True
+class EVPTuner(nn.Module):
+    """EVP's prompt generator for one transformer."""
 
     def __init__(self, dim: int, depth: int, in_chans: int, patch_size: int, scale_factor: int, mask_rate: float,
-                 embedding_input: str = "patch_embed"):
+                 embedding_input: str = "patch_embed", prefix: int = 1, token_state: dict | None = None):
         super().__init__()
         width = max(1, dim // scale_factor)
-        self.mask_rate = mask_rate
-        self.embedding_input = embedding_input
+        self.mask_rate, self.embedding_input, self.prefix = mask_rate, embedding_input, prefix
         self.embedding_generator = nn.Linear(dim, width)
         self.handcrafted_generator = nn.Conv2d(in_chans, width, patch_size, stride=patch_size)
         self.lightweight_mlps = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.GELU()) for _ in range(depth))
@@ -91,27 +92,32 @@ class EVPTuner(TokenTuner):
         conv = self.handcrafted_generator
         nn.init.normal_(conv.weight, std=math.sqrt(2.0 / (patch_size * patch_size * width)))
         nn.init.zeros_(conv.bias)
+        self.token_state = token_state if token_state is not None else {}
+        self.image = self.embeddings = self.feature = None
 
-    def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Computes the summed embedding and handcrafted features (B, N, c) for the later hooks."""
-        conv = self.handcrafted_generator
-        masked = state.get("masked")
+    def read_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Hook of the patch embedding: keeps the image and the patch embeddings (B, N, D) of this pass."""
+        self.image, self.embeddings = args[0], output.reshape(output.shape[0], -1, output.shape[-1])
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The summed embedding and handcrafted features (B, N or K, c) of this pass; ``tokens`` is the first
+        block's input."""
+        conv, image = self.handcrafted_generator, self.image
+        masked, keep = self.token_state.get("masked"), self.token_state.get("keep")
         if masked is not None:  # iBOT-hidden pixels must not reach any patch through the (global) FFT filter
             image = image.masked_fill(self._pixel_mask(masked, image, conv.stride[0]), 0.0)
         hand = conv(high_frequency(image, self.mask_rate).to(conv.weight.dtype)).flatten(2).transpose(1, 2)
         if masked is not None:
             hand = hand.masked_fill(masked[..., None], 0.0)
-        keep = state.get("keep")
         if self.embedding_input == "patch_embed":
-            if "patch_embed" not in state:
-                raise RuntimeError("EVP needs the ViT's patch embeddings (state['patch_embed']): run it through "
-                                   "VisionTransformer.forward_features")
-            feature = hand + self.embedding_generator(state["patch_embed"])
-            state["evp"] = feature if keep is None else self._gather(feature, keep)
-        else:
-            hand = hand if keep is None else self._gather(hand, keep)
-            state["evp"] = hand + self.embedding_generator(x[:, prefix:])
-        return x
+            embeddings = self.embeddings
+            if masked is not None:
+                embeddings = torch.where(masked[..., None], self.token_state["mask_token"].to(embeddings.dtype),
+                                         embeddings)
+            feature = hand + self.embedding_generator(embeddings)
+            return feature if keep is None else self._gather(feature, keep)
+        hand = hand if keep is None else self._gather(hand, keep)
+        return hand + self.embedding_generator(tokens[:, self.prefix:])
 
     @staticmethod
     def _gather(feature: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -126,10 +132,17 @@ class EVPTuner(TokenTuner):
         pixels = masked.reshape(-1, 1, rows, cols).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
         return torch.nn.functional.pad(pixels, (0, w - cols * patch, 0, h - rows * patch))
 
-    def before_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Adds block ``index``'s prompt to the patch tokens."""
-        prompt = self.shared_mlp(self.lightweight_mlps[index](state["evp"]))
-        return torch.cat([x[:, :prefix], x[:, prefix:] + prompt.to(x.dtype)], dim=1)
+    def prompt_hook(self, index: int, module: nn.Module, args: tuple) -> tuple:
+        """Pre-hook of block ``index``: adds its prompt to the patch tokens."""
+        x = args[0]
+        if index == 0:
+            self.feature = self.features(x)
+        prompt = self.shared_mlp(self.lightweight_mlps[index](self.feature))
+        return (torch.cat([x[:, :self.prefix], x[:, self.prefix:] + prompt.to(x.dtype)], dim=1),) + args[1:]
+
+    def clear_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        """Hook of the last block: drops this pass's image, embeddings and features."""
+        self.image = self.embeddings = self.feature = None
 
 
 @register
@@ -148,12 +161,17 @@ class EVPMethod(PeftMethod):
         return options if "embedding_input" in options else {**options, "embedding_input": "tokens"}
 
     def inject(self, model: nn.Module, opts: EVPOptions) -> None:
-        """Installs an :class:`EVPTuner` in every ViT."""
-        for _, vit in find_vits(model, self.name):
-            c = vit.config
-            tuner = EVPTuner(c.embed_dim, c.depth, c.in_chans, c.patch_size, int(opts.scale_factor),
-                             float(opts.mask_rate), opts.embedding_input)
-            set_slot(vit, "tuner", tuner.to(vit.pos_embed.device, vit.pos_embed.dtype), self.name)
+        """Adds an :class:`EVPTuner` (``tuner``) to every transformer and hooks it to the patch embedding and blocks."""
+        for _, net, d in transformers(model, self.name, token_stream=True):
+            state = getattr(net, d.token_state) if d.token_state else None
+            tuner = EVPTuner(d.widths[0], len(d.blocks), d.in_chans, d.patch_size, int(opts.scale_factor),
+                             float(opts.mask_rate), opts.embedding_input, d.prefix_tokens, state)
+            like = next(net.parameters())
+            attach(net, "tuner", tuner.to(like.device, like.dtype), self.name)
+            net.get_submodule(d.patch_embed).register_forward_hook(tuner.read_hook)
+            for i, name in enumerate(d.blocks):
+                net.get_submodule(name).register_forward_pre_hook(partial(tuner.prompt_hook, i))
+            net.get_submodule(d.blocks[-1]).register_forward_hook(tuner.clear_hook)
 
     def is_target(self, name: str) -> bool:
         """The prompt generator (the ViT's tuner)."""

@@ -7,15 +7,29 @@ One registry entry for both families of layers:
   transposed convolution (nnU-Net's decoder upsampling) A is a transposed conv C_in -> r with the same kernel and
   stride. Targets: ``all`` (default: every k x k convolution of every block, encoder and decoder), ``first``,
   ``upsample`` (the decoder's upsampling convolutions, transposed or not) or attribute names (``conv1``);
-* linear layers (ViT): A is r x in, B out x r. Targets ``q``, ``k``, ``v`` adapt those slices of the fused
-  ``attn.qkv`` projection (one LoRA per chosen slice, added only to that slice's output, as the official
-  loralib ``MergedLinear`` with ``enable_lora``); other names (``qkv``, ``proj``, ``fc1``, ``fc2``,
-  ``attn.proj``) adapt whole ``nn.Linear`` layers. A ViT's patch embedding conv is adapted only when named
-  as ``patch_embed.proj``.
+* layers of a described transformer (:mod:`nnunet_tpp.models.transformer_sites`: timm's ViT, LiteMedSAM's
+  TinyViT): A is r x in, B out x r. Targets ``q``, ``k``, ``v`` adapt those rows of a fused q/k/v projection (one
+  LoRA per chosen part, added only to its rows, as the official loralib ``MergedLinear`` with ``enable_lora``;
+  timm stacks ``[q; k; v]``, TinyViT interleaves them per head), or the separate q / k / v projections where the
+  description has them; ``qkv``, ``proj`` (the attention output), ``fc1`` / ``fc2`` (the MLP's projections) and
+  other module names (``attn.proj``, ``patch_embed.proj``: the patch embedding is adapted only when named so)
+  adapt whole ``nn.Linear`` / ``nn.Conv2d`` layers.
+
+Which LoRA is whose: whole linear layers and 2-D convolutions of a transformer are Hugging Face ``peft``'s LoRA
+(``LoraConfig`` + ``inject_adapter_in_model``; merged with its ``merge``). Its layers keep the adapted weight as
+``<layer>.base_layer.weight`` and the factors as ``<layer>.lora_A.default.weight``; adapter files of earlier
+versions (``<layer>.lora_A.weight``) load by a key map (:meth:`LoRAMethod.current_name`). Three kinds stay ours:
+the q / k / v rows of a fused projection (``peft`` adapts whole layers only), every convolution of a CNN (the
+published STU-Net / nnU-Net checkpoint loaders, nnU-Net's strict ``network_weights`` loading of earlier runs, the
+backbone fingerprints, the network descriptions of :mod:`nnunet_tpp.models.sites` and the memory paths all need the
+convolution weights under their own names, and nnU-Net's blocks hold each convolution twice, which
+``inject_adapter_in_model`` would replace only once), and transposed / grouped convolutions (``peft`` has no
+``ConvTranspose3d`` LoRA and refuses to merge a grouped one).
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_tpp.models.sites import replace_module
+from nnunet_tpp.models.transformer_sites import find_transformers
 from nnunet_tpp.peft.modules import (CNN_POSITIONS, conv_like, describes_itself, module_like, name_matches,
-                                     replace_submodule, select_sites, wrap_convs)
+                                     qualified, restore_class, select_sites, swap_class, transformers)
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 QKV_SLICES = {"q": 0, "k": 1, "v": 2}
@@ -119,55 +134,36 @@ class LoRAConvTranspose3d(nn.ConvTranspose3d):
         return plain
 
 
-class LoRALinear(nn.Linear):
-    """A frozen ``nn.Linear`` plus ``lora_B(lora_A(x)) * scaling``; the Linear's parameter names are unchanged."""
-
-    lora_A: nn.Linear
-    lora_B: nn.Linear
-    scaling: float
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        return F.linear(x, self.weight, self.bias).add_(self.lora_B(self.lora_A(x)), alpha=self.scaling)
-
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update (alpha/r) * B A, shaped like ``weight``."""
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
-
-    def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the update folded into its weight."""
-        return _folded(self, nn.Linear, self.delta_weight())
-
-
-class LoRAQKV(nn.Linear):
-    """The fused qkv projection (out = 3 D) with one LoRA per chosen slice: ``lora_A[s]`` D -> r and
-    ``lora_B[s]`` r -> D, added to rows ``[i D, (i+1) D)`` of the output for slice s = q (0), k (1), v (2)."""
+class _LoRARows:
+    """Mixin for a fused q/k/v ``nn.Linear``: one LoRA per chosen part (``lora_A[s]`` in -> r, ``lora_B[s]`` r -> rows),
+    added to that part's output rows (buffer ``lora_rows_<s>``); the layer's own parameters and names unchanged."""
 
     lora_A: nn.ModuleDict
     lora_B: nn.ModuleDict
     scaling: float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., 3 D)."""
-        out = F.linear(x, self.weight, self.bias)
-        d = self.out_features // 3
+        out = super().forward(x)
         for key, down in self.lora_A.items():
-            i = QKV_SLICES[key]
-            out[..., i * d:(i + 1) * d].add_(self.lora_B[key](down(x)), alpha=self.scaling)
+            out = out.index_add(-1, getattr(self, f"lora_rows_{key}"), self.lora_B[key](down(x)), alpha=self.scaling)
         return out
 
     def delta_weight(self) -> torch.Tensor:
-        """The dense update of the fused weight: zero except the chosen slices' rows."""
+        """The dense update of the fused weight: zero except the chosen parts' rows."""
         delta = torch.zeros_like(self.weight)
-        d = self.out_features // 3
         for key, down in self.lora_A.items():
-            i = QKV_SLICES[key]
-            delta[i * d:(i + 1) * d] = (self.lora_B[key].weight @ down.weight) * self.scaling
+            delta.index_add_(0, getattr(self, f"lora_rows_{key}"), (self.lora_B[key].weight @ down.weight) * self.scaling)
         return delta
 
-    def merged(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the slice updates folded into its weight."""
-        return _folded(self, nn.Linear, self.delta_weight())
+    def merge_in_place(self) -> None:
+        """Folds the updates into the weight and gives the layer its own class back."""
+        with torch.no_grad():
+            self.weight = nn.Parameter(self.weight + self.delta_weight().to(self.weight.dtype),
+                                       requires_grad=self.weight.requires_grad)
+        for key in list(self.lora_A):
+            delattr(self, f"lora_rows_{key}")
+        del self.lora_A, self.lora_B, self.scaling
+        restore_class(self)
 
 
 def _folded(module: nn.Module, base: type, delta: torch.Tensor) -> nn.Module:
@@ -214,30 +210,49 @@ def _lora_conv(conv: nn.Module, rank: int, scaling: float) -> nn.Module:
     return new
 
 
-def _wrap_linears(model: nn.Module, targets: tuple[str, ...], rank: int, scaling: float) -> int:
+def _slice_lora(layer: nn.Linear, rows: dict[str, torch.Tensor], rank: int, scaling: float) -> None:
+    """Adds one LoRA per part of ``rows`` to a fused projection (:class:`_LoRARows`)."""
+    pairs = {key: _low_rank(layer.in_features, len(index), rank, layer.weight) for key, index in rows.items()}
+    swap_class(layer, _LoRARows)
+    layer.lora_A = nn.ModuleDict({key: pair[0] for key, pair in pairs.items()})
+    layer.lora_B = nn.ModuleDict({key: pair[1] for key, pair in pairs.items()})
+    layer.scaling = scaling
+    for key, index in rows.items():
+        layer.register_buffer(f"lora_rows_{key}", index.to(layer.weight.device), persistent=False)
+
+
+def _transformer_targets(model: nn.Module, targets: tuple[str, ...], rank: int, scaling: float) -> list[str]:
+    """Adds the row LoRAs of every described transformer; returns the qualified names of the whole layers to adapt."""
     slices = [t for t in targets if t in QKV_SLICES]
-    names = [t for t in targets if t not in QKV_SLICES]
-    found = 0
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        if slices and name_matches(name, "qkv") and module.out_features == 3 * module.in_features:
-            new = module_like(module, LoRAQKV)
-            pairs = {s: _low_rank(module.in_features, module.in_features, rank, module.weight) for s in slices}
-            new.lora_A = nn.ModuleDict({s: p[0] for s, p in pairs.items()})
-            new.lora_B = nn.ModuleDict({s: p[1] for s, p in pairs.items()})
-        elif any(name_matches(name, t) for t in names):
-            new = module_like(module, LoRALinear)
-            new.lora_A, new.lora_B = _low_rank(module.in_features, module.out_features, rank, module.weight)
-        else:
-            continue
-        new.scaling = scaling
-        replace_submodule(model, name, new)
-        found += 1
-    if slices and not any(isinstance(m, LoRAQKV) for m in model.modules()):
-        raise PeftError(f"lora: targets {slices} are slices of a fused attention projection 'qkv' "
-                        f"(Vision Transformer), and {type(model).__name__} has none")
-    return found
+    roles = {"qkv": lambda d: [d.layout.qkv], "proj": lambda d: [d.layout.attention_out],
+             "fc1": lambda d: list(d.layout.mlp_in), "fc2": lambda d: [d.layout.mlp_out]}
+    whole = []
+    for prefix, net, d in transformers(model, "lora"):
+        for i in range(len(d.blocks)):
+            if slices and d.layout.qkv:
+                layer = net.get_submodule(d.block_part(i, d.layout.qkv))
+                _slice_lora(layer, {s: d.qkv_rows(i, s) for s in slices}, rank, scaling)
+            elif slices:
+                whole += [qualified(prefix, d.block_part(i, getattr(d.layout, s))) for s in slices]
+            for target in targets:
+                if target in roles:
+                    whole += [qualified(prefix, d.block_part(i, part)) for part in roles[target](d) if part]
+        names = [t for t in targets if t not in QKV_SLICES and t not in roles]
+        whole += [qualified(prefix, n) for n, m in net.named_modules() if type(m) in (nn.Linear, nn.Conv2d)
+                  and any(name_matches(n, t) for t in names)]
+    return list(dict.fromkeys(whole))
+
+
+def _hf_lora(model: nn.Module, names: list[str], rank: int, alpha: float) -> None:
+    """Hugging Face ``peft``'s LoRA on exactly the layers ``names`` (``nn.Linear`` / ``nn.Conv2d``)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    pattern = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0),
+                            model, adapter_name="default")
+
+
+def _is_hf_lora(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("peft.tuners.lora")
 
 
 @register
@@ -267,19 +282,16 @@ class LoRAMethod(PeftMethod):
             raise PeftError(f"lora: targets {sorted(set(targets) & set(CNN_POSITIONS))} select the blocks of a CNN "
                             f"that describes itself (STU-Net, nnU-Net networks); {type(model).__name__} does not. "
                             f"On a Vision Transformer use q, k, v, qkv, proj, fc1 or fc2")
-
-        def attach(new: nn.Module, conv: nn.Module) -> None:
-            _attach_conv_factors(new, conv, rank, scaling)
-
-        # a bare "proj" means the attention output projection, not a ViT's patch embedding
-        def exclude(name: str) -> bool:
-            return name_matches(name, "patch_embed.proj") and not any(
-                "." in t and name_matches(name, t) for t in targets)
-
-        found = _wrap_linears(model, targets, rank, scaling)
-        found += wrap_convs(model, self.name, targets, {nn.Conv3d: LoRAConv3d, nn.Conv2d: LoRAConv2d}, attach,
-                            skip_grouped=True, required=False, exclude=exclude)
-        if not found:
+        if not any(True for _ in find_transformers(model)):
+            if set(targets) & set(QKV_SLICES):
+                raise PeftError(f"lora: targets {sorted(set(targets) & set(QKV_SLICES))} are slices of a fused "
+                                f"attention projection 'qkv' (Vision Transformer), and {type(model).__name__} has none")
+            raise PeftError(f"{self.name}: no convolution named {list(targets)} in {type(model).__name__}, nor a "
+                            f"linear layer of that name (ViT targets: q, k, v, qkv, proj, fc1, fc2)")
+        whole = _transformer_targets(model, targets, rank, scaling)
+        if whole:
+            _hf_lora(model, whole, rank, float(opts.alpha))
+        elif not any(isinstance(m, _LoRARows) for m in model.modules()):
             raise PeftError(f"{self.name}: no convolution named {list(targets)} in {type(model).__name__}, nor a "
                             f"linear layer of that name (ViT targets: q, k, v, qkv, proj, fc1, fc2)")
 
@@ -287,8 +299,24 @@ class LoRAMethod(PeftMethod):
         """The low-rank factors ``lora_A`` / ``lora_B``."""
         return ".lora_A." in name or ".lora_B." in name
 
+    def current_name(self, name: str, names: set[str]) -> str:
+        """An adapter file's tensor name as this model names it: files of earlier versions hold our own LoRA's
+        ``<layer>.lora_A.weight`` where Hugging Face ``peft`` now holds ``<layer>.lora_A.default.weight``."""
+        if name in names:
+            return name
+        for part in (".lora_A.", ".lora_B."):
+            if part in name:
+                moved = name.replace(part, f"{part}default.")
+                return moved if moved in names else name
+        return name
+
     def merge(self, model: nn.Module, opts) -> None:
-        """Replaces every LoRA layer by a plain layer with the update folded into its weight."""
+        """Folds every LoRA into its layer: ours replaced by a plain layer, ``peft``'s merged and unloaded."""
         for name, module in list(model.named_modules()):
-            if isinstance(module, (_LoRAConv, LoRAConvTranspose3d, LoRALinear, LoRAQKV)):
+            if isinstance(module, (_LoRAConv, LoRAConvTranspose3d)):
                 replace_module(model, name, module.merged())
+            elif isinstance(module, _LoRARows):
+                module.merge_in_place()
+            elif _is_hf_lora(module):
+                module.merge()
+                replace_module(model, name, module.get_base_layer())

@@ -1,4 +1,4 @@
-"""Helpers to find and replace the layers a PEFT method adapts."""
+"""Helpers to find, wrap and hook the layers a PEFT method adapts (CNN sites and transformer descriptions)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_tpp.models.sites import BLOCK, SHORTCUT, UPSAMPLE, ConvSite, NoDescriptionError, describe
-from nnunet_tpp.models.vit import VisionTransformer
+from nnunet_tpp.models.transformer_sites import TransformerDescription, find_transformers
 from nnunet_tpp.peft.registry import PeftError
 
 CNN_POSITIONS = ("first", "all", "upsample")
@@ -137,22 +137,59 @@ def module_like(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
-def find_vits(model: nn.Module, method: str) -> list[tuple[str, VisionTransformer]]:
-    """The Vision Transformers inside ``model`` as ``(qualified_name, vit)`` (``""`` for the model itself);
-    a combined classifier has several. Raises :class:`PeftError` when there is none."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, VisionTransformer)]
+def transformers(model: nn.Module, method: str, token_stream: bool = False
+                 ) -> list[tuple[str, nn.Module, TransformerDescription]]:
+    """The described transformers inside ``model`` as ``(qualified name, module, description)`` (``""`` for the model
+    itself; a combined classifier has several).
+
+    Args:
+        method: the method's name, for the errors.
+        token_stream: the method needs one token sequence through all blocks (VPT, EVP, DTL).
+    Raises:
+        PeftError: there is none, or one without the token stream the method needs.
+    """
+    found = list(find_transformers(model))
     if not found:
-        raise PeftError(f"PEFT method {method!r} adapts Vision Transformers, and {type(model).__name__} has no "
-                        f"VisionTransformer inside; for convolutional networks (STU-Net) use conv_adapter, "
-                        f"lora (convolutions), bitfit, linear_probe or full")
+        raise PeftError(f"PEFT method {method!r} adapts Vision Transformers (timm's ViT, LiteMedSAM's TinyViT), and "
+                        f"{type(model).__name__} has none inside; for convolutional networks (STU-Net) use "
+                        f"conv_adapter, lora (convolutions), bitfit, linear_probe or full")
+    for _, _, description in found:
+        if token_stream and not description.token_stream:
+            raise PeftError(f"{method} works on one token sequence that runs through every block (prompt tokens, a "
+                            f"side network), and {description.name} has none (windowed attention, stages of "
+                            f"different widths): use lora, adapter, adaptformer, ssf, apla, partial, bitfit, "
+                            f"linear_probe or full on it")
     return found
 
 
-def set_slot(owner: nn.Module, slot: str, module: nn.Module, method: str) -> None:
-    """Puts ``module`` into a free PEFT slot of a ViT block / backbone (``adapter_mlp``, ``tuner``, ...)."""
-    if getattr(owner, slot, None) is not None:
-        raise PeftError(f"{method}: the {slot} slot of this {type(owner).__name__} is already in use")
-    setattr(owner, slot, module)
+def qualified(prefix: str, name: str) -> str:
+    """``prefix.name`` (``name`` alone when the prefix is empty)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def swap_class(module: nn.Module, mixin: type) -> None:
+    """Makes ``module`` an instance of ``mixin`` + its own class, with its parameters, buffers and names unchanged;
+    :func:`restore_class` undoes it."""
+    base = type(module)
+    key = (mixin, base)
+    if key not in _SWAPPED:
+        _SWAPPED[key] = type(f"{mixin.__name__.lstrip('_')}{base.__name__}", (mixin, base), {"peft_base": base})
+    module.__class__ = _SWAPPED[key]
+
+
+def restore_class(module: nn.Module) -> None:
+    """Gives a module changed by :func:`swap_class` its own class back."""
+    module.__class__ = module.peft_base
+
+
+_SWAPPED: dict[tuple[type, type], type] = {}
+
+
+def attach(owner: nn.Module, name: str, module: nn.Module, method: str) -> None:
+    """Registers ``module`` as the new submodule ``owner.<name>``; raises :class:`PeftError` when it is taken."""
+    if getattr(owner, name, None) is not None:
+        raise PeftError(f"{method}: this {type(owner).__name__} already has a {name!r} (a PEFT method was applied)")
+    owner.add_module(name, module)
 
 
 class BottleneckAdapter(nn.Module):
@@ -176,6 +213,7 @@ class BottleneckAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.up = nn.Linear(bottleneck, dim)
         self.scale = float(scale)
+        self.pending: torch.Tensor | None = None
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
@@ -185,6 +223,20 @@ class BottleneckAdapter(nn.Module):
         """(..., D) -> (..., D)."""
         out = self.up(self.dropout(self.act(self.down(x))))
         return out * self.scale if self.scale != 1.0 else out
+
+    def residual_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook: the hooked module's output ``h`` becomes ``h + adapter(h)`` (a sequential adapter)."""
+        return output + self(output)
+
+    def read_input_hook(self, module: nn.Module, args: tuple) -> None:
+        """Forward pre-hook: computes ``adapter(x)`` of the hooked module's input for :meth:`add_read_hook`."""
+        self.pending = self(args[0])
+
+    def add_read_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook: adds the value :meth:`read_input_hook` computed to the hooked module's output (a parallel
+        adapter)."""
+        pending, self.pending = self.pending, None
+        return output + pending
 
 
 def positive_int(method: str, option: str, value) -> int:

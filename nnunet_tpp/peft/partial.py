@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from nnunet_tpp.models.vit_pretraining import PRETRAININGS, pretraining_kind
-from nnunet_tpp.peft.modules import find_vits
+from nnunet_tpp.peft.modules import qualified, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 AUTO_QUARTER = {"restorative": 3, "contrastive": 2}  # Khan & Fang's best quarter per kind of SSL
@@ -91,12 +91,13 @@ class PartialMethod(PeftMethod):
         self.trained_modules(model, opts)
 
     def trained_modules(self, model: nn.Module, opts: PartialOptions) -> tuple[str, ...]:
-        """The chosen quarter's blocks of every ViT in the model, e.g. ``backbone.blocks.3``."""
+        """The chosen quarter of the described blocks of every transformer in the model, e.g. ``backbone.blocks.3``."""
         prefixes = []
-        for name, vit in find_vits(model, self.name):
-            quarter = resolve_quarter(vit, opts.quarter)
-            blocks = quarter_blocks(len(vit.blocks), quarter)
+        for name, net, description in transformers(model, self.name):
+            quarter = resolve_quarter(net, opts.quarter)
+            blocks = quarter_blocks(len(description.blocks), quarter)
             if not blocks:
-                raise PeftError(f"partial: quarter {quarter} of a depth-{len(vit.blocks)} ViT has no blocks")
-            prefixes += [f"{name}.blocks.{i}" if name else f"blocks.{i}" for i in blocks]
+                raise PeftError(f"partial: quarter {quarter} of a depth-{len(description.blocks)} transformer has no "
+                                f"blocks")
+            prefixes += [qualified(name, description.blocks[i]) for i in blocks]
         return tuple(prefixes)

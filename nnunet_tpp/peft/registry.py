@@ -75,6 +75,11 @@ class PeftMethod:
         purpose (loading ignores it); default False."""
         return False
 
+    def current_name(self, name: str, names: set[str]) -> str:
+        """The name under which today's model holds a tensor that a file of an earlier version names ``name``
+        (``names``: the model's parameter names); default ``name``."""
+        return name
+
     def merge(self, model: nn.Module, opts) -> None:
         """Folds the method's parameters into the plain network in place (default: nothing to fold)."""
         if not self.mergeable:

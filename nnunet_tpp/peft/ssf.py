@@ -2,22 +2,24 @@
 gamma and shift beta, ``y = gamma * x + beta``, after the outputs of a ViT's operations.
 
 As in the official code (dongzelian/SSF, ``models/vision_transformer.py``, ``tuning_mode == 'ssf'``), the
-scale and shift follow the patch-embedding projection, every block's ``norm1``, ``attn.qkv`` (3 D
-channels), ``attn.proj``, ``norm2``, ``mlp.fc1`` (hidden channels), ``mlp.fc2`` and the final ``norm``
-(also ``norm_pre`` when the ViT has one). Initialisation: gamma ~ N(1, 0.02), beta ~ N(0, 0.02).
+scale and shift follow the patch embedding, every block's ``norm1``, ``attn.qkv`` (3 D channels), ``attn.proj``,
+``norm2``, ``mlp.fc1`` (hidden channels), ``mlp.fc2`` and the final ``norm`` (also ``norm_pre`` when the ViT has
+one): on any described transformer, the places its description names (the patch embedding's last layer, every
+block's norms, q/k/v, output projection and MLP projections, the outer norms). Initialisation: gamma ~ N(1, 0.02),
+beta ~ N(0, 0.02). Each adapted layer keeps its class, parameters and names and gains ``ssf_scale`` / ``ssf_shift``
+(its class becomes a subclass whose forward scales and shifts the output of the original forward).
 
 Mergeable: a scale and shift after a linear map fold into it, ``W' = diag(gamma) W``, ``b' = gamma b + beta``
-(LayerNorm affine parameters and the patch-embedding conv the same way).
+(norm affine parameters and convolutions the same way).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from nnunet_tpp.peft.modules import find_vits, module_like, replace_submodule
+from nnunet_tpp.peft.modules import restore_class, swap_class, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -38,69 +40,54 @@ class SSFOptions:
 
 
 class _SSF:
-    """Mixin: the wrapped layer's output times ``ssf_scale`` plus ``ssf_shift`` (per output channel)."""
+    """Mixin: the layer's own output times ``ssf_scale`` plus ``ssf_shift`` along its channel dimension."""
 
     ssf_scale: nn.Parameter
     ssf_shift: nn.Parameter
-    _channel_dim = -1
+    ssf_channel_dim: int
 
-    def _affine(self, out: torch.Tensor) -> torch.Tensor:
-        shape = (-1,) + (1,) * (out.ndim - 2) if self._channel_dim == 1 else (-1,)
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        shape = [1] * out.ndim
+        shape[self.ssf_channel_dim] = -1
         return out * self.ssf_scale.view(shape) + self.ssf_shift.view(shape)
 
-    def add_ssf(self, channels: int, std: float) -> None:
-        """Creates the scale and shift of ``channels`` channels on the layer's device and dtype."""
-        like = self.weight
-        self.ssf_scale = nn.Parameter(torch.empty(channels, device=like.device, dtype=like.dtype))
-        self.ssf_shift = nn.Parameter(torch.empty(channels, device=like.device, dtype=like.dtype))
-        nn.init.normal_(self.ssf_scale, mean=1.0, std=std)
-        nn.init.normal_(self.ssf_shift, mean=0.0, std=std)
 
-    def merged(self) -> nn.Module:
-        """The plain layer with the scale folded into its weight and scale and shift into its bias."""
-        plain = module_like(self, self._base_type)
-        s, t = self.ssf_scale, self.ssf_shift
-        with torch.no_grad():
-            shape = (-1,) + (1,) * (self.weight.ndim - 1)
-            plain.weight = nn.Parameter(self.weight * s.view(shape), requires_grad=self.weight.requires_grad)
-            bias = t if self.bias is None else self.bias * s + t
-            grad = (self.bias if self.bias is not None else self.weight).requires_grad
-            plain.bias = nn.Parameter(bias.detach().clone(), requires_grad=grad)
-        return plain
+def add_ssf(module: nn.Module, std: float) -> None:
+    """Gives ``module`` (a linear layer, a norm or a convolution with a per-channel weight) its scale and shift."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, nn.Parameter):
+        raise PeftError(f"ssf: a {type(module).__name__} without an affine weight cannot carry a foldable scale and "
+                        f"shift")
+    channels = weight.shape[0]
+    swap_class(module, _SSF)
+    module.ssf_channel_dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
+    module.ssf_scale = nn.Parameter(torch.empty(channels, device=weight.device, dtype=weight.dtype))
+    module.ssf_shift = nn.Parameter(torch.empty(channels, device=weight.device, dtype=weight.dtype))
+    nn.init.normal_(module.ssf_scale, mean=1.0, std=std)
+    nn.init.normal_(module.ssf_shift, mean=0.0, std=std)
 
 
-class SSFLinear(_SSF, nn.Linear):
-    """An ``nn.Linear`` followed by SSF."""
-
-    _base_type = nn.Linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in) -> (..., out)."""
-        return self._affine(F.linear(x, self.weight, self.bias))
-
-
-class SSFLayerNorm(_SSF, nn.LayerNorm):
-    """An ``nn.LayerNorm`` followed by SSF."""
-
-    _base_type = nn.LayerNorm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., D)."""
-        return self._affine(nn.LayerNorm.forward(self, x))
+def fold_ssf(module: nn.Module) -> None:
+    """Folds the scale into the weight and scale and shift into the bias; the layer gets its own class back."""
+    s, t, weight, bias = module.ssf_scale, module.ssf_shift, module.weight, module.bias
+    with torch.no_grad():
+        module.weight = nn.Parameter(weight * s.view((-1,) + (1,) * (weight.ndim - 1)),
+                                     requires_grad=weight.requires_grad)
+        folded = t if bias is None else bias * s + t
+        module.bias = nn.Parameter(folded.detach().clone(), requires_grad=(weight if bias is None else bias)
+                                   .requires_grad)
+    del module.ssf_scale, module.ssf_shift
+    restore_class(module)
 
 
-class SSFConv2d(_SSF, nn.Conv2d):
-    """An ``nn.Conv2d`` (the patch embedding) followed by SSF over its output channels."""
-
-    _base_type = nn.Conv2d
-    _channel_dim = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, D, H', W')."""
-        return self._affine(self._conv_forward(x, self.weight, self.bias))
-
-
-_WRAPPERS = {nn.Linear: SSFLinear, nn.LayerNorm: SSFLayerNorm, nn.Conv2d: SSFConv2d}
+def ssf_places(description) -> list[str]:
+    """The names (relative to the transformer) after which SSF scales and shifts, in forward order."""
+    layout, places = description.layout, [description.patch_embed_out]
+    parts = list(layout.norms) + [p for p in (layout.qkv, layout.q, layout.k, layout.v) if p]
+    parts += [layout.attention_out, *layout.mlp_in, layout.mlp_out]
+    places += [description.block_part(i, p) for i in range(len(description.blocks)) for p in parts]
+    return places + list(description.outer_norms)
 
 
 @register
@@ -115,19 +102,10 @@ class SSFMethod(PeftMethod):
     description = "scale and shift after every ViT linear layer, norm and patch embedding (mergeable)"
 
     def inject(self, model: nn.Module, opts: SSFOptions) -> None:
-        """Wraps the ViT's linear layers, LayerNorms and patch-embedding conv."""
-        for _, vit in find_vits(model, self.name):
-            for name, module in list(vit.named_modules()):
-                wrapper = _WRAPPERS.get(type(module))
-                if wrapper is None or (wrapper is SSFConv2d and name != "patch_embed.proj"):
-                    continue
-                if wrapper is SSFLayerNorm and not module.elementwise_affine:
-                    raise PeftError(f"ssf: {name} is a LayerNorm without affine parameters; SSF could not be "
-                                    f"merged into it")
-                new = module_like(module, wrapper)
-                channels = module.weight.shape[0]
-                new.add_ssf(channels, float(opts.init_std))
-                replace_submodule(vit, name, new)
+        """Adds a scale and shift to every place of every transformer's description."""
+        for _, net, description in transformers(model, self.name):
+            for name in ssf_places(description):
+                add_ssf(net.get_submodule(name), float(opts.init_std))
 
     def is_target(self, name: str) -> bool:
         """The scales and shifts."""
@@ -135,6 +113,6 @@ class SSFMethod(PeftMethod):
 
     def merge(self, model: nn.Module, opts) -> None:
         """Folds every scale and shift into the layer before it."""
-        for name, module in list(model.named_modules()):
+        for module in list(model.modules()):
             if isinstance(module, _SSF):
-                replace_submodule(model, name, module.merged())
+                fold_ssf(module)

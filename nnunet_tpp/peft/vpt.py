@@ -6,8 +6,10 @@ set before every later block (so there are ``depth x length x D`` prompt paramet
 expanded over the batch and then pass through dropout, so every sample gets its own dropout mask (the official
 ``incorporate_prompt`` / ``forward_deep_prompt``); they are initialised uniformly in [-v, v] with
 ``v = sqrt(6 / (3 p^2 + D))`` (the official Xavier-style bound for a p x p patch of 3 channels). They are
-removed before the final norm, and from the tapped block outputs, so heads see ``[prefix, patches]`` only.
-Not mergeable.
+removed after the last block (before the final norm), so heads see ``[prefix, patches]`` only (tapped outputs of
+earlier blocks still carry them between the prefix and the patch tokens). The prompts are the transformer's new
+submodule ``tuner``; forward pre-hooks on the described blocks insert / replace them, a forward hook on the last
+block removes them. Not mergeable.
 
 Defaults: **10 deep prompts** (VPT-Deep), dropout 0. This differs from the official default configuration
 (``src/configs/config.py`` with ``configs/base-prompt.yaml``: ``NUM_TOKENS`` 5, ``DEEP`` False, i.e. VPT-Shallow
@@ -23,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nnunet_tpp.models.vit import TokenTuner
-from nnunet_tpp.peft.modules import find_vits, has_part, positive_int, set_slot
+from functools import partial
+
+from nnunet_tpp.peft.modules import attach, has_part, positive_int, transformers
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, register
 
 
@@ -52,33 +55,33 @@ class VPTOptions:
             raise PeftError(f"vpt: dropout must be in [0, 1), got {self.dropout}")
 
 
-class VPTTuner(TokenTuner):
-    """The prompt tokens of one ViT: ``prompts`` is (layers, length, D), layers = depth (deep) or 1."""
+class VPTTuner(nn.Module):
+    """The prompt tokens of one transformer: ``prompts`` is (layers, length, D), layers = depth (deep) or 1."""
 
-    def __init__(self, layers: int, length: int, dim: int, patch_size: int, dropout: float):
+    def __init__(self, layers: int, length: int, dim: int, patch_size: int, dropout: float, prefix: int):
         super().__init__()
         bound = math.sqrt(6.0 / (3 * patch_size * patch_size + dim))
         self.prompts = nn.Parameter(torch.empty(layers, length, dim).uniform_(-bound, bound))
         self.dropout = nn.Dropout(dropout)
-        self.length = length
+        self.length, self.prefix = length, prefix
 
     def _prompt(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``layer``'s prompts for the batch of ``x``: expanded first, then dropout (a mask per sample)."""
         return self.dropout(self.prompts[layer].to(x.dtype).expand(x.shape[0], -1, -1))
 
-    def start(self, x: torch.Tensor, image: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Inserts the first prompts after the prefix tokens."""
-        return torch.cat([x[:, :prefix], self._prompt(0, x), x[:, prefix:]], dim=1)
+    def insert_hook(self, module: nn.Module, args: tuple) -> tuple:
+        """Pre-hook of the first block: inserts the first prompts after the prefix tokens."""
+        x, p = args[0], self.prefix
+        return (torch.cat([x[:, :p], self._prompt(0, x), x[:, p:]], dim=1),) + args[1:]
 
-    def before_block(self, index: int, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """VPT-Deep: replaces the previous prompts by this block's own."""
-        if index == 0 or index >= self.prompts.shape[0]:
-            return x
-        return torch.cat([x[:, :prefix], self._prompt(index, x), x[:, prefix + self.length:]], dim=1)
+    def replace_hook(self, index: int, module: nn.Module, args: tuple) -> tuple:
+        """Pre-hook of a later block (VPT-Deep): replaces the previous prompts by this block's own."""
+        x, p = args[0], self.prefix
+        return (torch.cat([x[:, :p], self._prompt(index, x), x[:, p + self.length:]], dim=1),) + args[1:]
 
-    def strip(self, x: torch.Tensor, prefix: int, state: dict) -> torch.Tensor:
-        """Removes the prompt tokens."""
-        return torch.cat([x[:, :prefix], x[:, prefix + self.length:]], dim=1)
+    def strip_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Hook of the last block: removes the prompt tokens."""
+        return torch.cat([output[:, :self.prefix], output[:, self.prefix + self.length:]], dim=1)
 
 
 @register
@@ -93,11 +96,18 @@ class VPTMethod(PeftMethod):
     description = "Visual Prompt Tuning: learnable prompt tokens (shallow or deep)"
 
     def inject(self, model: nn.Module, opts: VPTOptions) -> None:
-        """Installs a :class:`VPTTuner` in every ViT."""
-        for _, vit in find_vits(model, self.name):
-            layers = vit.config.depth if opts.deep else 1
-            tuner = VPTTuner(layers, int(opts.length), vit.embed_dim, vit.config.patch_size, float(opts.dropout))
-            set_slot(vit, "tuner", tuner.to(vit.pos_embed.device, vit.pos_embed.dtype), self.name)
+        """Adds a :class:`VPTTuner` (``tuner``) to every transformer and hooks it to the blocks."""
+        for _, net, description in transformers(model, self.name, token_stream=True):
+            depth = len(description.blocks)
+            tuner = VPTTuner(depth if opts.deep else 1, int(opts.length), description.widths[0],
+                             description.patch_size, float(opts.dropout), description.prefix_tokens)
+            like = next(net.parameters())
+            attach(net, "tuner", tuner.to(like.device, like.dtype), self.name)
+            blocks = [net.get_submodule(name) for name in description.blocks]
+            blocks[0].register_forward_pre_hook(tuner.insert_hook)
+            for i in range(1, tuner.prompts.shape[0]):
+                blocks[i].register_forward_pre_hook(partial(tuner.replace_hook, i))
+            blocks[-1].register_forward_hook(tuner.strip_hook)
 
     def is_target(self, name: str) -> bool:
         """The prompt tokens (the ViT's tuner)."""

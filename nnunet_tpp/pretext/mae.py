@@ -2,16 +2,17 @@
 MAE's parameter names (so the decoder of a MAE pre-training checkpoint loads as it is) and the
 normalised-pixel loss on the masked patches.
 
-The encoder is the ViT itself: ``vit.forward_features(images, keep=keep)`` sees only the visible patches.
+The encoder is the ViT itself: ``vit.forward_features(images, keep=keep)`` sees only the visible patches. The
+decoder's blocks are timm's ``Block`` (as MAE's own ``models_mae.py``).
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
-
-from nnunet_tpp.models.vit import Block
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> torch.Tensor:
@@ -94,7 +95,8 @@ class MAEDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, 4.0, True, None, 0.0, 1e-6) for _ in range(decoder_depth))
+            Block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+            for _ in range(decoder_depth))
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans)
         nn.init.normal_(self.mask_token, std=0.02)

@@ -8,6 +8,7 @@ the checkpoints are read by the caller before anything is written, so their erro
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -15,7 +16,7 @@ import yaml
 from torch import nn
 
 from nnunet_tpp import peft
-from nnunet_tpp.vision2d.config import Train2dConfig, identity_of
+from nnunet_tpp.vision2d.config import LITEMEDSAM, Train2dConfig, identity_of
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pth"
@@ -57,7 +58,9 @@ def _changed(saved: dict, cfg: Train2dConfig) -> list[str]:
 
 
 def check_vit_shape(cfg: Train2dConfig) -> None:
-    """Raises ValueError for an unknown architecture or option, or an image size the patch does not divide."""
+    """Raises ValueError for an unknown option, or an image size the patch does not divide (ViT archs)."""
+    if cfg.arch == LITEMEDSAM:
+        return  # its fixed input is checked by the config
     from nnunet_tpp.models.vit import ViTConfig, vit_config
     known = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(cfg.arch_options) - known)
@@ -126,16 +129,10 @@ def check_settings(cfg: Train2dConfig) -> tuple[torch.device, dict | None]:
     return device, check_run_folder(cfg)
 
 
-def check_backbones(cfg: Train2dConfig, backbones: list[nn.Module]) -> None:
-    """The method's checks on the built backbones before anything is written (``partial`` with ``quarter: auto``
-    needs a known pre-training of each); raises :class:`~nnunet_tpp.peft.PeftError`."""
-    method = peft.get_method(cfg.method)
-    opts = method.parse_options({**_model_defaults(cfg), **cfg.method_options})
-    for backbone in backbones:
-        method.trained_modules(backbone, opts)
-
-
-def _model_defaults(cfg: Train2dConfig) -> dict:
-    from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
-    return dict(VIT_PEFT_DEFAULTS.get(cfg.method, {}))
-
+def check_backbones(cfg: Train2dConfig, backbones: list[nn.Module], num_classes: int = 2) -> None:
+    """The method's checks on the built backbones before anything is written: it is applied to a copy of the task
+    model (``partial``'s ``quarter: auto`` needs a known pre-training of each backbone; ``vpt``, ``evp`` and ``dtl``
+    need one token stream, which LiteMedSAM's encoder has not); raises :class:`~nnunet_tpp.peft.PeftError`."""
+    from nnunet_tpp.vision2d.train import build_task_model
+    copies = [copy.deepcopy(b) for b in backbones]
+    peft.apply(build_task_model(cfg, copies[0], num_classes, copies[1:]), cfg.method, **cfg.method_options)

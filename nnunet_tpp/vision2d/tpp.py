@@ -15,7 +15,8 @@ Settings (``tpp_options`` of a run; defaults from the TPP paper, DESIGN.md):
 * DINO: lr 1e-4 * batch / 256, 10 warm-up epochs (at most half the stage), cosine; weight decay
   0.04 -> 0.4 (none on biases and 1-D parameters); teacher temperature 0.04 -> 0.07; teacher momentum
   0.996 -> 1; 2 global crops at the image size and 4 local crops at half of it (a multiple of the patch); the class
-  token feeds the DINO head. The training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`:
+  token feeds the DINO head. On LiteMedSAM's encoder (a fixed 256 x 256 input, no class token) the local crops are
+  resampled to 256 as well and the mean of the encoder's feature map feeds the head; MAE needs a ViT. The training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`:
   teacher in eval mode, prototypes frozen in the first epoch, one head call over all views with running input
   statistics per view size, the teacher's target parameters as the result, ``tpp_diagnostics.json``).
 
@@ -147,6 +148,23 @@ class ClassTokenEmbedding(nn.Module):
         return self.vit(views)[:, 0]
 
 
+class PooledEmbedding(nn.Module):
+    """The spatial mean of a convolutional feature map (LiteMedSAM's encoder output) as the DINO feature of a view."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone, self.dim = backbone, backbone.embed_dim
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        return self.backbone(views).mean(dim=(2, 3))
+
+
+def backbone_in_chans(backbone: nn.Module) -> int:
+    """The image channels a backbone takes (a ViT's config, or the backbone's own ``in_chans``)."""
+    config = getattr(backbone, "config", None)
+    return config.in_chans if config is not None else backbone.in_chans
+
+
 def run_tpp_2d(model: nn.Module, train_set, cfg, work_dir: Path, device: torch.device,
                log: Callable[[str], None] = print) -> Path:
     """Runs (or resumes, or reuses) the pretext stage ``cfg.tpp`` for a task model with a PEFT method.
@@ -173,7 +191,7 @@ def run_tpp_2d(model: nn.Module, train_set, cfg, work_dir: Path, device: torch.d
     work_dir.mkdir(parents=True, exist_ok=True)
     settings = settings_for(cfg.tpp, cfg.tpp_options)
     vit = model.backbone
-    images = pretext_images(cfg, vit.config.in_chans, train_set)
+    images = pretext_images(cfg, backbone_in_chans(vit), train_set)
     for name, param in model.named_parameters():
         param.requires_grad_(name in targets)
     try:
@@ -255,7 +273,12 @@ def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device
                       base_lr=s.base_lr, min_lr=min(1e-6, 0.01 * peak), warmup_epochs=s.warmup_epochs,
                       teacher_temp=s.teacher_temp,
                       warmup_teacher_temp=s.warmup_teacher_temp, warmup_teacher_temp_epochs=max(1, cfg.tpp_epochs // 3))
-    size, local = view_sizes(vit.config.img_size, vit.config.patch_size, s.local_fraction)
+    if getattr(vit, "config", None) is not None:
+        size, local = view_sizes(vit.config.img_size, vit.config.patch_size, s.local_fraction)
+        embedding = ClassTokenEmbedding(vit)
+    else:  # a fixed-size input (LiteMedSAM): local crops are resampled to it as well
+        size = local = vit.img_size
+        embedding = PooledEmbedding(vit)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def sample(count: int) -> tuple[list, list]:
@@ -267,5 +290,5 @@ def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device
     schedule = PretextSchedule(epochs=cfg.tpp_epochs, iterations_per_epoch=-(-len(images) // batch), batch_size=batch,
                                grad_clip=s.grad_clip)
     return run_dino_stage(model, sample, schedule, dino, device, str(work_dir / STATE_FILE), log,
-                          str(work_dir / "tpp_progress.png"), embedding=ClassTokenEmbedding(vit),
+                          str(work_dir / "tpp_progress.png"), embedding=embedding,
                           diagnostics_file=str(work_dir / "tpp_diagnostics.json"))

@@ -1,5 +1,6 @@
-"""One supervised 2D run (``nnunet-tpp train2d``): ViT backbone + task head + a PEFT method, AdamW with
-warm-up and cosine decay, model selection on the validation split, metrics on the test split.
+"""One supervised 2D run (``nnunet-tpp train2d``): a backbone (timm's ViT, or LiteMedSAM's image encoder) + task head +
+a PEFT method, AdamW with warm-up and cosine decay, model selection on the validation split, metrics on the test
+split. From Python: ``run_train2d(Train2dConfig(task=..., data=..., out=..., arch="litemedsam", method="lora"))``.
 
 Everything is checked before the first write into the run folder (:mod:`nnunet_tpp.vision2d.checks`: settings,
 data, checkpoints, the method on the built backbones, a folder of other settings); a refused run leaves the
@@ -31,11 +32,9 @@ import yaml
 from torch import nn
 
 from nnunet_tpp import peft
-from nnunet_tpp.models.vit import VisionTransformer, build_vit
-from nnunet_tpp.models.vit_heads import ViTClassifier, ViTSegmenter
 from nnunet_tpp.vision2d.checks import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunExistsError,  # noqa: F401
                                         check_backbones, check_settings, resolve_device)
-from nnunet_tpp.vision2d.config import Train2dConfig
+from nnunet_tpp.vision2d.config import LITEMEDSAM, Train2dConfig
 from nnunet_tpp.vision2d.metrics import classification_metrics, percent, segmentation_metrics, units_for
 
 
@@ -46,8 +45,16 @@ def checkpoint_in_chans(path: Path, fmt: str) -> int:
     return int(state["patch_embed.proj.weight"].shape[1])
 
 
-def build_backbone(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None] = print) -> VisionTransformer:
-    """The ViT of ``cfg.arch`` at ``cfg.img_size``, randomly initialised or loaded from ``cfg.backbone``."""
+def build_backbone(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None] = print) -> nn.Module:
+    """The backbone of ``cfg.arch``: a ViT at ``cfg.img_size`` (random, or loaded from ``cfg.backbone``), or
+    LiteMedSAM's image encoder loaded from ``cfg.backbone`` (default: the installed package's checkpoint)."""
+    if cfg.arch == LITEMEDSAM:
+        from nnunet_tpp.models.litemedsam import LiteMedSAMBackbone
+        from nnunet_tpp.vision2d.data import IMAGENET_MEAN, IMAGENET_STD
+        backbone = LiteMedSAMBackbone(cfg.backbone or "default", IMAGENET_MEAN, IMAGENET_STD)
+        log(f"pre-trained LiteMedSAM image encoder: {backbone.checkpoint} (its image_encoder.* tensors)")
+        return backbone
+    from nnunet_tpp.models.vit import build_vit
     overrides = dict(cfg.arch_options)
     if cfg.patch_size:
         overrides["patch_size"] = cfg.patch_size
@@ -59,30 +66,40 @@ def build_backbone(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None]
 
 
 def build_other_backbones(cfg: Train2dConfig, in_chans: int, log: Callable[[str], None] = print
-                          ) -> list[VisionTransformer]:
+                          ) -> list[nn.Module]:
     """The backbones of ``cfg.combine_backbones`` (empty without), built as :func:`build_backbone`."""
     return [build_backbone(replace(cfg, backbone=p, combine_backbones=[]), in_chans, log)
             for p in cfg.combine_backbones]
 
 
-def build_model(cfg: Train2dConfig, backbone: VisionTransformer, num_classes: int,
-                log: Callable[[str], None] = print, others: list[VisionTransformer] | None = None) -> nn.Module:
-    """The task model on ``backbone`` with the PEFT method applied: a classifier, a segmenter, or (with
-    ``cfg.combine_backbones``) a :class:`CombinedClassifier` of ``backbone`` and the further checkpoints
-    (``others`` when already built, else built here).
+def build_task_model(cfg: Train2dConfig, backbone: nn.Module, num_classes: int, others: list[nn.Module] = ()
+                     ) -> nn.Module:
+    """The task model on ``backbone``, no PEFT method yet: a classifier, a segmenter, or (with
+    ``cfg.combine_backbones``) a combined classifier of ``backbone`` and ``others``."""
+    if cfg.arch == LITEMEDSAM:
+        from nnunet_tpp.models.litemedsam import LiteMedSAMClassifier, LiteMedSAMSegmenter
+        return LiteMedSAMClassifier(backbone, num_classes) if cfg.task == "cls" else \
+            LiteMedSAMSegmenter(backbone, num_classes)
+    if cfg.combine_backbones:
+        from nnunet_tpp.models.vit_combine import CombinedClassifier
+        return CombinedClassifier([backbone, *others], num_classes, mode=cfg.combine, pool=cfg.pool)
+    from nnunet_tpp.models.vit_heads import ViTClassifier, ViTSegmenter
+    if cfg.task == "cls":
+        return ViTClassifier(backbone, num_classes, pool=cfg.pool)
+    return ViTSegmenter(backbone, num_classes)
+
+
+def build_model(cfg: Train2dConfig, backbone: nn.Module, num_classes: int,
+                log: Callable[[str], None] = print, others: list[nn.Module] | None = None) -> nn.Module:
+    """The task model on ``backbone`` (:func:`build_task_model`; the further checkpoints of ``cfg.combine_backbones``
+    are built here unless given as ``others``) with the PEFT method applied.
 
     Returns:
         The model, with ``peft_config`` set.
     """
-    if cfg.combine_backbones:
-        from nnunet_tpp.models.vit_combine import CombinedClassifier
-        if others is None:
-            others = build_other_backbones(cfg, backbone.config.in_chans, log)
-        model = CombinedClassifier([backbone, *others], num_classes, mode=cfg.combine, pool=cfg.pool)
-    elif cfg.task == "cls":
-        model = ViTClassifier(backbone, num_classes, pool=cfg.pool)
-    else:
-        model = ViTSegmenter(backbone, num_classes)
+    if cfg.combine_backbones and others is None:
+        others = build_other_backbones(cfg, backbone.config.in_chans, log)
+    model = build_task_model(cfg, backbone, num_classes, others or [])
     return peft.apply(model, cfg.method, **cfg.method_options)
 
 
@@ -94,14 +111,16 @@ def start_target_parameters(model: nn.Module, cfg: Train2dConfig, train_set, dev
     Returns:
         The target-parameter file used, or None.
     """
-    from nnunet_tpp.pretext.stage import load_target_parameters
+    from nnunet_tpp.pretext.stage import check_file_identity, copy_target_parameters, read_target_parameters
     path = cfg.target_parameters
     if cfg.tpp != "none":
         from nnunet_tpp.vision2d.tpp import run_tpp_2d
         path = run_tpp_2d(model, train_set, cfg, cfg.out / "tpp", device, log)
     if path is None:
         return None
-    load_target_parameters(model, str(path))
+    payload = read_target_parameters(str(path))
+    check_file_identity(payload, model, str(path), "target parameters")
+    copy_target_parameters(model, peft.current_names(model, payload["target_parameters"]), str(path))
     log(f"fine-tuning starts from the target parameters in {path}")
     return str(path)
 
@@ -241,13 +260,14 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     device, saved = check_settings(cfg)  # nothing is written before every check has passed
     out = cfg.out
     torch.manual_seed(cfg.seed)
-    in_chans = cfg.in_chans or (checkpoint_in_chans(cfg.backbone, cfg.backbone_format) if cfg.backbone else None)
+    in_chans = cfg.in_chans or (3 if cfg.arch == LITEMEDSAM else checkpoint_in_chans(cfg.backbone, cfg.backbone_format)
+                                if cfg.backbone else None)
     splits = load_dataset(cfg.data, cfg.task, cfg.img_size, in_chans=in_chans, seed=cfg.seed,
                           label_fraction=cfg.label_fraction)
     log(splits.describe())
     backbone = build_backbone(cfg, splits.in_chans, log)
     others = build_other_backbones(cfg, splits.in_chans, log)
-    check_backbones(cfg, [backbone, *others])
+    check_backbones(cfg, [backbone, *others], splits.num_classes)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # stray allocations on the default device land on this run's GPU
     out.mkdir(parents=True, exist_ok=True)
@@ -318,6 +338,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
                "images_per_s": state.train_images / max(state.train_seconds, 1e-9),
                "best_epoch": state.best_epoch, "val": state.history[state.best_epoch - 1]["val"],
                "method": cfg.method, "task": cfg.task, "arch": cfg.arch, "img_size": cfg.img_size,
+               "backbone": getattr(backbone, "checkpoint", None) or (str(cfg.backbone) if cfg.backbone else None),
                "seed": cfg.seed, "label_fraction": cfg.label_fraction, "device": str(device),
                "test_images": len(splits.test), "train_images": len(splits.train), "tpp": cfg.tpp,
                "ssa": cfg.ssa, **stages}
