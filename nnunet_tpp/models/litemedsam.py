@@ -14,7 +14,9 @@ Weights: the ``image_encoder.*`` tensors of LiteMedSAM's checkpoint (the asset i
 
 Input: images as the 2-D data loader gives them (normalised with ``input_mean`` / ``input_std``) are mapped back to
 [0, 1] and min-max scaled per image, as MedSAM prepares its images, at 256 x 256. BatchNorms whose parameters are
-frozen keep their pre-trained statistics in training mode (a frozen backbone stays the pre-trained network).
+frozen keep their pre-trained statistics in training mode (a frozen backbone stays the pre-trained network). The
+convolutional first stage runs in channels-last memory format (about a fifth faster on a CPU; the same numbers to
+float32 rounding).
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ class LiteMedSAMBackbone(nn.Module):
                  input_std: tuple[float, ...] = (0.229, 0.224, 0.225)):
         super().__init__()
         self.image_encoder = build_encoder()
+        for part in (self.image_encoder.patch_embed, self.image_encoder.layers[0]):  # convolutions at 256 x 256
+            part.to(memory_format=torch.channels_last)
         self.register_buffer("input_mean", torch.tensor(input_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(input_std).view(1, -1, 1, 1), persistent=False)
         self.pretraining: str | None = None  # supervised (SAM's segmentation), no self-supervised pre-training
@@ -114,7 +118,7 @@ class LiteMedSAMBackbone(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, 256, 256) -> (B, 256, 64, 64)."""
-        return self.image_encoder(self.prepare(image))
+        return self.image_encoder(self.prepare(image).contiguous(memory_format=torch.channels_last))
 
     def train(self, mode: bool = True) -> "LiteMedSAMBackbone":
         """As ``nn.Module.train``; BatchNorms whose parameters are all frozen stay in eval mode."""
