@@ -313,7 +313,10 @@ def _fit_prefix(state: dict, model: VisionTransformer, fmt: str, extra: dict, no
     ``cls_token``); otherwise a class-token position is folded into ``cls_token`` for a model without one and a
     model with one gets a zero position where the checkpoint has none (both exact)."""
     pos = state.get("pos_embed")
-    if fmt == "dinov2" and ("register_tokens" in state or not model.no_embed_class):
+    with_cls = pos is not None and pos.ndim == 3 and math.isqrt(pos.shape[1]) ** 2 != pos.shape[1]
+    registers = "register_tokens" in state
+    fits = (model.reg_token is not None) if registers else not model.no_embed_class  # else: the mismatch error
+    if fmt == "dinov2" and with_cls and fits:
         token = extra.get("mask_token", torch.zeros(1, model.embed_dim))  # timm recognises DINOv2 by its mask token
         state.update(checkpoint_filter_fn({**state, "mask_token": token}, model))
         state.pop("register_tokens", None)

@@ -1,6 +1,10 @@
-"""The ViT backbone: token layout, image-size handling, layer scale, timm parameter names, MedCoSS flags."""
+"""The ViT backbone: timm's layers, token layout, image-size handling, layer scale, timm parameter names, MedCoSS
+flags."""
 import pytest
+import timm.layers
+import timm.models.vision_transformer as timm_vit
 import torch
+from torch import nn
 
 from nnunet_tpp.models.vit import ViTConfig, VisionTransformer, build_vit, resample_patch_pos_embed
 
@@ -10,6 +14,21 @@ TINY = ViTConfig(img_size=32, patch_size=4, in_chans=3, embed_dim=48, depth=4, n
 def _vit(**overrides) -> VisionTransformer:
     torch.manual_seed(0)
     return build_vit(TINY, **overrides).eval()
+
+
+def test_every_layer_is_timms():
+    """No attention, block or patch embedding of our own: the model is timm's VisionTransformer, its parts timm's."""
+    model = _vit(layer_scale=1e-5, num_register_tokens=1, pre_norm=True)
+    assert isinstance(model, timm_vit.VisionTransformer)
+    assert type(model.patch_embed) is timm.layers.PatchEmbed
+    for block in model.blocks:
+        assert type(block) is timm_vit.Block and type(block.attn) is timm.layers.Attention
+        assert type(block.mlp) is timm.layers.Mlp and type(block.ls1) is timm.layers.LayerScale
+    own = {type(m).__module__ for m in model.modules()} - {"torch.nn.modules.linear", "torch.nn.modules.normalization",
+                                                            "torch.nn.modules.conv", "torch.nn.modules.dropout",
+                                                            "torch.nn.modules.activation", "torch.nn.modules.container"}
+    assert {m for m in own if not m.startswith("timm.")} == {"nnunet_tpp.models.vit"}  # the class itself only
+    assert isinstance(model.norm, nn.LayerNorm) and model.norm.eps == 1e-6
 
 
 @pytest.mark.parametrize("registers", [0, 4])
@@ -28,7 +47,8 @@ def test_taps_return_block_outputs():
 
 def test_pos_embed_resampling_keeps_same_grid_and_handles_other_sizes():
     model = _vit(num_register_tokens=2)
-    pos = model.pos_embed[:, 1:]
+    assert model.no_embed_class  # registers: timm's DINOv2-with-registers layout, no class-token position
+    pos = model.pos_embed
     assert torch.equal(resample_patch_pos_embed(pos, (8, 8)), pos)
     assert torch.equal(model.patch_pos_embed((8, 8)), pos)
     x = torch.randn(1, 3, 32, 32)

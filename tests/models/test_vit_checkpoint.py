@@ -1,5 +1,6 @@
-"""Loading ViT checkpoints of other layouts: each test writes a file laid out like the foreign format from
-one of our models and checks that the loaded model computes the same function."""
+"""The ViT checkpoint loader's mechanics: containers, prefixes, heads and extras kept aside, the errors that name
+the fix, the class-token position and grid fitted to the model, unsafe files refused. (Each foreign format against
+its owner's code: test_vit_formats.py; against the hand-written ViT: test_vit_parity.py.)"""
 import argparse
 import re
 
@@ -40,7 +41,7 @@ def _image(size: int = 32) -> torch.Tensor:
 def _same_function(a: nn.Module, b: nn.Module, size: int = 32) -> bool:
     x = _image(size)
     with torch.no_grad():
-        return torch.allclose(a(x), b(x), atol=1e-6)
+        return torch.allclose(a(x), b(x), atol=1e-5)
 
 
 def _mae_decoder(dim: int = 48, dec: int = 32) -> dict:
@@ -84,6 +85,8 @@ def test_dino_checkpoint_prefers_the_teacher(tmp_path):
 
 
 def _to_dinov2(model: VisionTransformer, chunks: int) -> dict:
+    """DINOv2's layout: its position table has a class-token row (a model with registers has none: the row's value
+    is taken out of the class token, which the loader folds back)."""
     per_chunk = model.config.depth // chunks
     out = {}
     for key, value in model.state_dict().items():
@@ -91,6 +94,10 @@ def _to_dinov2(model: VisionTransformer, chunks: int) -> dict:
         if m and chunks > 1:
             key = f"blocks.{int(m.group(1)) // per_chunk}.{m.group(1)}.{m.group(2)}"
         out["register_tokens" if key == "reg_token" else key] = value
+    if model.no_embed_class:
+        row = torch.randn(1, 1, model.embed_dim, generator=torch.Generator().manual_seed(3))
+        out["pos_embed"] = torch.cat([row, out["pos_embed"]], dim=1)
+        out["cls_token"] = out["cls_token"] - row
     out["mask_token"] = torch.zeros(1, model.config.embed_dim)
     return out
 
@@ -107,7 +114,7 @@ def test_dinov2_registers_layer_scale_and_chunked_blocks(tmp_path, chunks):
     assert report.format == "dinov2" and report.container == ""
     assert _same_function(src, model)
     assert set(report.extra) == {"mask_token"}
-    assert any("register_tokens" in n for n in report.notes)
+    assert any("registers loaded by timm's checkpoint_filter_fn" in n for n in report.notes)
 
 
 def test_dinov2_checkpoint_with_registers_into_a_model_without(tmp_path):

@@ -57,8 +57,10 @@ def _checkpoint(tmp_path, fmt: str, registers: int = 0):
         src.pos_embed.normal_()
     path = tmp_path / f"{fmt}.pth"
     state = src.state_dict()
-    if fmt == "dinov2":  # DINOv2's own names
+    if fmt == "dinov2":  # DINOv2's own names; its position table always has a class-token row
         state = {("register_tokens" if k == "reg_token" else k): v for k, v in state.items()}
+        if registers:
+            state["pos_embed"] = torch.cat([torch.zeros(1, 1, D), state["pos_embed"]], dim=1)
     torch.save(state, path)
     return cfg, src, path
 
@@ -71,9 +73,10 @@ def test_the_loader_resamples_as_the_checkpoints_code_and_keeps_the_rule(tmp_pat
     model = build_vit(cfg, img_size=12 * 4)
     report = load_vit_checkpoint(model, path, fmt=fmt)
     assert report.resampling == rule and model.pos_resampling == RESAMPLING[rule]
-    patches = src.pos_embed[:, 1:].detach()
-    assert torch.equal(model.pos_embed[:, 1:].detach(), flat(FORMULAS[rule](grid_image(patches), (12, 12))))
-    assert torch.equal(model.pos_embed[:, :1], src.pos_embed[:, :1])
+    first = 0 if src.no_embed_class else 1  # a model with registers has no class-token position (timm's layout)
+    patches = src.pos_embed[:, first:].detach()
+    assert torch.equal(model.pos_embed[:, first:].detach(), flat(FORMULAS[rule](grid_image(patches), (12, 12))))
+    assert torch.equal(model.pos_embed[:, :first], src.pos_embed[:, :first])
     # other input sizes (dynamic image size) use the same rule, from the loaded grid
     same = build_vit(cfg)
     load_vit_checkpoint(same, path, fmt=fmt)

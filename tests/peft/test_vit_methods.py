@@ -168,7 +168,7 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(method, options):
     assert torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
     assert list(net.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in net.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    assert all(type(m).__module__.startswith(("torch.", "nnunet_tpp.models")) for m in net.modules())
+    assert all(type(m).__module__.startswith(("torch.", "timm.", "nnunet_tpp.models")) for m in net.modules())
     assert peft.target_parameters(net) == {}
 
 
@@ -210,21 +210,33 @@ def test_partial_trains_one_quarter_of_the_blocks(tiny_stunet):
         peft.apply(tiny_stunet(), "partial", quarter=2)
 
 
+def _block_inputs(net, x):
+    """The input of every block of ``net.backbone`` in one forward pass (hooks registered after the method's)."""
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for b in net.backbone.blocks]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
 def test_vpt_places_and_strips_prompts():
     x = image()
-    net = peft.apply(classifier(), "vpt", length=3, deep=False)
+    net = peft.apply(classifier(), "vpt", length=3, deep=False).eval()
     tuner = net.backbone.tuner
+    inputs = _block_inputs(net, x)
     tokens = net.backbone.embed(x)
-    with_prompts = tuner.start(tokens, x, 1, {})
-    assert with_prompts.shape[1] == 1 + 3 + 64
-    assert torch.equal(with_prompts[:, 1:4], tuner.prompts[0].expand(2, -1, -1))
-    assert torch.equal(tuner.strip(with_prompts, 1, {}), tokens)
+    assert inputs[0].shape[1] == 1 + 3 + 64 and all(i.shape[1] == 1 + 3 + 64 for i in inputs)
+    assert torch.equal(inputs[0][:, 1:4], tuner.prompts[0].expand(2, -1, -1))
+    assert torch.equal(inputs[0][:, :1], tokens[:, :1]) and torch.equal(inputs[0][:, 4:], tokens[:, 1:])
+    assert net.backbone(x).shape == (2, 1 + 64, D)  # stripped after the last block
     bound = (6 / (3 * 4 * 4 + D)) ** 0.5
     assert tuner.prompts.abs().max() <= bound
-    deep = peft.apply(classifier(), "vpt", length=3, deep=True).backbone.tuner
-    replaced = deep.before_block(2, deep.start(tokens, x, 1, {}), 1, {})
-    assert torch.equal(replaced[:, 1:4], deep.prompts[2].expand(2, -1, -1))
-    assert replaced.shape[1] == 1 + 3 + 64
+    deep = peft.apply(classifier(), "vpt", length=3, deep=True).eval()
+    replaced = _block_inputs(deep, x)
+    assert all(torch.equal(replaced[i][:, 1:4], deep.backbone.tuner.prompts[i].expand(2, -1, -1)) for i in range(4))
+    assert replaced[2].shape[1] == 1 + 3 + 64
 
 
 def test_errors_are_clear(tiny_stunet):
@@ -254,7 +266,7 @@ def test_errors_are_clear(tiny_stunet):
 def test_lora_on_linear_layers_and_stunet_convs_share_one_entry(tiny_stunet):
     net = peft.apply(classifier(), "lora", rank=2, targets=["q", "v", "proj"])
     qkv, proj = net.backbone.blocks[0].attn.qkv, net.backbone.blocks[0].attn.proj
-    assert set(qkv.lora_A) == {"q", "v"} and proj.lora_A.weight.shape == (2, D)
+    assert set(qkv.lora_A) == {"q", "v"} and proj.lora_A["default"].weight.shape == (2, D)  # proj: HF peft's
     assert type(net.backbone.patch_embed.proj) is nn.Conv2d  # a bare "proj" leaves the patch embedding alone
     embed = peft.apply(classifier(), "lora", targets=["patch_embed.proj"])
     assert hasattr(embed.backbone.patch_embed.proj, "lora_A")
@@ -394,29 +406,35 @@ def test_partial_auto_without_a_known_pre_training_is_a_clear_error(tmp_path):
     assert net.peft_config.trained_modules == ("backbones.0.blocks.2", "backbones.1.blocks.1")
 
 
+def _evp_features(net, x):
+    """The EVP tuner's summed features for image ``x``, read through its hooks' inputs."""
+    vit_, tuner = net.backbone, net.backbone.tuner
+    tuner.read_hook(vit_.patch_embed, (x,), vit_.patch_embed(x))
+    return tuner.features(vit_.embed(x))
+
+
 def test_evp_embedding_tune_reads_the_patch_embeddings_before_the_position_embedding():
     x = image()
     net = peft.apply(classifier(), "evp", scale_factor=4).eval()
-    vit_ = net.backbone
-    tuner = vit_.tuner
-    state = {"keep": None, "masked": None}
-    tokens = vit_.embed(x, state=state)
-    tuner.start(tokens, x, 1, state)
+    vit_, tuner = net.backbone, net.backbone.tuner
     from nnunet_tpp.peft.evp import high_frequency
-    hand = tuner.handcrafted_generator(high_frequency(x, tuner.mask_rate)).flatten(2).transpose(1, 2)
-    expected = hand + tuner.embedding_generator(vit_.patch_embed(x))  # official: patch_embed(x), no position
-    assert torch.allclose(state["evp"], expected, atol=1e-6)
     with torch.no_grad():
+        hand = tuner.handcrafted_generator(high_frequency(x, tuner.mask_rate)).flatten(2).transpose(1, 2)
+        expected = hand + tuner.embedding_generator(vit_.patch_embed(x).reshape(2, 64, D))  # official: no position
+        feature = _evp_features(net, x)
+        assert torch.allclose(feature, expected, atol=1e-6)
+        inputs = _block_inputs(net, x)
+        prompt = tuner.shared_mlp(tuner.lightweight_mlps[0](feature))
+        assert torch.allclose(inputs[0][:, 1:], vit_.embed(x)[:, 1:] + prompt, atol=1e-6)  # before block 0
         before = net(x)
         vit_.pos_embed.add_(1.0)  # the prompts do not depend on the position embedding...
-        moved = {"keep": None, "masked": None}
-        tuner.start(vit_.embed(x, state=moved), x, 1, moved)
-        assert torch.equal(moved["evp"], state["evp"]) and not torch.equal(net(x), before)
-    old = peft.apply(classifier(), "evp", scale_factor=4, embedding_input="tokens").backbone  # the variant
-    tokens, kept = old.embed(x), {"keep": None, "masked": None}
-    old.tuner.start(tokens, x, 1, kept)
-    hand = old.tuner.handcrafted_generator(high_frequency(x, 0.25)).flatten(2).transpose(1, 2)
-    assert torch.allclose(kept["evp"], hand + old.tuner.embedding_generator(tokens[:, 1:]), atol=1e-6)
+        assert torch.equal(_evp_features(net, x), feature) and not torch.equal(net(x), before)
+    old = peft.apply(classifier(), "evp", scale_factor=4, embedding_input="tokens").eval()  # the variant
+    with torch.no_grad():
+        tokens = old.backbone.embed(x)
+        hand = old.backbone.tuner.handcrafted_generator(high_frequency(x, 0.25)).flatten(2).transpose(1, 2)
+        assert torch.allclose(_evp_features(old, x), hand + old.backbone.tuner.embedding_generator(tokens[:, 1:]),
+                              atol=1e-6)
     with pytest.raises(PeftError, match="embedding_input"):
         peft.apply(classifier(), "evp", embedding_input="pixels")
 
@@ -425,10 +443,10 @@ def test_vpt_dropout_is_drawn_per_sample():
     net = peft.apply(classifier(), "vpt", length=6, dropout=0.5, deep=False)
     tuner, x = net.backbone.tuner, torch.zeros(8, 65, D)
     torch.manual_seed(0)
-    prompts = tuner.start(x, image(8), 1, {})[:, 1:7]
+    prompts = tuner.insert_hook(None, (x,))[0][:, 1:7]
     kept = prompts != 0
     assert not all(torch.equal(kept[0], kept[i]) for i in range(1, 8))  # another mask per sample
     assert torch.allclose(prompts[kept], (2 * tuner.prompts[0].expand(8, -1, -1))[kept])
     tuner.eval()
-    assert torch.equal(tuner.start(x, image(8), 1, {})[:, 1:7], tuner.prompts[0].expand(8, -1, -1))
+    assert torch.equal(tuner.insert_hook(None, (x,))[0][:, 1:7], tuner.prompts[0].expand(8, -1, -1))
     assert peft.get_method("vpt").parse_options({}) == peft.get_method("vpt").options(length=10, deep=True)
