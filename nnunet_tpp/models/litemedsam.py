@@ -25,6 +25,8 @@ import os
 import torch
 from torch import nn
 
+from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
+
 IMG_SIZE = 256
 FEATURES = 256  # channels of the encoder's output (SAM's neck)
 PREFIX = "image_encoder."
@@ -133,7 +135,7 @@ class LiteMedSAMClassifier(nn.Module):
     """Image -> class logits: the encoder's features averaged over the 64 x 64 map, a linear head."""
 
     head_prefixes = ("head",)
-    peft_defaults = {"lora": {"targets": ("q", "v")}}
+    peft_defaults = PEFT_DEFAULTS
     size_name = "tinyvit5m"
 
     def __init__(self, backbone: LiteMedSAMBackbone, num_classes: int):
@@ -153,7 +155,7 @@ class LiteMedSAMSegmenter(nn.Module):
     SAM's mask decoder does (transposed convolutions, a channel norm, GELU) to 256 x 256, then a 1x1 convolution."""
 
     head_prefixes = ("decoder",)
-    peft_defaults = {"lora": {"targets": ("q", "v")}}
+    peft_defaults = PEFT_DEFAULTS
     size_name = "tinyvit5m"
 
     def __init__(self, backbone: LiteMedSAMBackbone, num_classes: int, width: int = 64):

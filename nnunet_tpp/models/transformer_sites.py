@@ -26,6 +26,9 @@ import torch
 from torch import nn
 
 QKV_LAYOUTS = ("stacked", "per_head")
+# Options a PEFT method takes on a transformer task model when the user gives none (see nnunet_tpp.peft.apply):
+# LoRA adapts q and v, as LoRA's own ViT experiments
+PEFT_DEFAULTS = {"lora": {"targets": ("q", "v")}}
 
 
 @dataclass(frozen=True)

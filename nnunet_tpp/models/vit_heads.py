@@ -14,11 +14,11 @@ from monai.networks.blocks import UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import UnetOutBlock
 from torch import nn
 
+from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
 from nnunet_tpp.models.vit import VisionTransformer
 
 
-# Options a PEFT method takes on these models when the user gives none (see nnunet_tpp.peft.apply).
-VIT_PEFT_DEFAULTS = {"lora": {"targets": ("q", "v")}}
+VIT_PEFT_DEFAULTS = PEFT_DEFAULTS  # options a PEFT method takes on these models when the user gives none
 
 
 def _size_name(backbone: VisionTransformer) -> str:

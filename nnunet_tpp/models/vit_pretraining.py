@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 
 
 @dataclass(frozen=True)
@@ -154,6 +153,7 @@ def resample_patch_pos_embed(pos: torch.Tensor, grid: tuple[int, int],
     if (side, side) == grid:
         return pos
     if rule.offset <= 0:
+        from timm.layers import resample_abs_pos_embed  # (timm is imported only where a ViT is used)
         return resample_abs_pos_embed(pos, list(grid), (side, side), num_prefix_tokens=0, antialias=rule.antialias)
     img = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
     scale = ((grid[0] + rule.offset) / side, (grid[1] + rule.offset) / side)

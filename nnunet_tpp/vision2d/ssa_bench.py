@@ -20,7 +20,6 @@ import torch
 
 from nnunet_tpp.bench import _count, _load, machine_description
 from nnunet_tpp.bench_workers import _sync
-from nnunet_tpp.models.vit import VisionTransformer, build_vit
 from nnunet_tpp.pretext.dino import ema_update
 from nnunet_tpp.vision2d.ssa import SSAError, SSASettings, build_ssa, check_method, ssa_settings, ssa_step
 
@@ -64,7 +63,7 @@ def _measure(backbone_factory, method: str, batch: int, steps: int, device: str,
             "trainable_params": m.summary.trainable, "total_params": m.summary.total, "batch": batch, "steps": steps}
 
 
-def measure_ssa(backbone_factory: Callable[[], VisionTransformer], method: str, batch: int, steps: int,
+def measure_ssa(backbone_factory: Callable[[], torch.nn.Module], method: str, batch: int, steps: int,
                 device: str | torch.device = "cpu", settings: SSASettings | None = None, warmup: int = 1,
                 in_child: bool | None = None, threads: int | None = None) -> dict:
     """Times ``steps`` SSA steps (after ``warmup``) of one method (``full``: all parameters) on random images of
@@ -120,6 +119,7 @@ def run_ssa_bench(arch: str = "vit_base", img_size: int = 224, patch_size: int =
         raise SSAError(f"need batch >= 2, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SSAError(f"device {device!r} asked for, but torch sees no CUDA device")
+    from nnunet_tpp.models.vit import build_vit
     factory = functools.partial(build_vit, arch, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                 **(arch_options or {}))
     result = {"machine": machine_description("cuda" if device.startswith("cuda") else "cpu", threads),
