@@ -1,57 +1,26 @@
-"""Loading pre-trained ViT backbones (timm / MAE / DINO / Path-DINO, DINOv2, MedCoSS) from files on disk.
+"""Loading pre-trained ViT backbones (timm / MAE / DINO / Path-DINO, DINOv2, MedCoSS) into timm's ViT: key maps
+into timm's state dict.
 
 Files are read with ``torch.load(weights_only=True)``; besides tensors and plain Python values only numpy
-scalars/arrays and ``argparse.Namespace`` (the ``args`` that MAE, DINO and MedCoSS store) are allowed.
-
-Where the weights are: the top-level dict itself, or its ``teacher`` (DINO; preferred), ``model`` (MAE,
-MedCoSS), ``state_dict`` or ``student`` entry. ``module.``, ``_orig_mod.`` and ``backbone.`` prefixes are
-stripped; a dict of ``teacher.*`` / ``student.*`` keys (DINOv2 training) keeps the teacher.
+scalars/arrays and ``argparse.Namespace`` (the ``args`` that MAE, DINO and MedCoSS store) are allowed. The weights
+are the top-level dict or its ``teacher`` (DINO; preferred), ``model`` (MAE, MedCoSS), ``state_dict`` or ``student``
+entry; ``module.``, ``_orig_mod.`` and ``backbone.`` prefixes are stripped; a dict of ``teacher.*`` / ``student.*``
+keys (DINOv2 training) keeps the teacher.
 
 Formats (``fmt``; ``auto`` detects them from the keys):
 
-* ``timm`` (also MAE, DINO, Path-DINO): our names already. ``head.*``, ``heads.*``, ``head_dist.*``,
-  ``fc_norm.*``, ``pre_logits.*``, ``dino_head.*``, ``ibot_head.*`` are heads: skipped and reported. The
-  MAE decoder (``decoder_*``, ``mask_token``) is not backbone either: it is returned in
-  :attr:`LoadReport.extra` (and by :func:`mae_decoder_state_dict`).
-* ``dinov2`` (facebookresearch/dinov2): ``register_tokens`` -> ``reg_token``; chunked blocks
-  ``blocks.<chunk>.<i>.*`` -> ``blocks.<i>.*`` (the block index is global); ``mask_token`` (1, D) goes to
-  ``extra``. Layer scale (``blocks.<i>.ls1.gamma``) needs a model built with ``layer_scale`` set.
-* ``medcoss`` (yeerwen/MedCoSS, ``model/Unimodel.py`` ``Unified_Model`` and ``model/Base_module.py``
-  ``TransformerEncoderLayer`` / ``VideoBaseEmbedding`` / ``Divide_ST_POS``; checkpoints from
-  ``util/misc.py`` ``save_model`` hold the weights under ``model``):
+* ``timm`` (also MAE, DINO, Path-DINO): timm's names already. ``head.*``, ``heads.*``, ``head_dist.*``, ``fc_norm.*``,
+  ``pre_logits.*``, ``dino_head.*``, ``ibot_head.*`` are heads (skipped, reported); the MAE decoder (``decoder_*``,
+  ``mask_token``) goes to :attr:`LoadReport.extra` (and :func:`mae_decoder_state_dict`).
+* ``dinov2`` (facebookresearch/dinov2): converted by timm's own ``checkpoint_filter_fn`` (registers; the class-token
+  position folded into ``cls_token`` for timm's register layout); chunked blocks ``blocks.<chunk>.<i>.*`` are
+  flattened first; ``mask_token`` (1, D) goes to ``extra``.
+* ``medcoss`` (yeerwen/MedCoSS): its own layout, mapped by :mod:`nnunet_tpp.models.vit_medcoss`.
 
-  ======================================================================  ==============================
-  MedCoSS                                                                 here
-  ======================================================================  ==============================
-  ``video_embed.embeddings.{weight,bias}`` (Conv2d 3->768, 16x16)         ``patch_embed.proj.*``
-  ``video_embed.embeddings_st_pos_2D.spatial_pos_embed.weight`` (M, D)    ``pos_embed`` (patches only)
-  ``  + ...temporal_pos_embed.weight[0]`` (added to every patch; t=1)
-  ``video_embed.embeddings_norm.{weight,bias}`` (patch tokens only)       ``norm_pre.*``
-  ``cls_token`` (no position, no norm)                                    ``cls_token``
-  ``fused_encoder.layers.N.norm1.*`` / ``norm2.*``                        ``blocks.N.norm1.*`` / ``norm2.*``
-  ``fused_encoder.layers.N.self_attn.in_proj_weight`` / ``in_proj_bias``  ``blocks.N.attn.qkv.weight`` / ``bias``
-  ``fused_encoder.layers.N.self_attn.out_proj.{weight,bias}``             ``blocks.N.attn.proj.*``
-  ``fused_encoder.layers.N.linear1.*`` / ``linear2.*``                    ``blocks.N.mlp.fc1.*`` / ``fc2.*``
-  ``fused_encoder.layers.N.gamma_1`` / ``gamma_2``                        ``blocks.N.ls1.gamma`` / ``ls2.gamma``
-  ======================================================================  ==============================
-
-  There is no output norm (build with ``final_norm=False``); every LayerNorm has eps 1e-5;
-  :func:`medcoss_config` gives the matching ViT-B/16. The spatial table has a row per patch of the
-  ``input_size_2D`` default 512x512 (1024 rows) but MedCoSS indexes it with ``arange(H*W)`` and
-  pre-trains 2D images at 224 px, so only the first 14*14 rows were used: those rows form the 14x14 grid
-  (``medcoss_grid``). At a model grid of 14 this reproduces MedCoSS's evaluation forward exactly; in
-  training mode (pre-training and fine-tuning) MedCoSS adds a random temporal row (not reproduced). ``decoder_*``, ``mask_token``,
-  ``token_embed.*``, ``mlm_head.*`` and the 3D embedding (``video_embed.embeddings_3D``,
-  ``video_embed.embeddings_st_pos_3D``) go to ``extra``.
-
-Class-token position: a checkpoint position for the class token is folded into ``cls_token`` for a model
-without one (``cls_pos_embed=False``) and a model with one gets a zero position where the checkpoint has
-none; both are exact. A patch grid other than the model's is resampled (``interpolate_pos``) by the rule of the
-checkpoint's own code (:data:`~nnunet_tpp.models.vit_pretraining.RESAMPLING`), which the model keeps for
-inputs of other sizes.
-
-Pre-training (``model.pretraining``, what ``partial``'s ``quarter: auto`` reads) and the resampling rule
-of each checkpoint: :mod:`nnunet_tpp.models.vit_pretraining`.
+Class-token position: a checkpoint position for the class token is folded into ``cls_token`` for a model without
+one and a model with one gets a zero position where the checkpoint has none; both are exact. A patch grid other than
+the model's is resampled (``interpolate_pos``) by the rule of the checkpoint's own code
+(:mod:`nnunet_tpp.models.vit_pretraining`), which the model keeps for inputs of other sizes.
 """
 from __future__ import annotations
 

@@ -1,6 +1,29 @@
-"""MedCoSS (yeerwen/MedCoSS) checkpoints: the key map from its ``Unified_Model`` to this package's ViT and the
-matching :class:`~nnunet_tpp.models.vit.ViTConfig` (the layout is described in
-:mod:`nnunet_tpp.models.vit_checkpoint`)."""
+"""MedCoSS (yeerwen/MedCoSS: ``model/Unimodel.py`` ``Unified_Model``, ``model/Base_module.py``; checkpoints from
+``util/misc.py`` ``save_model`` hold the weights under ``model``): the key map onto timm's ViT and the matching
+:class:`~nnunet_tpp.models.vit.ViTConfig`.
+
+===========================================================================  ===================================
+MedCoSS                                                                      timm's ViT
+===========================================================================  ===================================
+``video_embed.embeddings.{weight,bias}`` (Conv2d 3 -> 768, 16 x 16)          ``patch_embed.proj.*``
+``video_embed.embeddings_st_pos_2D.spatial_pos_embed.weight`` (M, D)          ``pos_embed`` (patches only)
+``  + ...temporal_pos_embed.weight[0]`` (added to every patch; t = 1)
+``video_embed.embeddings_norm.*`` (patch tokens, after their positions)       ``norm_pre.*`` (``pre_norm_prefix=False``)
+``cls_token`` (no position, no norm)                                         ``cls_token`` (``no_embed_class``)
+``fused_encoder.layers.N.norm1.*`` / ``norm2.*``                             ``blocks.N.norm1.*`` / ``norm2.*``
+``fused_encoder.layers.N.self_attn.in_proj_weight`` / ``in_proj_bias``       ``blocks.N.attn.qkv.weight`` / ``bias``
+``fused_encoder.layers.N.self_attn.out_proj.*``                              ``blocks.N.attn.proj.*``
+``fused_encoder.layers.N.linear1.*`` / ``linear2.*``                         ``blocks.N.mlp.fc1.*`` / ``fc2.*``
+``fused_encoder.layers.N.gamma_1`` / ``gamma_2``                             ``blocks.N.ls1.gamma`` / ``ls2.gamma``
+===========================================================================  ===================================
+
+``nn.MultiheadAttention``'s ``in_proj`` stacks q, k, v rows as timm's ``qkv`` does. There is no output norm
+(``final_norm=False``); every LayerNorm has eps 1e-5. The spatial table has a row per patch of the ``input_size_2D``
+default 512 x 512 (1024 rows), but MedCoSS indexes it with ``arange(H*W)`` and pre-trains 2D images at 224 px, so the
+first 14 * 14 rows form the grid. In evaluation mode this reproduces MedCoSS's forward (checked against its code:
+7e-7); in training mode MedCoSS adds a random temporal row (not reproduced). ``decoder_*``, ``mask_token``,
+``token_embed.*``, ``mlm_head.*`` and the 3D embedding go to ``extra``.
+"""
 from __future__ import annotations
 
 import math
