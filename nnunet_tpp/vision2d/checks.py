@@ -134,5 +134,6 @@ def check_backbones(cfg: Train2dConfig, backbones: list[nn.Module], num_classes:
     model (``partial``'s ``quarter: auto`` needs a known pre-training of each backbone; ``vpt``, ``evp`` and ``dtl``
     need one token stream, which LiteMedSAM's encoder has not); raises :class:`~nnunet_tpp.peft.PeftError`."""
     from nnunet_tpp.vision2d.train import build_task_model
-    copies = [copy.deepcopy(b) for b in backbones]
-    peft.apply(build_task_model(cfg, copies[0], num_classes, copies[1:]), cfg.method, **cfg.method_options)
+    with torch.random.fork_rng(devices=[]):  # the run's random numbers do not depend on this check
+        copies = [copy.deepcopy(b) for b in backbones]
+        peft.apply(build_task_model(cfg, copies[0], num_classes, copies[1:]), cfg.method, **cfg.method_options)
