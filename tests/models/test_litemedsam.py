@@ -77,9 +77,9 @@ def test_frozen_batchnorms_keep_their_statistics(backbone):
 
 
 def test_heads(backbone):
-    x = torch.randn(2, 3, 256, 256)
+    x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
-        assert LiteMedSAMClassifier(backbone, 3).eval()(x).shape == (2, 3)
-        assert LiteMedSAMSegmenter(backbone, 2).eval()(x).shape == (2, 2, 256, 256)
+        assert LiteMedSAMClassifier(backbone, 3).eval()(x).shape == (1, 3)
+        assert LiteMedSAMSegmenter(backbone, 2).eval()(x).shape == (1, 2, 256, 256)
     with pytest.raises(ValueError, match="256"):
         backbone(torch.randn(1, 3, 224, 224))
