@@ -1,5 +1,7 @@
-"""The measurements of ``nnunet-tpp bench``, each run in its own process (``python -m nnunet_tpp.bench_workers KIND
-CFG_JSON OUT_JSON``) so that its peak memory is its own (the latencies share one process: they compare time only).
+"""The measurements of ``nnunet-tpp bench``, each run in its own fresh process, on CPU and CUDA alike
+(``python -m nnunet_tpp.bench_workers KIND CFG_JSON OUT_JSON``), so that its peak memory is its own and no
+allocator, cuDNN autotuning or cache is inherited from another method (the latencies share one process: they
+compare time only, in alternating rounds).
 
 * ``training``: a method's training step (nnU-Net's SGD, deep-supervision cross-entropy), time and peak memory;
 * ``latency``: inference latency (batch 1, no grad) of LoRA unmerged and merged against the plain network, timed
@@ -88,6 +90,12 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peak_reserved_mib(device) -> float | None:
+    """What CUDA's caching allocator reserved at its peak (MiB); None on CPU."""
+    import torch
+    return torch.cuda.max_memory_reserved(device) / MiB if device.type == "cuda" else None
+
+
 def measure_training(cfg: dict) -> dict:
     """Times ``cfg['warmup'] + cfg['steps']`` training steps of ``cfg['method']`` and measures its memory.
 
@@ -95,8 +103,9 @@ def measure_training(cfg: dict) -> dict:
         cfg: ``{"network", "size"/"plans_file", "method", "memory", "patch", "batch", "device", "steps", "warmup",
             "threads"}``.
     Returns:
-        ``{"step_times_s", "step_time_s", "peak_memory_mib", "baseline_memory_mib", "trainable", "total"}``, or
-        ``{"out_of_memory": True, "error"}`` when the device ran out of memory.
+        ``{"step_times_s", "step_time_s", "peak_memory_mib", "peak_reserved_mib" (CUDA; None on CPU),
+        "baseline_memory_mib", "trainable", "total"}``, or ``{"out_of_memory": True, "error"}`` when the device ran
+        out of memory.
     """
     import contextlib
     import torch
@@ -153,7 +162,7 @@ def measure_training(cfg: dict) -> dict:
             return {"out_of_memory": True, "error": str(e).splitlines()[0]}
         raise
     return {"step_times_s": times, "step_time_s": statistics.median(times), "peak_memory_mib": _peak_mib(device),
-            "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
+            "peak_reserved_mib": _peak_reserved_mib(device), "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
 
 
 def measure_latency(cfg: dict) -> dict:
