@@ -43,9 +43,10 @@ def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _child(kind: str, cfg: dict) -> dict:
-    """Runs ``bench_workers.measure_<kind>(cfg)`` in a fresh interpreter; a worker killed by the system (out of
-    memory) comes back as ``{"out_of_memory": True}``."""
+def measure_in_child(kind: str, cfg: dict) -> dict:
+    """Runs ``bench_workers.measure_<kind>(cfg)`` (``training``, ``latency``, ``pretext``) in a fresh interpreter and
+    returns its result; a worker killed by the system (out of memory) comes back as ``{"out_of_memory": True,
+    "error"}``. Raises :class:`BenchError` when the worker fails otherwise."""
     fd, path = tempfile.mkstemp(prefix="nnunet_tpp_bench_", suffix=".json")
     os.close(fd)
     try:
@@ -64,7 +65,7 @@ def _child(kind: str, cfg: dict) -> dict:
 def _measure(kind: str, cfg: dict) -> dict:
     """One measurement in a fresh process, on CPU and CUDA alike (no allocator, cuDNN autotuning or compile cache
     carried over from another method)."""
-    return _child(kind, cfg)
+    return measure_in_child(kind, cfg)
 
 
 def _fits(cfg: dict) -> tuple[bool, float, float]:
