@@ -2,13 +2,17 @@
 full fine-tuning, the TPP pretext step, and the inference latency of LoRA merged vs unmerged vs the plain network.
 
 Each measurement runs on the same seeded random network (STU-Net S/B/L/H, or the network of an nnU-Net plan:
-``--plans FILE --network plans``) with nnU-Net's optimiser and a deep-supervision cross-entropy, in its own child
-process (:mod:`nnunet_tpp.bench_workers`) on CPU, so that its peak resident set size is its own; on CUDA in this
-process with autocast and ``torch.cuda.max_memory_allocated``. PEFT methods run with the memory paths of
+``--plans FILE --network plans``) with nnU-Net's optimiser and a deep-supervision cross-entropy, in its own fresh
+process (:mod:`nnunet_tpp.bench_workers`), on CPU (peak resident set size) and on CUDA (autocast, as nnU-Net trains;
+``max_memory_allocated`` and ``max_memory_reserved``) alike, so no method inherits another's allocator, cuDNN
+autotuning or caches. The methods run in ``--rounds`` interleaved rounds (every method once per round); a method's
+time and memory are the medians over the rounds, its ratio to full fine-tuning the median of the per-round ratios
+with their min-max spread, and the report says when that spread is too wide to tell (:mod:`nnunet_tpp.bench_stats`).
+PEFT methods run with the memory paths of
 ``--memory-paths`` (default ``lean``: the trainers' default; ``plain``; ``checkpointing``: lean + activation
 checkpointing), each row saying which. A method whose estimated peak does not fit the device, or that runs out of
 memory, is a row marked out of memory (``"out_of_memory": true``, no ratios); the rest of the table still prints.
-CPU timings are only as good as the machine is quiet: the report shows the 1-minute load average before and after.
+Timings are only as good as the machine is quiet: the report shows the 1-minute load average before and after.
 Importing this module imports neither torch nor the package.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import tempfile
 
 DEFAULT_PATCH = {"cpu": (64, 64, 64), "cuda": (128, 128, 128)}
 REFERENCE = "full"
+DEFAULT_ROUNDS = 5
 LATENCY_METHOD = "lora"
 VARIANTS = {"lean": {"lean_backward": True, "activation_checkpointing": "off"},
             "plain": {"lean_backward": False, "activation_checkpointing": "off"},
@@ -38,9 +43,10 @@ def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _child(kind: str, cfg: dict) -> dict:
-    """Runs ``bench_workers.measure_<kind>(cfg)`` in a fresh interpreter; a worker killed by the system (out of
-    memory) comes back as ``{"out_of_memory": True}``."""
+def measure_in_child(kind: str, cfg: dict) -> dict:
+    """Runs ``bench_workers.measure_<kind>(cfg)`` (``training``, ``latency``, ``pretext``) in a fresh interpreter and
+    returns its result; a worker killed by the system (out of memory) comes back as ``{"out_of_memory": True,
+    "error"}``. Raises :class:`BenchError` when the worker fails otherwise."""
     fd, path = tempfile.mkstemp(prefix="nnunet_tpp_bench_", suffix=".json")
     os.close(fd)
     try:
@@ -57,10 +63,9 @@ def _child(kind: str, cfg: dict) -> dict:
 
 
 def _measure(kind: str, cfg: dict) -> dict:
-    if cfg["device"] == "cpu":
-        return _child(kind, cfg)
-    from nnunet_tpp.bench_workers import MEASUREMENTS
-    return MEASUREMENTS[kind](cfg)
+    """One measurement in a fresh process, on CPU and CUDA alike (no allocator, cuDNN autotuning or compile cache
+    carried over from another method)."""
+    return measure_in_child(kind, cfg)
 
 
 def _fits(cfg: dict) -> tuple[bool, float, float]:
@@ -94,7 +99,7 @@ def machine_description(device: str = "cpu", threads: int | None = None) -> str:
     return f"{text}, torch {torch.__version__}"
 
 
-def _check(backbones, patch, batch, methods, device, steps, warmup, pools, variants) -> list[str]:
+def _check(backbones, patch, batch, methods, device, steps, warmup, pools, variants, rounds=1) -> list[str]:
     """Validates the settings and returns the method list, ``full`` first."""
     import torch
     from nnunet_tpp import peft
@@ -112,8 +117,9 @@ def _check(backbones, patch, batch, methods, device, steps, warmup, pools, varia
         divisors = [d * int(k) for d, k in zip(divisors, pool)]
     if len(patch) != 3 or any(int(p) <= 0 or int(p) % d for p, d in zip(patch, divisors)):
         raise BenchError(f"patch must be 3 positive sizes divisible by {tuple(divisors)}, got {list(patch)}")
-    if batch < 1 or steps < 1 or warmup < 0:
-        raise BenchError(f"need batch >= 1, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
+    if batch < 1 or steps < 1 or warmup < 0 or rounds < 1:
+        raise BenchError(f"need batch >= 1, steps >= 1, warmup >= 0, rounds >= 1 (got {batch}, {steps}, {warmup}, "
+                         f"{rounds})")
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise BenchError(f"unknown memory path variant(s) {bad}; choose from {', '.join(VARIANTS)}")
@@ -140,10 +146,29 @@ def _memory_label(memory: dict, method: str) -> str:
         " + checkpointing" if memory["activation_checkpointing"] == "on" else "")
 
 
+def _measure_rounds(runnable: list[tuple[str, dict]], rounds: int, table: dict) -> dict[str, dict[int, dict]]:
+    """Measures every runnable row once per round, each time in a fresh process; the rounds are interleaved
+    (A B C, B C A, C A B, ...: each round starts one row later, so no row is always first after a pause). A row that
+    runs out of memory in any round becomes an out-of-memory row of ``table``."""
+    per_round: dict[str, dict[int, dict]] = {row: {} for row, _ in runnable}
+    for r in range(rounds):
+        shift = r % max(1, len(runnable))
+        for row, cfg in runnable[shift:] + runnable[:shift]:
+            if table[row].get("out_of_memory"):
+                continue
+            measured = _measure("training", {**cfg, "label": f"{cfg['label']} (round {r + 1}/{rounds})"})
+            if measured.get("out_of_memory"):
+                table[row].update(out_of_memory=True, error=measured.get("error", "ran out of memory"))
+                continue
+            per_round[row][r] = measured
+    return per_round
+
+
 def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_estimate: bool = False,
-                    measure_latency: bool = True) -> dict:
-    """All rows, the pretext step and the latencies for one backbone."""
-    table = {}
+                    measure_latency: bool = True, rounds: int = 1) -> dict:
+    """All rows (``rounds`` interleaved rounds), the pretext step and the latencies for one backbone."""
+    from nnunet_tpp.bench_stats import round_ratios, spread, summarise, verdict
+    table, runnable = {}, []
     for row, method, memory in _rows(names, variants):
         cfg = {**base, "method": method, "memory": memory, "label": f"{base['label']} {row}"}
         fits, estimate, available = _fits(cfg)
@@ -153,16 +178,34 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_e
             table[row] = {"out_of_memory": True, "estimated": True, "estimated_peak_mib": estimate,
                           "available_mib": available, "memory_paths": label}
             continue
-        measured = _measure("training", cfg)
-        table[row] = {**measured, "memory_paths": label, "estimated_peak_mib": estimate}
-    ref = table[REFERENCE]
-    for m in table.values():
+        table[row] = {"memory_paths": label, "estimated_peak_mib": estimate}
+        runnable.append((row, cfg))
+    per_round = _measure_rounds(runnable, rounds, table)
+    for row, measured in per_round.items():
+        m = table[row]
         if m.get("out_of_memory"):
             continue
+        first = next(iter(measured.values()))
+        m.update(summarise(measured, ("step_time_s", "peak_memory_mib", "peak_reserved_mib", "baseline_memory_mib")),
+                 trainable=first["trainable"], total=first["total"],
+                 step_times_s=[measured[r]["step_time_s"] for r in sorted(measured)],
+                 peak_memory_per_round_mib=[measured[r]["peak_memory_mib"] for r in sorted(measured)])
         m["trainable_ratio"] = m["trainable"] / m["total"]
-        if not ref.get("out_of_memory"):
-            m["step_time_ratio"] = m["step_time_s"] / ref["step_time_s"]
-            m["peak_memory_ratio"] = m["peak_memory_mib"] / ref["peak_memory_mib"]
+        m.setdefault("peak_reserved_mib", None)  # CUDA only
+    ref = per_round.get(REFERENCE) if not table[REFERENCE].get("out_of_memory") else None
+    for row, measured in per_round.items():
+        m = table[row]
+        if m.get("out_of_memory") or not ref:
+            continue
+        times = round_ratios(measured, ref, "step_time_s")
+        memory = round_ratios(measured, ref, "peak_memory_mib")
+        if not times:
+            continue
+        t, mem = spread(times), spread(memory)
+        m.update(step_time_ratio=t["ratio"], step_time_ratio_range=t["range"], step_time_ratios=times,
+                 peak_memory_ratio=mem["ratio"], peak_memory_ratio_range=mem["range"],
+                 time_verdict="reference" if row == REFERENCE else verdict(times),
+                 memory_verdict="reference" if row == REFERENCE else verdict(memory, "smaller", "larger"))
     pretext = None
     adapter = table.get("conv_adapter", {})
     if measure_pretext and adapter and not adapter.get("out_of_memory"):
@@ -179,7 +222,8 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_e
 
 def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", steps=3, warmup=1, json_out=None,
               threads=None, pools=None, network="stunet", plans_file=None, configuration="3d_fullres",
-              memory_paths=("lean",), channels=1, ignore_estimate=False, pretext=True, latency=True) -> dict:
+              memory_paths=("lean",), channels=1, ignore_estimate=False, pretext=True, latency=True,
+              rounds=DEFAULT_ROUNDS) -> dict:
     """Runs the benchmark, prints the markdown report to stdout and optionally writes JSON.
 
     Args:
@@ -188,7 +232,10 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         batch: training batch size (latency uses batch 1).
         methods: PEFT method names; default all registered ones for CNNs. ``full`` is always measured.
         device: ``cpu`` or ``cuda``.
-        steps, warmup: measured and warm-up training steps (and latency rounds).
+        steps, warmup: measured and warm-up training steps of each process (and latency rounds).
+        rounds: interleaved rounds; each measures every method once, in a fresh process. The ratios to full
+            fine-tuning are the medians of the per-round ratios, with their min-max spread and a verdict
+            (:mod:`nnunet_tpp.bench_stats`).
         json_out: path for the JSON result.
         threads: ``torch.set_num_threads`` for every measurement (default: torch's choice).
         pools: STU-Net's five pool sizes (default: the published pre-training ones); see :func:`plan_settings`.
@@ -199,9 +246,10 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
             still a row marked out of memory).
         pretext, latency: also measure the TPP pretext step (STU-Net) and the LoRA latencies.
     Returns:
-        ``{"machine", "methods": {row: {"step_time_ratio", "peak_memory_ratio", "trainable_ratio", "step_time_s",
-        "peak_memory_mib", "memory_paths", ...} or {"out_of_memory": True, ...}}, "merged_latency_ratio", ...,
-        "sizes": {backbone: <the same structure>}}``.
+        ``{"machine", "rounds", "methods": {row: {"step_time_ratio", "step_time_ratio_range", "time_verdict",
+        "peak_memory_ratio", "peak_memory_ratio_range", "memory_verdict", "trainable_ratio", "step_time_s",
+        "peak_memory_mib" (CUDA: also "peak_reserved_mib"), "step_times_s" (one per round), "memory_paths", ...} or
+        {"out_of_memory": True, ...}}, "merged_latency_ratio", ..., "sizes": {backbone: <the same structure>}}``.
     """
     if network not in ("stunet", "plans"):
         raise BenchError(f"--network must be stunet or plans, got {network!r}")
@@ -211,7 +259,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     patch = tuple(int(p) for p in (patch or DEFAULT_PATCH.get(device, DEFAULT_PATCH["cpu"])))
     variants = list(memory_paths)
     check_pools = plan_settings(plans_file, configuration)["pools"] if network == "plans" else pools
-    names = _check(keys, patch, int(batch), methods, device, int(steps), int(warmup), check_pools, variants)
+    names = _check(keys, patch, int(batch), methods, device, int(steps), int(warmup), check_pools, variants,
+                   int(rounds))
     import torch
     machine, load_before = machine_description(device, threads), _load()
     per_backbone = {}
@@ -226,11 +275,13 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         else:
             base.update(network="stunet", size=key, pools=pools, label=f"STU-Net-{key}")
         measured = _bench_backbone(base, names, variants, measure_pretext=pretext and network == "stunet",
-                                   ignore_estimate=ignore_estimate, measure_latency=latency)
+                                   ignore_estimate=ignore_estimate, measure_latency=latency, rounds=int(rounds))
         per_backbone[key] = {
             "machine": machine, "torch": torch.__version__, "device": device, "network": base["label"],
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
-            "memory_kind": "peak RSS of a child process" if device == "cpu" else "torch.cuda.max_memory_allocated",
+            "rounds": int(rounds),
+            "memory_kind": "peak RSS of the process" if device == "cpu" else
+            "torch.cuda.max_memory_allocated (max_memory_reserved) of the process",
             "load_average": [load_before, _load()], **measured}
     result = {**next(iter(per_backbone.values())), "sizes": per_backbone}
     print(format_report(result), flush=True)
@@ -248,28 +299,47 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
+def _ratio_cell(m: dict, key: str) -> str:
+    """``0.87x (0.85-0.90)``: the median of the per-round ratios and their range."""
+    if key not in m:
+        return "–"
+    lo, hi = m.get(f"{key}_range", [m[key], m[key]])
+    return f"{m[key]:.2f}x ({lo:.2f}-{hi:.2f})"
+
+
 def _row(name: str, m: dict) -> str:
     if m.get("out_of_memory"):
         why = (f"estimated {m['estimated_peak_mib'] / 1024:.1f} GiB > {m['available_mib'] / 1024:.1f} GiB available"
                if m.get("estimated") else m.get("error", "ran out of memory"))
-        return f"| {name} | {m['memory_paths']} | – | out of memory ({why}) | – | – | – | – |"
-    ratio = (lambda key: f"{m[key]:.2f}x" if key in m else "–")
+        return f"| {name} | {m['memory_paths']} | – | out of memory ({why}) | – | – | – | – | – |"
+    memory = f"{m['peak_memory_mib']:.0f}"
+    if m.get("peak_reserved_mib") is not None:
+        memory += f" (reserved {m['peak_reserved_mib']:.0f})"
     return (f"| {name} | {m['memory_paths']} | {_count(m['trainable'])} ({100 * m['trainable_ratio']:.2f}%) "
-            f"| {m['step_time_s']:.3f} | {ratio('step_time_ratio')} | {m['peak_memory_mib']:.0f} "
-            f"| {ratio('peak_memory_ratio')} | {m['baseline_memory_mib']:.0f} |")
+            f"| {m['step_time_s']:.3f} | {_ratio_cell(m, 'step_time_ratio')} | {m.get('time_verdict', '–')} "
+            f"| {memory} | {_ratio_cell(m, 'peak_memory_ratio')} | {m['baseline_memory_mib']:.0f} |")
+
+
+HEADER = ("| method | memory paths | trainable | step time (s) | step time vs full | what the time spread tells "
+          "| peak memory (MiB) | memory vs full | memory after build (MiB) |")
 
 
 def format_report(result: dict) -> str:
     """The markdown report of :func:`run_bench`'s result: per backbone a training table and a latency table."""
+    from nnunet_tpp.bench_stats import RESOLUTION
     lines = []
     for r in result["sizes"].values():
+        rounds = r.get("rounds", 1)
         lines += [f"Machine: {r['machine']}; {r['network']}, patch {'x'.join(map(str, r['patch']))}, "
-                  f"batch {r['batch']}, device {r['device']}, {r['steps']} measured + {r['warmup']} warm-up "
-                  f"steps; memory = {r['memory_kind']}; 1-min load average before/after "
+                  f"batch {r['batch']}, device {r['device']}; {rounds} interleaved round(s), each method once per "
+                  f"round in a fresh process ({r['steps']} measured + {r['warmup']} warm-up steps); "
+                  f"memory = {r['memory_kind']}; 1-min load average before/after "
                   f"{'/'.join(map(str, r['load_average']))}", "",
-                  "| method | memory paths | trainable | step time (s) | step time vs full | peak memory (MiB) "
-                  "| memory vs full | memory after build (MiB) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"Step time and memory: the median over the rounds; vs full: the median of the per-round ratios "
+                  f"to full fine-tuning (min-max over the rounds in brackets). A spread that straddles 1.0 cannot "
+                  f"tell faster from slower, and one wider than +-{100 * RESOLUTION:.0f} % does not resolve a "
+                  f"{100 * RESOLUTION:.0f} % effect: run more rounds on a quieter machine.", "",
+                  HEADER, "|---|---|---|---|---|---|---|---|---|"]
         lines += [_row(name, m) for name, m in r["methods"].items()]
         lat = r["latency"]
         if lat:
@@ -325,6 +395,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     parser.add_argument("--steps", type=int, default=3, help="measured training steps (default: 3)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps (default: 1)")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"interleaved rounds, each method once per round in a fresh process; ratios are the "
+                             f"median of the per-round ratios with their spread (default: {DEFAULT_ROUNDS})")
     parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="write the result as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--channels", type=int, default=1, help="input channels (default: 1)")
@@ -347,7 +420,7 @@ def bench_main(args) -> int:
                   pools=plan.get("pools") if args.network == "stunet" else None, network=args.network,
                   plans_file=args.plans, configuration=args.configuration, memory_paths=args.memory_paths,
                   channels=args.channels, ignore_estimate=args.ignore_estimate, pretext=args.pretext,
-                  latency=args.latency)
+                  latency=args.latency, rounds=args.rounds)
     except ValueError as exc:  # BenchError, PeftError
         print(f"nnunet-tpp bench: error: {exc}", file=sys.stderr)
         return 2

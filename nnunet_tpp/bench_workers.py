@@ -1,5 +1,7 @@
-"""The measurements of ``nnunet-tpp bench``, each run in its own process (``python -m nnunet_tpp.bench_workers KIND
-CFG_JSON OUT_JSON``) so that its peak memory is its own (the latencies share one process: they compare time only).
+"""The measurements of ``nnunet-tpp bench``, each run in its own fresh process, on CPU and CUDA alike
+(``python -m nnunet_tpp.bench_workers KIND CFG_JSON OUT_JSON``), so that its peak memory is its own and no
+allocator, cuDNN autotuning or cache is inherited from another method (the latencies share one process: they
+compare time only, in alternating rounds).
 
 * ``training``: a method's training step (nnU-Net's SGD, deep-supervision cross-entropy), time and peak memory;
 * ``latency``: inference latency (batch 1, no grad) of LoRA unmerged and merged against the plain network, timed
@@ -21,6 +23,8 @@ NUM_CLASSES = 3
 SEED = 1234
 LATENCY_METHOD = "lora"
 MiB = 2 ** 20
+TINY = "tiny"
+TINY_POOLS = [[2, 2, 2]] * 2 + [[1, 1, 1]] * 3
 
 
 def _log(message: str) -> None:
@@ -37,8 +41,9 @@ def _current_rss_mib() -> float:
 
 
 def build(cfg: dict, method: str | None, deep_supervision: bool = True):
-    """The seeded random network of ``cfg`` (``network``: ``stunet`` with ``size`` and ``pools``, or ``plans`` with
-    ``plans_file`` and ``configuration``), with ``method`` and ``cfg['memory']`` (memory paths) applied."""
+    """The seeded random network of ``cfg`` (``network``: ``stunet`` with ``size`` (S/B/L/H, or ``tiny`` for smoke
+    runs) and ``pools``, or ``plans`` with ``plans_file`` and ``configuration``), with ``method`` and
+    ``cfg['memory']`` (memory paths) applied."""
     import torch
     from nnunet_tpp import peft
     from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
@@ -49,6 +54,10 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
         with open(cfg["plans_file"]) as f:
             manager = PlansManager(json.load(f)).get_configuration(cfg["configuration"])
         net = build_from_plans(manager, int(cfg.get("channels", 1)), NUM_CLASSES, deep_supervision)
+    elif cfg.get("size") == TINY:  # the smoke runs' STU-Net: the published layout at a fraction of S's width
+        from nnunet_tpp.models.stunet import STUNet
+        net = STUNet(int(cfg.get("channels", 1)), NUM_CLASSES, [1] * 6, [8, 16, 16, 16, 16, 16],
+                     cfg.get("pools") or TINY_POOLS, deep_supervision, size_name=TINY, fast_cpu_kernels=True)
     else:
         from nnunet_tpp.models.stunet import build_stunet
         net = build_stunet(cfg["size"], int(cfg.get("channels", 1)), NUM_CLASSES, cfg.get("pools"),
@@ -88,15 +97,24 @@ def _peak_mib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peak_reserved_mib(device) -> float | None:
+    """What CUDA's caching allocator reserved at its peak (MiB); None on CPU."""
+    import torch
+    return torch.cuda.max_memory_reserved(device) / MiB if device.type == "cuda" else None
+
+
 def measure_training(cfg: dict) -> dict:
     """Times ``cfg['warmup'] + cfg['steps']`` training steps of ``cfg['method']`` and measures its memory.
 
     Args:
         cfg: ``{"network", "size"/"plans_file", "method", "memory", "patch", "batch", "device", "steps", "warmup",
-            "threads"}``.
+            "threads"}``, optionally ``"autocast"`` (default: on for CUDA, float16 with a gradient scaler as nnU-Net;
+            on the CPU bfloat16 when asked), ``"compile"`` (``torch.compile`` with Inductor, before DDP, as nnU-Net)
+            and ``"ddp"`` (wrap in DistributedDataParallel; the process group must exist).
     Returns:
-        ``{"step_times_s", "step_time_s", "peak_memory_mib", "baseline_memory_mib", "trainable", "total"}``, or
-        ``{"out_of_memory": True, "error"}`` when the device ran out of memory.
+        ``{"step_times_s", "step_time_s", "warmup_times_s", "losses", "peak_memory_mib", "peak_reserved_mib" (CUDA;
+        None on CPU), "baseline_memory_mib", "trainable", "total"}``, or ``{"out_of_memory": True, "error"}`` when
+        the device ran out of memory.
     """
     import contextlib
     import torch
@@ -105,28 +123,34 @@ def measure_training(cfg: dict) -> dict:
 
     device = _setup(cfg)
     cuda = device.type == "cuda"
+    use_autocast = bool(cfg.get("autocast", cuda))
     try:
         net = build(cfg, cfg["method"]).to(device).train()
         summary = peft.trainable_summary(net)
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-2, momentum=0.99,
                                     nesterov=True, weight_decay=3e-5)
+        model = torch.compile(net) if cfg.get("compile") else net
+        if cfg.get("ddp"):
+            from nnunet_tpp.trainers.base import settle_cpu_layout
+            settle_cpu_layout(net)
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)
         gen = torch.Generator().manual_seed(SEED + 1)
         shape = (int(cfg["batch"]), int(cfg.get("channels", 1)), *map(int, cfg["patch"]))
         x = torch.randn(shape, generator=gen).to(device)
         labels = torch.randint(0, NUM_CLASSES, (shape[0], 1, *shape[2:]), generator=gen).float().to(device)
         targets: list = []
-        scaler = torch.amp.GradScaler("cuda") if cuda else None
-        autocast = (lambda: torch.autocast("cuda")) if cuda else contextlib.nullcontext
+        scaler = torch.amp.GradScaler("cuda") if cuda and use_autocast else None
+        autocast = (lambda: torch.autocast(device.type)) if use_autocast else contextlib.nullcontext
         baseline = torch.cuda.memory_allocated(device) / MiB if cuda else _current_rss_mib()
 
-        def step() -> None:
+        def step() -> float:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
-                outputs = net(x)
+                outputs = model(x)
                 if not targets:  # labels downsampled to each deep-supervision output, once
                     targets.extend(F.interpolate(labels, size=o.shape[2:], mode="nearest")[:, 0].long()
                                    for o in outputs)
-                loss = sum(F.cross_entropy(o, t) for o, t in zip(outputs, targets))
+                loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets))
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -134,17 +158,17 @@ def measure_training(cfg: dict) -> dict:
             else:
                 loss.backward()
                 optimizer.step()
+            return loss.detach()
 
-        name, times = f"{cfg.get('label', cfg['method'])}", []
+        name, times, warmups, losses = f"{cfg.get('label', cfg['method'])}", [], [], []
         for i in range(int(cfg["warmup"]) + int(cfg["steps"])):
             _sync(device)
             start = time.perf_counter()
-            step()
+            losses.append(step())
             _sync(device)
             seconds = time.perf_counter() - start
             warm = i < int(cfg["warmup"])
-            if not warm:
-                times.append(seconds)
+            (warmups if warm else times).append(seconds)
             _log(f"{name}: {'warm-up' if warm else 'step'} {i + 1} ({seconds:.3f} s)")
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         return {"out_of_memory": True, "error": str(e).splitlines()[0]}
@@ -152,8 +176,10 @@ def measure_training(cfg: dict) -> dict:
         if "can't allocate memory" in str(e) or "out of memory" in str(e).lower():
             return {"out_of_memory": True, "error": str(e).splitlines()[0]}
         raise
-    return {"step_times_s": times, "step_time_s": statistics.median(times), "peak_memory_mib": _peak_mib(device),
-            "baseline_memory_mib": baseline, "trainable": summary.trainable, "total": summary.total}
+    return {"step_times_s": times, "step_time_s": statistics.median(times), "warmup_times_s": warmups,
+            "losses": [float(v) for v in losses], "peak_memory_mib": _peak_mib(device),
+            "peak_reserved_mib": _peak_reserved_mib(device), "baseline_memory_mib": baseline,
+            "trainable": summary.trainable, "total": summary.total}
 
 
 def measure_latency(cfg: dict) -> dict:
@@ -218,7 +244,8 @@ def measure_pretext(cfg: dict) -> dict:
     half of it) and measures memory like :func:`measure_training`.
 
     Returns:
-        ``{"step_time_s", "volumes_per_s", "peak_memory_mib"}`` (one volume = one sample's set of views).
+        ``{"step_time_s", "volumes_per_s", "peak_memory_mib", "peak_reserved_mib"}`` (one volume = one sample's set
+        of views; reserved: CUDA only, None on CPU).
     """
     import tempfile
     import numpy as np
@@ -248,7 +275,8 @@ def measure_pretext(cfg: dict) -> dict:
                        log=lambda message: (_sync(device), stamps.append(time.perf_counter())))
     step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
     _log(f"TPP pretext: {steps} steps, {step:.3f} s each")
-    return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": _peak_mib(device)}
+    return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": _peak_mib(device),
+            "peak_reserved_mib": _peak_reserved_mib(device)}
 
 
 MEASUREMENTS = {"training": measure_training, "latency": measure_latency, "pretext": measure_pretext}

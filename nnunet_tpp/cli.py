@@ -1,6 +1,6 @@
-"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``evaluate``, ``convert``, ``pretrain``, ``experiment``, ``trainers``,
-``methods``, ``check``, ``adopt-plans``, ``restore`` (3-D), ``train2d``, ``bench2d`` and ``bench-ssa``
-(2-D)."""
+"""The ``nnunet-tpp`` command: ``demo``, ``bench``, ``gpu-check``, ``evaluate``, ``convert``, ``pretrain``,
+``experiment``, ``trainers``, ``methods``, ``check``, ``adopt-plans``, ``restore`` (3-D), ``train2d``, ``bench2d`` and
+``bench-ssa`` (2-D)."""
 from __future__ import annotations
 
 import argparse
@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     from nnunet_tpp.bench import add_bench_arguments, bench_main
     add_bench_arguments(bench)
     bench.set_defaults(func=bench_main)
+
+    gpu = sub.add_parser("gpu-check", help="the GPU path (autocast, Inductor, DDP, TPP) checked on a CUDA machine")
+    from nnunet_tpp.gpu_check import add_gpu_check_arguments, gpu_check_main
+    add_gpu_check_arguments(gpu)
+    gpu.set_defaults(func=gpu_check_main)
 
     evaluate = sub.add_parser("evaluate", help="Dice and HD95 per label, region and case")
     evaluate.add_argument("reference", help="folder of reference label maps")

@@ -1,4 +1,5 @@
-"""``nnunet_tpp.bench`` on a tiny configuration: checks the structure of the result, never the timings."""
+"""``nnunet_tpp.bench`` on a tiny configuration: checks the structure of the result and how the rounds are run and
+combined, never the timings."""
 import argparse
 import json
 import subprocess
@@ -16,7 +17,7 @@ METHODS = ("full", "conv_adapter", "lora")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     result = bench.run_bench(sizes=("S",), patch=(32, 32, 32), batch=1, methods=["conv_adapter", "lora"],
-                             device="cpu", steps=1, warmup=0, json_out=str(out), threads=1)
+                             device="cpu", steps=1, warmup=0, json_out=str(out), threads=1, rounds=2)
     return result, json.loads(out.read_text())
 
 
@@ -24,14 +25,19 @@ def test_json_structure(tiny):
     result, written = tiny
     assert written == json.loads(json.dumps(result))
     for data in (written, written["sizes"]["S"]):
-        assert isinstance(data["machine"], str) and data["machine"]
+        assert isinstance(data["machine"], str) and data["machine"] and data["rounds"] == 2
         assert list(data["methods"]) == list(METHODS)  # full is measured (first) although not asked for
         for name, m in data["methods"].items():
             for key in ("step_time_ratio", "peak_memory_ratio", "trainable_ratio", "step_time_s",
                         "peak_memory_mib"):
                 assert isinstance(m[key], float) and m[key] > 0, (name, key)
+            assert len(m["step_times_s"]) == len(m["step_time_ratios"]) == m["rounds_measured"] == 2
+            lo, hi = m["step_time_ratio_range"]
+            assert lo <= m["step_time_ratio"] <= hi and isinstance(m["time_verdict"], str)
+            assert m["peak_reserved_mib"] is None  # CUDA only
         full = data["methods"]["full"]
         assert full["step_time_ratio"] == full["peak_memory_ratio"] == full["trainable_ratio"] == 1.0
+        assert full["time_verdict"] == "reference"
         assert data["methods"]["conv_adapter"]["trainable_ratio"] < 0.05
         assert data["merged_latency_ratio"] > 0 and data["unmerged_latency_ratio"] > 0
     assert written["latency"]["merge_max_abs_diff"] < 1e-3
@@ -41,8 +47,7 @@ def test_json_structure(tiny):
 
 def test_report_printed(tiny, capsys):
     text = bench.format_report(tiny[0])
-    assert ("| method | memory paths | trainable | step time (s) | step time vs full | peak memory (MiB) "
-            "| memory vs full" in text)
+    assert bench.HEADER in text and "2 interleaved round(s)" in text and "straddles 1.0" in text
     assert all(f"| {m} |" in text for m in METHODS)
     assert "| conv_adapter | lean |" in text and "| full | plain |" in text
     assert "lora merged" in text
@@ -89,7 +94,7 @@ def test_the_plans_network_is_benchmarked_with_peft_beside_full(tmp_path, networ
     plans = _tiny_plans(tmp_path, network)
     result = bench.run_bench(network="plans", plans_file=str(plans), patch=(16, 16, 16), batch=1,
                              methods=["conv_adapter"], steps=1, warmup=0, threads=1,
-                             memory_paths=["lean", "plain"])
+                             memory_paths=["lean", "plain"], rounds=1)
     assert result["network"] == network and list(result["sizes"]) == [network]
     rows = result["methods"]
     assert list(rows) == ["full", "conv_adapter", "conv_adapter [plain]"]
@@ -107,7 +112,7 @@ def test_a_method_that_does_not_fit_is_a_row_marked_out_of_memory(monkeypatch, c
 
     monkeypatch.setattr(memory, "estimate_training_peak", only_peft_fits)
     result = bench.run_bench(sizes=("S",), patch=(32, 32, 32), batch=1, methods=["conv_adapter"], steps=1,
-                             warmup=0, threads=1)
+                             warmup=0, threads=1, rounds=1, latency=False, pretext=False)
     full, adapter = result["methods"]["full"], result["methods"]["conv_adapter"]
     assert full["out_of_memory"] is True and "step_time_ratio" not in full
     assert adapter["step_time_s"] > 0 and "step_time_ratio" not in adapter  # no ratio against a missing full run
@@ -126,8 +131,42 @@ def test_bench_takes_patch_batch_and_pools_from_an_nnunet_plan(tmp_path, capsys)
     (tmp_path / "plans.json").write_text(json.dumps(plans))
     assert bench.plan_settings(str(tmp_path / "plans.json"))["pools"][-1] == [1, 1, 1]
     code = main(["bench", "--plans", str(tmp_path / "plans.json"), "--methods", "conv_adapter", "--steps", "1",
-                 "--warmup", "0", "--threads", "1", "--json", str(tmp_path / "b.json")])
+                 "--warmup", "0", "--threads", "1", "--rounds", "1", "--no-latency", "--no-pretext",
+                 "--json", str(tmp_path / "b.json")])
     assert code == 0
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["patch"] == [16, 32, 32] and result["batch"] == 1
     assert set(result["methods"]) == {"full", "conv_adapter"}
+
+
+def test_rounds_are_interleaved_and_ratios_taken_within_a_round(monkeypatch):
+    """Every round measures every method once, in a rotating order, and a method's ratio is the median of its
+    per-round ratios: a machine whose speed drifts 3x between rounds still gives the true ratio, which the ratio of
+    the medians would not. (The measurements are synthetic: a drifting machine on which conv_adapter takes 0.8x
+    of full fine-tuning's time and lora 1.1x.)"""
+    calls = []
+    truth = {"full": 1.0, "conv_adapter": 0.8, "lora": 1.1}
+    drift = [1.0, 3.0, 1.5]
+
+    def fake_measure(kind, cfg):
+        assert kind == "training"
+        r = int(cfg["label"].split("round ")[1].split("/")[0]) - 1
+        calls.append((r, cfg["method"]))
+        speed = drift[r] * (1.3 if cfg["method"] == "lora" and r == 1 else 1.0)  # lora met a busy moment
+        return {"step_time_s": truth[cfg["method"]] * speed, "step_times_s": [1.0], "peak_memory_mib": 100.0,
+                "peak_reserved_mib": None, "baseline_memory_mib": 50.0, "trainable": 1, "total": 10}
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    result = bench.run_bench(sizes=("S",), patch=(32, 32, 32), batch=1, methods=["conv_adapter", "lora"], steps=1,
+                             warmup=0, rounds=3, pretext=False, latency=False)
+    assert [c[0] for c in calls] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [c[1] for c in calls] == ["full", "conv_adapter", "lora", "conv_adapter", "lora", "full",
+                                     "lora", "full", "conv_adapter"]
+    rows = result["methods"]
+    assert rows["conv_adapter"]["step_time_ratio"] == pytest.approx(0.8)
+    assert rows["conv_adapter"]["step_time_ratio_range"] == pytest.approx([0.8, 0.8])
+    assert rows["conv_adapter"]["time_verdict"] == "faster, resolved to +-0 %"
+    assert rows["lora"]["step_time_ratio"] == pytest.approx(1.1)  # the median is robust to the busy round
+    assert rows["lora"]["step_time_ratio_range"] == pytest.approx([1.1, 1.43])
+    assert rows["lora"]["time_verdict"].startswith("slower, but the spread +-")
+    assert rows["full"]["step_time_s"] == pytest.approx(1.5)  # median over the rounds

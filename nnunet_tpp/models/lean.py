@@ -57,20 +57,25 @@ def _frozen(*params) -> bool:
 
 # --- lean frozen convolutions ---------------------------------------------------------------------------------
 class _FrozenConvFunction(torch.autograd.Function):
-    """A convolution with frozen weights that keeps no copy of its input for the backward pass."""
+    """A convolution with frozen weights that keeps no copy of its input for the backward pass.
+
+    Under autocast the convolution runs as autocast runs it (in the autocast dtype, the caller's autocast state is
+    in force inside ``forward``); only the weight (the parameter itself, no copy) is kept, and the backward casts it
+    to the dtype the forward computed in.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
         conv = F.conv3d if weight.dim() == 5 else F.conv2d
         out = conv(x, weight, bias, stride, padding, dilation, groups)
         ctx.save_for_backward(weight)
-        ctx.geometry = (x.shape, x.stride(), stride, padding, dilation, groups, out.dtype)
+        ctx.geometry = (x.shape, x.stride(), x.dtype, stride, padding, dilation, groups, out.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
-        shape, strides, stride, padding, dilation, groups, dtype = ctx.geometry
+        shape, strides, in_dtype, stride, padding, dilation, groups, dtype = ctx.geometry
         grad = grad.to(dtype)
         # convolution_backward reads only the shape and layout of the input when its weight gradient is not
         # asked for; an uninitialised tensor of that layout stands in for it
@@ -79,7 +84,7 @@ class _FrozenConvFunction(torch.autograd.Function):
         grad_input = torch.ops.aten.convolution_backward(
             grad, placeholder, weight.to(dtype), None, list(stride), list(padding), list(dilation), False, [0] * n,
             groups, [True, False, False])[0]
-        return grad_input, None, None, None, None, None, None
+        return grad_input.to(in_dtype), None, None, None, None, None, None
 
 
 class _LeanConv:
@@ -94,39 +99,63 @@ class _LeanConv:
 
 
 # --- lean norm + activation -----------------------------------------------------------------------------------
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the lean norm computes its statistics and its backward in: float32 for half-precision inputs
+    (autocast's float16 / bfloat16), the input's own dtype for float32 and float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _NormActFunction(torch.autograd.Function):
     """``leaky_relu(instance_norm(x) [+ shortcut])`` keeping only its output (and the shortcut's input).
 
     The shortcut is ``residual`` itself or, when ``sc_weight`` is given, the frozen 1x1 projection
-    ``conv(residual, sc_weight, sc_bias, sc_stride)``, recomputed in the backward pass instead of kept. Under CUDA
-    autocast it runs in float32, as autocast runs PyTorch's own norms.
+    ``conv(residual, sc_weight, sc_bias, sc_stride)``, recomputed in the backward pass instead of kept.
+
+    Autocast (any device type): the statistics, the normalisation and the backward are computed in float32
+    (:func:`statistics_dtype`), but the output, the one activation-sized tensor kept, has the dtype the plain path's
+    output has (``x``'s, the dtype autocast gave the convolution before it, promoted with the shortcut's), so a
+    half-precision network keeps half-precision tensors. The projection shortcut runs as autocast runs it in the
+    forward pass and is recomputed in the same dtype in the backward pass.
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, weight, bias, residual, eps, slope, sc_weight=None, sc_bias=None, sc_stride=1):
         n, c = x.shape[:2]
-        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), c, eps)
+        compute = statistics_dtype(x.dtype)
+        y, mean, rstd = torch.ops.aten.native_group_norm(
+            x.to(compute), None if weight is None else weight.to(compute), None if bias is None else bias.to(compute),
+            n, c, x[0, 0].numel(), c, eps)
+        out_dtype, sc_dtype = x.dtype, None
         if residual is not None:
-            y = y.add_(_shortcut(residual, sc_weight, sc_bias, sc_stride))
-        z = F.leaky_relu_(y, slope)
+            shortcut = _shortcut(residual, sc_weight, sc_bias, sc_stride)  # under the caller's autocast, if any
+            sc_dtype, out_dtype = shortcut.dtype, torch.promote_types(x.dtype, shortcut.dtype)
+            y = y.add_(shortcut)
+            del shortcut
+        z = F.leaky_relu_(y, slope).to(out_dtype)
+        del y
         inv, shift = _inverse_affine(weight, bias, n, c, mean)
         ctx.save_for_backward(z, mean, rstd, weight, residual, sc_weight, sc_bias, inv, shift)
         ctx.slope, ctx.sc_stride, ctx.has_bias = slope, sc_stride, bias is not None
+        ctx.dtypes = (x.dtype, compute, sc_dtype, None if bias is None else bias.dtype)
         return z
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_z):
         z, mean, rstd, weight, residual, sc_weight, sc_bias, inv, shift = ctx.saved_tensors
+        x_dtype, compute, sc_dtype, bias_dtype = ctx.dtypes
         slope = ctx.slope
         n, c = z.shape[:2]
         shape = (n, c) + (1,) * (z.dim() - 2)
-        grad_y = torch.ops.aten.leaky_relu_backward(grad_z, z, slope, True)
-        y = F.leaky_relu(z, 1.0 / slope)  # the inverse of leaky_relu(., slope)
+        copied = z.dtype != compute  # a half-precision output is brought to float32 as a new tensor
+        z = z.to(compute)
+        grad_y = torch.ops.aten.leaky_relu_backward(grad_z.to(compute), z, slope, True)
+        # the inverse of leaky_relu(., slope); in place only on the float32 copy, never on the kept tensor
+        y = F.leaky_relu_(z, 1.0 / slope) if copied else F.leaky_relu(z, 1.0 / slope)
+        del z
         if residual is not None:
-            with torch.no_grad():
-                y = y.sub_(_shortcut(residual, sc_weight, sc_bias, ctx.sc_stride))
+            with torch.no_grad():  # the forward's shortcut, in the dtype the forward computed it in
+                y = y.sub_(_shortcut(residual.to(sc_dtype), _cast(sc_weight, sc_dtype), _cast(sc_bias, sc_dtype),
+                                     ctx.sc_stride))
         # y = x_hat * weight + bias with x_hat = (x - mean) * rstd. The norm's backward only needs x_hat, which is
         # recovered from y without the cancellation of rebuilding x; a channel whose weight is 0 gets no input
         # gradient, so its (unrecoverable) x_hat may be anything: 0. The native kernel is given x_hat itself with
@@ -135,24 +164,38 @@ class _NormActFunction(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad_y, x_hat, torch.zeros_like(mean), torch.ones_like(rstd), weight, n, c, z[0, 0].numel(), c, mask)
+            grad_y, x_hat, torch.zeros_like(mean), torch.ones_like(rstd), _cast(weight, compute), n, c,
+            x_hat[0, 0].numel(), c, mask)
         del x_hat, y
         if gx is not None:
-            gx = gx.mul_(rstd.view(shape))
-        grad_residual, nd = None, z.dim() - 2
+            gx = gx.mul_(rstd.view(shape)).to(x_dtype)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        if gb is not None:
+            gb = gb.to(bias_dtype)
+        grad_residual, nd = None, grad_y.dim() - 2
         if residual is not None and ctx.needs_input_grad[3]:
-            grad_residual = grad_y if sc_weight is None else torch.ops.aten.convolution_backward(
-                grad_y, residual, sc_weight, None, list(_as_tuple(ctx.sc_stride, nd)), [0] * nd, [1] * nd, False,
-                [0] * nd, 1, [True, False, False])[0]
+            if sc_weight is None:
+                grad_residual = grad_y.to(residual.dtype)
+            else:
+                grad_residual = torch.ops.aten.convolution_backward(
+                    grad_y.to(sc_dtype), residual.to(sc_dtype), sc_weight.to(sc_dtype), None,
+                    list(_as_tuple(ctx.sc_stride, nd)), [0] * nd, [1] * nd, False, [0] * nd, 1,
+                    [True, False, False])[0].to(residual.dtype)
         return gx, gw, gb, grad_residual, None, None, None, None, None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _inverse_affine(weight, bias, n: int, c: int, like: torch.Tensor):
     """``(1 / weight, -bias / weight)`` per (sample, channel) for recovering the normalised values ``x_hat`` from the
     norm's output; 0 where the weight is 0 (those channels get no input gradient, so any ``x_hat`` does)."""
-    w = weight.detach().view(1, c) if weight is not None else torch.ones(1, c, dtype=like.dtype, device=like.device)
-    inv = torch.where(w != 0, 1.0 / w, torch.zeros_like(w)).expand(n, c).to(like.dtype)
-    shift = (-bias.detach().view(1, c) * inv).expand(n, c).to(like.dtype) if bias is not None else None
+    w = weight.detach().view(1, c).to(like.dtype) if weight is not None else torch.ones(
+        1, c, dtype=like.dtype, device=like.device)
+    inv = torch.where(w != 0, 1.0 / w, torch.zeros_like(w)).expand(n, c)
+    shift = (-bias.detach().view(1, c).to(like.dtype) * inv).expand(n, c) if bias is not None else None
     return inv.contiguous(), None if shift is None else shift.contiguous()
 
 

@@ -1,4 +1,5 @@
-"""How much memory a training step will need, and ``activation_checkpointing: auto``.
+"""How much memory a training step will need, what a forward pass keeps for the backward pass, and
+``activation_checkpointing: auto``.
 
 The estimate runs the network once on PyTorch's ``meta`` device (shapes only: no memory, no arithmetic) with the
 model's parameters replaced by meta tensors of the same shape and ``requires_grad``, and adds up what autograd
@@ -9,6 +10,7 @@ largest activation). ``auto`` turns activation checkpointing on when that sum do
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +84,63 @@ def estimate_training_peak(model: nn.Module, input_shape, optimizer_slots: int =
     activations = sum(saved.values())
     return PeakEstimate(weights, trainable, optimizer_slots * trainable, activations,
                         TRANSIENT_COPIES * largest[0])
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """One storage that autograd keeps for the backward pass.
+
+    Attributes:
+        dtype, shape: of the first tensor saved on that storage.
+        nbytes: the storage's size (a view keeps its whole storage alive).
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def tensors_kept_for_backward(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> list[KeptTensor]:
+    """What autograd keeps for the backward pass while ``run()`` builds its graph (counted with
+    ``torch.autograd.graph.saved_tensors_hooks``), each storage once.
+
+    A deterministic measure of a training step's activation memory: it depends on the graph, not on the machine.
+    What a checkpointed block keeps (its inputs, held by the checkpoint itself) is not seen by these hooks.
+
+    Args:
+        run: builds the graph, e.g. ``lambda: model(x)`` (under autocast if it should count autocast's tensors);
+            what it returns is dropped afterwards, with the graph.
+        exclude: tensors whose storages are not counted (the parameters, which exist anyway); iterated after
+            ``run()``.
+    Returns:
+        One :class:`KeptTensor` per storage, in the order they were first saved.
+    """
+    held: list[torch.Tensor] = []  # keeps every saved storage alive, so that no address is reused while counting
+    kept: dict[tuple, KeptTensor] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in kept:
+            held.append(t)
+            kept[key] = KeptTensor(t.dtype, tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    # after the run: a model that converts its weights on its first call (channels-last) excludes the new ones
+    skip = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+    del out, held
+    return [k for key, k in kept.items() if key not in skip]
+
+
+def bytes_kept_for_backward(model: nn.Module, x: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for the backward pass of ``model(x)`` (training mode as the model is), parameters
+    excluded; under autocast on ``x``'s device type with ``autocast_dtype`` when given. See
+    :func:`tensors_kept_for_backward`."""
+    def run():
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            return model(x)
+    return sum(k.nbytes for k in tensors_kept_for_backward(run, model.parameters()))
 
 
 def available_bytes(device: torch.device) -> int:

@@ -65,6 +65,10 @@ class PeftTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and torch.device(device).type == "cpu":
+            # nnU-Net takes DDP to mean CUDA and moves every rank to cuda:<rank>; a process group on the CPU (gloo)
+            # keeps the device the trainer was given
+            self.device, self.grad_scaler = torch.device("cpu"), None
         self.recipe = resolve_recipe(self.family, self.backbone.key)
         spec = self.recipe.network_spec()
         # plans are data: the network spec travels with plans.json to nnUNetv2_predict
@@ -96,11 +100,24 @@ class PeftTrainer(nnUNetTrainer):
 
     # --- initialisation ------------------------------------------------------------------------------
     def initialize(self):
+        """nnU-Net's ``initialize`` after the checks; under DDP on the CPU (gloo) the network is wrapped without
+        ``device_ids``, which nnU-Net passes and only a CUDA module takes."""
+        cpu_ddp = self.is_ddp and self.device.type == "cpu" and not self.was_initialized
         if not self.was_initialized:
             self.check_inputs()
             self._resolve_activation_checkpointing()
             self._route_pretrained_weights_to_our_loader()
-        super().initialize()
+        if cpu_ddp:
+            self.is_ddp = False  # nnU-Net's own DDP wrapping is CUDA-only; done below
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = self.is_ddp or cpu_ddp
+        if cpu_ddp:  # what nnU-Net does under DDP: the batch split over ranks, the DDP wrapper, the loss for DDP
+            self._set_batch_size_and_oversample()
+            settle_cpu_layout(self.network)
+            self.network = torch.nn.parallel.DistributedDataParallel(self.network)
+            self.loss = self._build_loss()
         net = peft.unwrap(self.network)
         self.print_to_log_file(str(peft.trainable_summary(net)), also_print_to_console=True)
         self.print_to_log_file(f"memory paths: {getattr(net, 'memory_paths', MemoryPaths(lean_norm_act=False)).label()}",
@@ -340,6 +357,15 @@ class PeftTrainer(nnUNetTrainer):
                                     (self.recorded_backbone() or {}).get("new_modules", []))})
             self.print_to_log_file(f"adapter-only weights (trained parameters + heads): {path} "
                                    f"({os.path.getsize(path) / 2**20:.1f} MB)", also_print_to_console=True)
+
+
+def settle_cpu_layout(network: torch.nn.Module) -> None:
+    """Puts a network that runs channels-last on the CPU (STU-Net with ``fast_cpu_kernels``, which converts its
+    weights on its first CPU forward pass) into that layout now. DDP records every parameter's strides when it wraps
+    the network, and a parameter whose strides change afterwards gets a wrong gradient (torch only warns: "the
+    param's strides changed since DDP was constructed"), so call this before wrapping DDP on the CPU."""
+    if getattr(network, "fast_cpu_kernels", False):
+        network.to(memory_format=torch.channels_last_3d)
 
 
 def _atomic_json(data: dict, path: str) -> None:

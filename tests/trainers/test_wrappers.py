@@ -1,5 +1,6 @@
-"""PEFT models under the wrappers nnU-Net uses: DDP (here with the gloo backend, world size 1) and
-torch.compile (dynamo tracing with the eager backend; the GPU inductor path needs a GPU)."""
+"""PEFT models under the wrappers nnU-Net uses: DDP (here with the gloo backend, world size 1; two processes in
+``test_ddp_two_processes.py``) and ``torch.compile`` with its default backend, Inductor, as nnU-Net compiles (here
+generating CPU code; under autocast in ``tests/models/test_inductor.py``)."""
 import os
 import socket
 
@@ -12,9 +13,15 @@ from nnunet_tpp.models.stunet import STUNet
 
 
 def _tiny(method):
+    """A tiny STU-Net (two poolings, so few distinct kernels for Inductor to build) with ``method``."""
     torch.manual_seed(0)
-    net = STUNet(1, 2, [1] * 6, [4, 8, 8, 8, 8, 8], [[2, 2, 2]] * 4 + [[1, 1, 1]])
+    net = STUNet(1, 2, [1] * 6, [4, 8, 8, 8, 8, 8], [[2, 2, 2]] * 2 + [[1, 1, 1]] * 3)
     return peft.apply(net, method)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal to float32 rounding (Inductor fuses and reorders the arithmetic)."""
+    return bool((got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-7)
 
 
 def _free_port() -> int:
@@ -35,7 +42,7 @@ def process_group():
 def test_ddp_trains_peft_models_without_unused_parameter_errors(process_group, method):
     ddp = torch.nn.parallel.DistributedDataParallel(_tiny(method))
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1)
-    x, y = torch.randn(1, 1, 16, 32, 32), torch.randint(0, 2, (1, 16, 32, 32))
+    x, y = torch.randn(1, 1, 8, 16, 16), torch.randint(0, 2, (1, 8, 16, 16))
     for _ in range(2):  # an unused trainable parameter would make the second step fail
         opt.zero_grad()
         out = ddp(x)
@@ -49,10 +56,10 @@ def test_ddp_trains_peft_models_without_unused_parameter_errors(process_group, m
 
 def test_compiled_peft_model_matches_eager_and_unwraps():
     net = _tiny("conv_adapter").eval()
-    compiled = torch.compile(net, backend="eager")
-    x = torch.randn(1, 1, 16, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(compiled(x)[0], net(x)[0])
+    compiled = torch.compile(net)  # Inductor
+    x = torch.randn(1, 1, 8, 16, 16)
+    with torch.no_grad():  # as nnU-Net validates and predicts
+        assert all(_close(a, b) for a, b in zip(compiled(x), net(x)))
     assert peft.unwrap(compiled) is net
     assert set(peft.target_parameters(compiled)) == set(peft.target_parameters(net))
 
@@ -60,7 +67,7 @@ def test_compiled_peft_model_matches_eager_and_unwraps():
 @pytest.mark.parametrize("checkpointing", ["off", "on"])
 def test_memory_paths_train_under_ddp_and_compile_with_the_plain_gradients(process_group, checkpointing):
     from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
-    x, y = torch.randn(1, 1, 16, 32, 32), torch.randint(0, 2, (1, 16, 32, 32))
+    x, y = torch.randn(1, 1, 8, 16, 16), torch.randint(0, 2, (1, 8, 16, 16))
 
     def grads(net, dtype=torch.float32):
         net.zero_grad(set_to_none=True)
@@ -80,8 +87,11 @@ def test_memory_paths_train_under_ddp_and_compile_with_the_plain_gradients(proce
         assert (lean64[name] - plain64[name]).abs().max() <= 1e-10 * plain64[name].abs().max() + 1e-14, name
     lean = lean_net()
     eager = grads(lean)
-    for wrapped in (torch.nn.parallel.DistributedDataParallel(lean), torch.compile(lean, backend="eager")):
-        got = grads(wrapped)
-        assert got.keys() == eager.keys()
-        for name in eager:
-            assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
+    got = grads(torch.nn.parallel.DistributedDataParallel(lean))
+    assert got.keys() == eager.keys()
+    for name in eager:
+        assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
+    got = grads(torch.compile(lean))  # Inductor, as nnU-Net compiles (before wrapping DDP)
+    assert got.keys() == eager.keys()
+    for name in eager:
+        assert eager[name].abs().max() > 0 and _close(got[name], eager[name]), name
