@@ -17,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nnunet_tpp.models.nnunet_networks import architecture_id
 
@@ -177,6 +179,41 @@ def prepare_primus(net: nn.Module, spec: PrimusSpec, patch) -> nn.Module:
     net.primus_spec = spec
     net.architecture_id = architecture_id(net, HEAD_PREFIXES)
     return net
+
+
+class _CheckpointedBlock:
+    """Mixed into an EVA block's class: its forward runs under ``torch.utils.checkpoint`` (non-reentrant: EVA's own
+    ``set_grad_checkpointing`` passes ``rope`` as a keyword, which the reentrant default of torch 2.14 refuses)."""
+
+    def forward(self, x, rope=None, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(x, rope=rope, **kwargs)
+        return checkpoint(super().forward, x, rope=rope, use_reentrant=False, **kwargs)
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def set_activation_checkpointing(net: nn.Module, on: bool) -> int:
+    """Recomputes each EVA block in the backward pass instead of keeping its activations (``on``), or not.
+
+    Returns:
+        The number of blocks switched.
+    """
+    count = 0
+    for block in net.eva.blocks:
+        checkpointed = isinstance(block, _CheckpointedBlock)
+        if on and not checkpointed:
+            base = type(block)
+            block.__class__ = _CHECKPOINTED.setdefault(base, type(f"Checkpointed{base.__name__}",
+                                                                  (_CheckpointedBlock, base), {}))
+        elif checkpointed and not on:
+            block.__class__ = type(block).__bases__[1]
+        else:
+            continue
+        count += 1
+    net.activation_checkpointing = on
+    return count
 
 
 def token_grid(patch, patch_embed_size=PATCH_EMBED) -> tuple[int, int, int]:
