@@ -152,9 +152,9 @@ def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
     state, fmt = extract_state_dict(checkpoint)
     stunet = describe_stunet(state)
     if stunet.startswith("STU-Net"):
-        raise CheckpointError(f"{path!r} is an {stunet} checkpoint; the _nnUNet and _Primus trainers adapt nnU-Net's "
-                              f"own networks. Use the STU-Net trainer of the same family with the size suffix (e.g. "
-                              f"ConvAdapterTrainer_{stunet[-1]}) for it.")
+        raise CheckpointError(f"{path!r} is an {stunet} checkpoint; the _nnUNet trainers adapt nnU-Net's own networks "
+                              f"(and the _Primus trainers Primus). Use the STU-Net trainer of the same family with the "
+                              f"size suffix (e.g. ConvAdapterTrainer_{stunet[-1]}) for it.")
     ours = type(model).__name__
     stem = getattr(model, "key_to_stem", None) or (_first_conv_weight(model) or "").rsplit(".", 1)[0] or None
     skipped: list[str] = []
