@@ -24,7 +24,7 @@ from torch import nn
 from nnunet_tpp.models.nnssl_checkpoint import (AdaptationPlanError, is_nnssl_checkpoint, map_encoder_keys,
                                                read_adaptation_plan, repeat_stem_weight, resize_position_embedding,
                                                under)
-from nnunet_tpp.models.primus import token_grid
+from nnunet_tpp.models.primus import PrimusError, spec_from_architecture, token_grid
 from nnunet_tpp.models.stunet_checkpoint import (CheckpointError, LoadReport, describe_stunet, extract_state_dict,
                                                  read_checkpoint)
 
@@ -100,7 +100,6 @@ def _family(name: str) -> str:
 
 def _nnssl_architecture_check(plan, model: nn.Module, path: str) -> None:
     """Refuses an nnssl checkpoint of another architecture than the plans' network, naming both."""
-    from nnunet_tpp.models.primus import spec_from_architecture
     theirs = plan.architecture
     ours = type(model).__name__
     family = {"ResEncL": "ResidualEncoderUNet", "NoSkipResEncL": "ResidualEncoderUNet"}.get(theirs, _family(theirs))
@@ -109,7 +108,10 @@ def _nnssl_architecture_check(plan, model: nn.Module, path: str) -> None:
                               f"plans build a {ours}; {ADOPT_HINT}")
     spec = getattr(model, "primus_spec", None)
     if spec is not None:
-        planned = spec_from_architecture({"network_class_name": theirs, "arch_kwargs": plan.arch_kwargs})
+        try:
+            planned = spec_from_architecture({"network_class_name": theirs, "arch_kwargs": plan.arch_kwargs})
+        except PrimusError as e:
+            raise CheckpointError(f"{path!r}: {e}") from None
         if planned is not None and not planned.same_architecture(spec):
             raise CheckpointError(f"{path!r} holds a {planned.describe()} encoder, but these plans build "
                                   f"{spec.describe()}; {ADOPT_HINT}")
