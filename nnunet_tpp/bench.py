@@ -104,7 +104,7 @@ def _check(backbones, patch, batch, methods, device, steps, warmup, pools, varia
     import torch
     from nnunet_tpp import peft
     from nnunet_tpp.models.stunet import SIZES
-    unknown = [b for b in backbones if b != "plans" and b not in SIZES]
+    unknown = [b for b in backbones if b != "plans" and b not in SIZES and not b.startswith("primus:")]
     if not backbones or unknown:
         raise BenchError(f"unknown STU-Net size(s) {unknown}; choose from {sorted(SIZES)}")
     if device not in ("cpu", "cuda"):
@@ -112,8 +112,8 @@ def _check(backbones, patch, batch, methods, device, steps, warmup, pools, varia
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda was asked for, but torch sees no CUDA device "
                          f"(torch {torch.__version__}); use --device cpu")
-    divisors = [1, 1, 1]  # the patch must divide by the product of the pool sizes
-    for pool in pools or [[2, 2, 2]] * 4 + [[1, 1, 2]]:
+    divisors = [1, 1, 1]  # the patch must divide by the product of the pool sizes (Primus: its 8^3 patches)
+    for pool in ([[8, 8, 8]] if backbones[0].startswith("primus:") else pools or [[2, 2, 2]] * 4 + [[1, 1, 2]]):
         divisors = [d * int(k) for d, k in zip(divisors, pool)]
     if len(patch) != 3 or any(int(p) <= 0 or int(p) % d for p, d in zip(patch, divisors)):
         raise BenchError(f"patch must be 3 positive sizes divisible by {tuple(divisors)}, got {list(patch)}")
@@ -251,11 +251,14 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         "peak_memory_mib" (CUDA: also "peak_reserved_mib"), "step_times_s" (one per round), "memory_paths", ...} or
         {"out_of_memory": True, ...}}, "merged_latency_ratio", ..., "sizes": {backbone: <the same structure>}}``.
     """
-    if network not in ("stunet", "plans"):
-        raise BenchError(f"--network must be stunet or plans, got {network!r}")
+    if network not in ("stunet", "plans", "primus"):
+        raise BenchError(f"--network must be stunet, plans or primus, got {network!r}")
     if network == "plans" and not plans_file:
         raise BenchError("--network plans needs --plans FILE (an nnU-Net plans JSON)")
     keys = ["plans"] if network == "plans" else [str(s).upper() for s in ((sizes,) if isinstance(sizes, str) else sizes)]
+    if network == "primus":  # --size: Primus presets (S B M L, V3S ...) or EMBED:DEPTH:HEADS; full vs head-only
+        keys = [f"primus:{k}" for k in keys]
+        methods, memory_paths, pretext, latency = methods or ["linear_probe"], ("plain",), False, False
     patch = tuple(int(p) for p in (patch or DEFAULT_PATCH.get(device, DEFAULT_PATCH["cpu"])))
     variants = list(memory_paths)
     check_pools = plan_settings(plans_file, configuration)["pools"] if network == "plans" else pools
@@ -272,6 +275,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
             base.update(network="plans", plans_file=os.path.abspath(plans_file), configuration=configuration,
                         label=arch)
             key = arch
+        elif key.startswith("primus:"):
+            base.update(network="primus", size=key[len("primus:"):], label=f"Primus {key[len('primus:'):]}")
         else:
             base.update(network="stunet", size=key, pools=pools, label=f"STU-Net-{key}")
         measured = _bench_backbone(base, names, variants, measure_pretext=pretext and network == "stunet",
@@ -383,8 +388,9 @@ def add_bench_arguments(parser) -> None:
     """Adds the ``nnunet-tpp bench`` options to an ``argparse`` parser."""
     parser.add_argument("--size", nargs="+", default=["S"], type=str.upper, metavar="SIZE",
                         help="STU-Net size(s): S B L H (default: S)")
-    parser.add_argument("--network", choices=("stunet", "plans"), default="stunet",
-                        help="stunet (default) or plans: the network --plans describes (PlainConvUNet, ResEnc)")
+    parser.add_argument("--network", choices=("stunet", "plans", "primus"), default="stunet",
+                        help="stunet (default), plans: the network --plans describes (PlainConvUNet, ResEnc), or "
+                             "primus: nnU-Net's transformer (--size S B M L V3S ... or EMBED:DEPTH:HEADS)")
     parser.add_argument("--patch", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
                         help="patch size (default: 64 64 64 on cpu, 128 128 128 on cuda; --plans: the plan's)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default: 2; --plans: the plan's)")

@@ -48,7 +48,10 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
     from nnunet_tpp import peft
     from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
     torch.manual_seed(SEED)
-    if cfg.get("network", "stunet") == "plans":
+    if cfg.get("network") == "primus":  # nnU-Net's transformer: a preset or EMBED:DEPTH:HEADS at the patch
+        from nnunet_tpp.models.primus import bench_network
+        net = bench_network(cfg["size"], cfg["patch"], int(cfg.get("channels", 1)), NUM_CLASSES)
+    elif cfg.get("network", "stunet") == "plans":
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
         from nnunet_tpp.models.nnunet_networks import build_from_plans
         with open(cfg["plans_file"]) as f:
@@ -65,7 +68,7 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
     if method is not None:
         peft.apply(net, method)
         memory = cfg.get("memory") or {}
-        if memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
+        if cfg.get("network") != "primus" and memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
             apply_memory_paths(net, MemoryPaths.from_settings({"lean_backward": False, **memory}))
     return net
 
@@ -127,8 +130,10 @@ def measure_training(cfg: dict) -> dict:
     try:
         net = build(cfg, cfg["method"]).to(device).train()
         summary = peft.trainable_summary(net)
-        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-2, momentum=0.99,
-                                    nesterov=True, weight_decay=3e-5)
+        trainable = [p for p in net.parameters() if p.requires_grad]
+        optimizer = (torch.optim.AdamW(trainable, 1e-4, betas=(0.9, 0.98), weight_decay=5e-2)  # nnU-Net's Primus
+                     if cfg.get("network") == "primus" else
+                     torch.optim.SGD(trainable, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5))
         model = torch.compile(net) if cfg.get("compile") else net
         if cfg.get("ddp"):
             from nnunet_tpp.trainers.base import settle_cpu_layout
@@ -147,6 +152,7 @@ def measure_training(cfg: dict) -> dict:
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 outputs = model(x)
+                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]  # Primus: one output
                 if not targets:  # labels downsampled to each deep-supervision output, once
                     targets.extend(F.interpolate(labels, size=o.shape[2:], mode="nearest")[:, 0].long()
                                    for o in outputs)

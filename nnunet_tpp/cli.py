@@ -158,13 +158,18 @@ def _experiment(args) -> int:
 
 
 def _adopt_plans(args) -> int:
-    from nnunet_tpp.adopt_plans import adopt_plans
-    plans = adopt_plans(args.source, args.dataset, args.plans_name, tuple(args.configurations), args.np,
-                        not args.no_preprocess)
+    from nnunet_tpp.adopt_nnssl import adopt, is_nnssl_file, read_nnssl_checkpoint
+    nnssl = is_nnssl_file(args.source)
+    plans = adopt(args.source, args.dataset, args.plans_name, tuple(args.configurations), args.np,
+                  not args.no_preprocess, args.spacing_mode, args.spacing, args.patch)
     name = plans.stem
+    trainer, weights = "ConvAdapterTrainer_nnUNet", "<the model's fold_X/checkpoint_final.pth>"
+    if nnssl:
+        weights = os.path.abspath(args.source)
+        if read_nnssl_checkpoint(args.source).architecture.startswith("Primus"):
+            trainer = "FullFinetuneTrainer_Primus"
     print(f"plans {name} ready for {plans.parent.name}; train with\n  nnUNetv2_train {plans.parent.name} "
-          f"{args.configurations[0]} 0 -p {name} -tr ConvAdapterTrainer_nnUNet -pretrained_weights "
-          f"<the model's fold_X/checkpoint_final.pth>")
+          f"{args.configurations[0]} 0 -p {name} -tr {trainer} -pretrained_weights {weights}")
     return 0
 
 
@@ -255,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("trainers", help="list the nnU-Net trainer names").set_defaults(func=_trainers)
     sub.add_parser("check", help="check that nnU-Net finds the trainers").set_defaults(func=_check)
 
-    adopt = sub.add_parser("adopt-plans", help="give dataset D the plans of a trained nnU-Net model and preprocess it")
-    adopt.add_argument("source", help="the model folder (…/Trainer__Plans__3d_fullres) or one of its checkpoints")
+    adopt = sub.add_parser("adopt-plans", help="give dataset D the plans of a trained nnU-Net model or of an nnssl "
+                                               "checkpoint, and preprocess it")
+    adopt.add_argument("source", help="the model folder (…/Trainer__Plans__3d_fullres), one of its checkpoints, or an "
+                                      "nnssl pre-training checkpoint")
     adopt.add_argument("-d", "--dataset", required=True, help="target dataset id or name (raw, in $nnUNet_raw)")
     adopt.add_argument("-p", "--plans-name", dest="plans_name", default=None,
                        help="name of the new plans (default: <source plans>_from_<source dataset>)")
@@ -264,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     adopt.add_argument("-np", "--np", type=int, default=4, help="preprocessing processes (default 4)")
     adopt.add_argument("--no-preprocess", dest="no_preprocess", action="store_true",
                        help="write the plans only (run nnUNetv2_preprocess yourself)")
+    adopt.add_argument("--patch", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
+                       help="nnssl: patch size (default: the checkpoint's recommended one; Primus: divisible by 8)")
+    adopt.add_argument("--spacing-mode", dest="spacing_mode", default="like_pretrained",
+                       choices=("like_pretrained", "default_nnunet", "fixed"),
+                       help="nnssl: the pre-training spacing (default), nnU-Net's, or --spacing")
+    adopt.add_argument("--spacing", nargs=3, type=float, default=None, metavar=("X", "Y", "Z"),
+                       help="nnssl, --spacing-mode fixed: the spacing in mm (the plans' axis order)")
     adopt.set_defaults(func=_adopt_plans)
 
     restore = sub.add_parser("restore", help="rebuild checkpoint_final.pth from peft_weights.pth + the backbone")

@@ -127,12 +127,12 @@ def prepare_unet(net: nn.Module) -> nn.Module:
     return net
 
 
-def architecture_id(net: nn.Module) -> str:
-    """``<class>-<hash>``: the class and a short hash of every backbone tensor's name and shape (heads excluded,
-    since a new label set changes them), e.g. ``ResidualEncoderUNet-3f2a9c1d``."""
+def architecture_id(net: nn.Module, head_prefixes: tuple[str, ...] = HEAD_PREFIXES) -> str:
+    """``<class>-<hash>``: the class and a short hash of every backbone tensor's name and shape (the modules under
+    ``head_prefixes`` excluded, since a new label set changes them), e.g. ``ResidualEncoderUNet-3f2a9c1d``."""
     digest = hashlib.blake2b(digest_size=4)
     for name, tensor in net.state_dict().items():
-        if not any(name.startswith(p + ".") for p in HEAD_PREFIXES):
+        if not any(name.startswith(p + ".") for p in head_prefixes):
             digest.update(f"{name}:{tuple(tensor.shape)};".encode())
     return f"{type(net).__name__}-{digest.hexdigest()}"
 

@@ -2,24 +2,32 @@
 
 ``ConvAdapterTrainer_S``/``_B``/``_L``/``_H`` adapt a published STU-Net of that size (``ConvAdapterTrainer`` alone is
 ``_B``); ``ConvAdapterTrainer_nnUNet`` adapts the network the plans describe (nnU-Net's ``PlainConvUNet`` or
-``ResidualEncoderUNet``), started from an nnU-Net or nnssl checkpoint. The classes are generated from the recipe
-table, so adding a family is one line of YAML.
+``ResidualEncoderUNet``), started from an nnU-Net or nnssl checkpoint. ``FullFinetuneTrainer_Primus_M``,
+``LinearProbeTrainer_PrimusV3_S`` ... adapt nnU-Net's transformer Primus at the sizes nnU-Net's Primus trainers
+build, and ``..._Primus`` the Primus the plans describe (plans adopted from an nnssl checkpoint), with the
+optimisation of nnU-Net's Primus trainers (:mod:`nnunet_tpp.trainers.primus`); they exist for the families whose
+method runs on Primus (:data:`nnunet_tpp.trainers.primus.PRIMUS_METHODS`). The classes are generated from the
+recipe table, so adding a family is one line of YAML.
 """
 from __future__ import annotations
 
+from nnunet_tpp.models.primus import PLANS_BACKBONE, TRAINER_PRESETS
 from nnunet_tpp.models.stunet import SIZES
 from nnunet_tpp.trainers.backbones import DEFAULT_STUNET_SIZE, NNUNET, backbone_of
 from nnunet_tpp.trainers.base import PeftTrainer
+from nnunet_tpp.trainers.primus import PRIMUS_METHODS, PrimusTrainerMixin
 from nnunet_tpp.trainers.recipe import _family_defaults
 from nnunet_tpp.trainers.tpp import TPPTrainer
 
 FROM_SCRATCH = {"STUNetTrainer"}  # STU-Net trained from scratch: no nnU-Net variant (that is nnUNetTrainer)
 BACKBONES = (*SIZES, NNUNET)
+PRIMUS_BACKBONES = (*TRAINER_PRESETS, PLANS_BACKBONE)
 
 
 def _doc(family: str, fields: dict, key: str) -> str:
     backbone = backbone_of(key)
-    what = backbone.label() if backbone.is_stunet else "the network of the plans (PlainConvUNet / ResidualEncoderUNet)"
+    what = (backbone.label() if backbone.is_stunet or key in TRAINER_PRESETS else "the Primus the plans describe"
+            if key == PLANS_BACKBONE else "the network of the plans (PlainConvUNet / ResidualEncoderUNet)")
     start = " (trained from scratch)" if family in FROM_SCRATCH else f" from {backbone.checkpoint_hint()}"
     tpp = ", its target parameters first pre-trained with DINO on the fold's images (TPP)" if fields.get("tpp") else ""
     return f"nnU-Net trainer: {what} with PEFT method {fields['method']!r}{start}{tpp}."
@@ -38,6 +46,12 @@ def _make_family(family: str) -> dict[str, type]:
         name = f"{family}_{key}"
         classes[name] = type(name, (base,), {"backbone": backbone_of(key), "__module__": __name__,
                                              "__doc__": _doc(family, fields, key)})
+    if fields["method"] in PRIMUS_METHODS and family not in FROM_SCRATCH and not fields.get("tpp"):
+        for key in PRIMUS_BACKBONES:
+            name = f"{family}_{key}"
+            classes[name] = type(name, (PrimusTrainerMixin, base), {"backbone": backbone_of(key),
+                                                                    "__module__": __name__,
+                                                                    "__doc__": _doc(family, fields, key)})
     return classes
 
 

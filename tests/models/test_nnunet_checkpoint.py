@@ -75,32 +75,35 @@ def test_other_architecture_and_stunet_checkpoints_are_named(tmp_path):
         load_nnunet_checkpoint(plain(), tmp_path / "stunet.model")
 
 
-def test_a_one_channel_model_is_adapted_to_more_channels(tmp_path):
+def test_a_one_channel_model_is_adapted_to_more_channels_keeping_the_output_scale(tmp_path):
     source = plain(channels=1)
     path = _nnunet_file(tmp_path / "ckpt.pth", source)
     net = plain(channels=2)
     report = load_nnunet_checkpoint(net, path)
     first = "encoder.stages.0.0.convs.0.conv.weight"
-    assert report.repeated_input_channels == [first]
-    assert torch.equal(net.state_dict()[first][:, 1], source.state_dict()[first][:, 0])
+    assert report.repeated_input_channels == [first] and "divided by 2" in str(report)
+    weight = source.state_dict()[first]
+    assert torch.equal(net.state_dict()[first], torch.cat([weight / 2, weight / 2], dim=1))
+    image = torch.randn(1, 1, 8, 8, 8)  # the same image in both channels: the pre-trained first layer's output
+    conv = net.encoder.stages[0][0].convs[0].conv
+    assert torch.allclose(conv(image.repeat(1, 2, 1, 1, 1)), source.encoder.stages[0][0].convs[0].conv(image),
+                          atol=1e-6)
 
 
 def test_nnssl_checkpoints_load_the_encoder_and_train_a_new_decoder(tmp_path):
-    pretrained = resenc(seed=4)
-    weights = {k: v for k, v in pretrained.state_dict().items()}
-    torch.save({"network_weights": weights, "init_args": {}, "trainer_name": "BaseMAETrainer",
-                "nnssl_adaptation_plan": {"key_to_encoder": "encoder.stages", "key_to_stem": "encoder.stem",
-                                          "keys_to_in_proj": ["encoder.stem.convs.0.conv"],
-                                          "pretrain_num_input_channels": 1,
-                                          "architecture_plans": {"arch_class_name": "ResEncL"}}},
-               tmp_path / "nnssl.pth")
+    from tests.nnssl_files import resenc_checkpoint
+    path, pretrained = resenc_checkpoint(tmp_path / "checkpoint_final.pth", seed=4)
+    weights = pretrained.state_dict()
     net = peft.apply(resenc(seed=9), "conv_adapter")
-    report = load_nnunet_checkpoint(net, tmp_path / "nnssl.pth", set(peft.target_parameters(net)))
+    report = load_nnunet_checkpoint(net, path, set(peft.target_parameters(net)))
     assert report.new_modules == ["decoder"] and "nnssl" in report.source_format
-    assert torch.equal(net.state_dict()["encoder.stem.convs.0.norm.weight"], weights["encoder.stem.convs.0.norm.weight"])
+    for key, value in weights.items():
+        if key.startswith("encoder."):
+            assert torch.equal(net.state_dict()[key], value), key
     assert not torch.equal(net.state_dict()["decoder.stages.0.convs.0.conv.weight"],
                            weights["decoder.stages.0.convs.0.conv.weight"])
     assert any(k.startswith("decoder.stages") for k in report.skipped)
+    assert any(".adapter." in k for k in report.initialised)
 
 
 class Payload:
