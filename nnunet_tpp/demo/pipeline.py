@@ -2,7 +2,7 @@
 
 raw dataset -> ``nnUNetv2_plan_and_preprocess`` -> (upstream pre-training of a backbone, when no checkpoint
 is given) -> ``nnUNetv2_train -tr ConvAdapterTrainer_S -pretrained_weights ...`` -> ``nnUNetv2_predict`` ->
-evaluation -> a table.
+evaluation -> a table that marks the labels the schedule did not learn (:mod:`nnunet_tpp.demo.report`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import yaml
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
     dataset_folder_name, write_raw_dataset
 from nnunet_tpp.demo.phantom import LABELS, write_phantom_case
+from nnunet_tpp.demo.report import chance_dice, learnt, result_table
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
 
@@ -205,7 +206,9 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     Every setting and input is checked first (:func:`check_demo`); a refused demo writes nothing.
 
     Returns:
-        ``{"dice": {label: value}, "mean_dice", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}``.
+        ``{"dice": {label: value}, "mean_dice", "chance_dice": {label: value}, "learnt": {label: bool},
+        "evaluation", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}`` (chance Dice and learnt:
+        :mod:`nnunet_tpp.demo.report`).
     """
     start = time.time()
     checked = check_demo(cfg)
@@ -266,16 +269,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
 
     echo("[6/6] evaluating")
     result = evaluate_folder(labels_ts, predictions, labels)
+    chance = chance_dice(labels_ts, labels)
     trainable = _trainable_line(folders.results / dataset_folder_name(cfg.dataset_id, "Demo"))
     total = time.time() - start
     echo("")
     echo(f"{cfg.trainer} on {'the phantom' if cfg.data is None else cfg.data} ({len(train)} training, "
          f"{len(test)} test cases; a smoke run, not a benchmark)")
-    echo(result.markdown())
+    echo(result_table(result, chance, f"{cfg.epochs} epochs x {cfg.iterations_per_epoch} iterations"))
     echo("")
     echo(markdown_table(["trainable %", "wall time (s)"] + [f"{k} (s)" for k in times],
                         [[trainable, f"{total:.0f}"] + [f"{v:.0f}" for v in times.values()]]))
-    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "evaluation": result.to_json(),
+    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "chance_dice": chance,
+               "learnt": learnt(result, chance), "evaluation": result.to_json(),
                "trainable_percent": trainable,
                "wall_time_s": {"total": total, **times}, "work_dir": str(folders.root)}
     (folders.root / "demo_summary.json").write_text(json.dumps(summary, indent=2))
