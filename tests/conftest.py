@@ -105,8 +105,13 @@ class LAWorkspace:
 
 @pytest.fixture(scope="session")
 def la_nnunet(tmp_path_factory) -> LAWorkspace:
+    """:func:`make_la_workspace`, once per test session."""
+    return make_la_workspace(tmp_path_factory.mktemp("la2018"))
+
+
+def make_la_workspace(root: Path) -> LAWorkspace:
     """The left atrium (LA 2018, real MRI, 1.25 mm) in nnU-Net: 12 training cases and 6 held-out test cases,
-    ``nnUNetv2_plan_and_preprocess`` at 2.5 mm (``-overwrite_target_spacing``), once per test session.
+    ``nnUNetv2_plan_and_preprocess`` at 2.5 mm (``-overwrite_target_spacing``), in the folder ``root``.
 
     The plan's 3d_fullres configuration is then edited to a 32^3 patch with four 2x2x2 poolings (nnU-Net planned
     24 x 40 x 48 with three, leaving STU-Net's two deepest stages unpooled at 256-512 channels): STU-Net reads its
@@ -114,7 +119,6 @@ def la_nnunet(tmp_path_factory) -> LAWorkspace:
     around the atrium (about 22 x 36 x 48 voxels at 2.5 mm), so the patch covers most of a case."""
     from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
     from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
-    root = tmp_path_factory.mktemp("la2018")
     folders = NNUNetFolders(root)
     folders.make()
     names = sorted(p.name[:-len(".nii.gz")] for p in require(LA2018).glob("la_*.nii.gz")
@@ -150,32 +154,16 @@ def sitk_copy_label(src: Path, dst: Path) -> None:
     sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(src)), sitk.sitkUInt8), str(dst), useCompression=True)
 
 
-def initial_network(model_folder: Path, trainer_name: str, seed: int, configuration: str = "3d_fullres"):
-    """The network a run of ``trainer_name`` with ``NNUNET_TPP_SEED=seed`` started from, before its pre-trained
-    weights were loaded: the trainer seeds the generators (:mod:`nnunet_tpp.trainers.seeding`) right before nnU-Net
-    builds the network, which draws nothing else first. Built from the model folder's ``plans.json`` and
-    ``dataset.json``; its new parameters (PEFT, heads) hold the run's initial values."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunet_tpp.trainers.seeding import INIT_PHASE, seed_generators
-    from nnunet_tpp.trainers.zoo import TRAINERS
-    manager = PlansManager(json.loads((Path(model_folder) / "plans.json").read_text()))
-    dataset_json = json.loads((Path(model_folder) / "dataset.json").read_text())
-    config = manager.get_configuration(configuration)
-    seed_generators(seed, INIT_PHASE)
-    return TRAINERS[trainer_name].build_network_architecture(
-        manager, config, determine_num_input_channels(manager, config, dataset_json),
-        manager.get_label_manager(dataset_json).num_segmentation_heads, True)
-
-
 def assert_pretext_moved_its_target_parameters(result: dict, model_folder, trainer_name: str, seed: int) -> None:
     """The pretext stage's target parameters (``result``, a target-parameter file's content) against their initial
-    values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`tests.conftest.initial_network`): every tensor
+    values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`nnunet_tpp.trainers.seeding.initial_network`):
+    every tensor
     the DINO loss reaches (encoder stages up to the deepest pooled one) moved by more than float32 rounding of its
     values; every other one is bit for bit its initial value (which shows the rebuilt values are the run's)."""
     from nnunet_tpp.peft import target_parameters
     from nnunet_tpp.pretext.stage import EncoderEmbedding
     from nnunet_tpp.trainers.recipe import TrainerRecipe
+    from nnunet_tpp.trainers.seeding import initial_network
     initial = initial_network(model_folder, trainer_name, seed)
     start = {name: p.detach() for name, p in target_parameters(initial).items()}
     assert set(result["target_parameters"]) == set(start)

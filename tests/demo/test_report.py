@@ -33,14 +33,16 @@ def _evaluation(dice: dict[str, float]) -> Evaluation:
     return Evaluation({name: {"dice": d, "hd95": 5.0 if d > 0 else 232.0} for name, d in dice.items()})
 
 
-def test_labels_at_or_below_chance_are_marked_not_learnt_and_named_in_a_note():
+def test_labels_not_above_the_untrained_network_and_chance_are_marked_not_learnt_and_named_in_a_note():
     chance = {"liver": 0.12, "lesion": 0.004, "kidney": 0.03}
-    evaluation = _evaluation({"liver": 0.93, "lesion": 0.0, "kidney": 0.03})
-    assert learnt(evaluation, chance) == {"liver": True, "lesion": False, "kidney": False}  # equal is not above
-    table = result_table(evaluation, chance, "15 epochs x 20 iterations")
+    untrained = _evaluation({"liver": 0.05, "lesion": 0.01, "kidney": 0.0})
+    evaluation = _evaluation({"liver": 0.93, "lesion": 0.008, "kidney": 0.03})
+    # lesion: above chance but below the untrained network; kidney: above the untrained network, equal to chance
+    assert learnt(evaluation, untrained, chance) == {"liver": True, "lesion": False, "kidney": False}
+    table = result_table(evaluation, untrained, chance, "15 epochs x 20 iterations")
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
-    assert rows["liver"].endswith("| 0.1200 | yes |")
-    assert rows["lesion"].endswith(f"| 0.0040 | {NOT_LEARNT} |") and rows["kidney"].endswith(f"| {NOT_LEARNT} |")
+    assert rows["liver"].endswith("| 0.0500 | 0.1200 | yes |")
+    assert rows["lesion"].endswith(f"| 0.0100 | 0.0040 | {NOT_LEARNT} |") and rows["kidney"].endswith(f"| {NOT_LEARNT} |")
     assert "Not learnt by this schedule (15 epochs x 20 iterations): lesion, kidney." in table
-    every = result_table(_evaluation({"liver": 0.9, "lesion": 0.5, "kidney": 0.8}), chance, "x")
+    every = result_table(_evaluation({"liver": 0.9, "lesion": 0.5, "kidney": 0.8}), untrained, chance, "x")
     assert "Not learnt" not in every and NOT_LEARNT not in every

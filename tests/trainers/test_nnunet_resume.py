@@ -31,17 +31,17 @@ KILLED_RUN = """
 import os, signal, sys
 from nnunet_tpp.trainers.base import PeftTrainer
 kill_after, steps = int(sys.argv[1]), [0]
-init, train_step = PeftTrainer.__init__, PeftTrainer.train_step
-def init_saving_every_epoch(self, *args, **kwargs):
-    init(self, *args, **kwargs)
+on_train_start, train_step = PeftTrainer.on_train_start, PeftTrainer.train_step
+def start_saving_every_epoch(self):
     self.save_every = 1
+    on_train_start(self)
 def train_step_then_die(self, batch):
     out = train_step(self, batch)
     steps[0] += 1
     if steps[0] == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
-PeftTrainer.__init__, PeftTrainer.train_step = init_saving_every_epoch, train_step_then_die
+PeftTrainer.on_train_start, PeftTrainer.train_step = start_saving_every_epoch, train_step_then_die
 from nnunetv2.run.run_training import run_training_entry
 sys.argv = ["nnUNetv2_train", *sys.argv[2:]]
 run_training_entry()
