@@ -1,7 +1,11 @@
-"""Shared fixtures: paths to the real test data in ../shared and small STU-Nets."""
+"""Shared fixtures: paths to the real test data in ../shared, small STU-Nets, published-style STU-Net checkpoints,
+the left-atrium MRI planned and preprocessed by nnU-Net once per test session, and the initial network of a
+seeded nnU-Net run."""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ CT_IMAGE = SHARED / "data" / "ct" / "abdomen_ct_001.nii.gz"
 CT_LABELS = SHARED / "data" / "ct" / "abdomen_ct_001_labels.nii.gz"
 REFERENCE = SHARED / "reference"
 PNEUMONIA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"
+LA2018 = SHARED / "data" / "mri3d" / "la2018"
 
 
 def require(path: Path) -> Path:
@@ -58,3 +63,115 @@ def micro_stunet():
         return STUNet(channels, classes, [depth] * 6, [8, 16, 16, 16, 16, 16], [[2, 2, 2]] * 4 + [[1, 1, 1]],
                       size_name="micro")
     return make
+
+
+def write_v1_checkpoint(path: Path, size: str = "S", seed: int = 0) -> dict:
+    """Writes a published-style nnU-Net v1 ``.model`` file of random STU-Net weights (105 classes, DDP prefix,
+    numpy scalars in ``plot_stuff``) to ``path``; returns its backbone tensors (heads left out) by our key names."""
+    import numpy as np
+    from nnunet_tpp.models.stunet import build_stunet
+    torch.manual_seed(seed)
+    net = build_stunet(size, 1, 105)
+    torch.save({"epoch": 1000, "state_dict": {"module." + k: v for k, v in net.state_dict().items()},
+                "optimizer_state_dict": None, "plot_stuff": ([np.float64(1.0)], [np.float64(0.9)], [], [])}, path)
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("seg_outputs")}
+
+
+LA_DATASET = 701
+LA_LABELS = {"background": 0, "left_atrium": 1}
+
+
+@dataclass
+class LAWorkspace:
+    """nnU-Net folders holding the LA 2018 MRI subset planned and preprocessed (``Dataset701_LA``).
+
+    Attributes:
+        folders: the nnU-Net raw / preprocessed / results folders (tests give each run its own results folder).
+        env: the environment of the nnU-Net commands (folders set; one data-augmentation process).
+        test_images, test_labels: the held-out cases (never trained on): ``imagesTs`` and their label maps.
+        log: the commands' log file.
+    """
+
+    folders: object
+    env: dict
+    test_images: Path
+    test_labels: Path
+    log: Path
+
+    def results_env(self, results: Path, **extra: str) -> dict:
+        """The environment with its own ``nnUNet_results`` folder (so that tests never share a model folder)."""
+        return dict(self.env, nnUNet_results=str(results), **extra)
+
+
+@pytest.fixture(scope="session")
+def la_nnunet(tmp_path_factory) -> LAWorkspace:
+    """:func:`make_la_workspace`, once per test session."""
+    return make_la_workspace(tmp_path_factory.mktemp("la2018"))
+
+
+def make_la_workspace(root: Path) -> LAWorkspace:
+    """The left atrium (LA 2018, real MRI, 1.25 mm) in nnU-Net: 12 training cases and 6 held-out test cases,
+    ``nnUNetv2_plan_and_preprocess`` at 2.5 mm (``-overwrite_target_spacing``), in the folder ``root``.
+
+    The plan's 3d_fullres configuration is then edited to a 32^3 patch with four 2x2x2 poolings (nnU-Net planned
+    24 x 40 x 48 with three, leaving STU-Net's two deepest stages unpooled at 256-512 channels): STU-Net reads its
+    pool sizes from the plan, and a step of STU-Net-S on 2 CPU cores takes about a second. The cases are cropped
+    around the atrium (about 22 x 36 x 48 voxels at 2.5 mm), so the patch covers most of a case."""
+    from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
+    from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
+    folders = NNUNetFolders(root)
+    folders.make()
+    names = sorted(p.name[:-len(".nii.gz")] for p in require(LA2018).glob("la_*.nii.gz")
+                   if not p.name.endswith("_labels.nii.gz"))
+    cases = [Case(n, LA2018 / f"{n}.nii.gz", LA2018 / f"{n}_labels.nii.gz") for n in names]
+    train, test = cases[:12], cases[-6:]
+    raw = write_raw_dataset(folders.raw, LA_DATASET, "LA", train, LA_LABELS, channel_name="MRI",
+                            test=[Case(c.name, c.image) for c in test])
+    test_labels = root / "test_labels"
+    test_labels.mkdir()
+    for case in test:
+        sitk_copy_label(case.label, test_labels / f"{case.name}.nii.gz")
+    env = folders.env()
+    log = root / "log.txt"
+    run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", LA_DATASET, "-c", "3d_fullres", "-np", "1", "-npfp", "1",
+                "-overwrite_target_spacing", "2.5", "2.5", "2.5"], env, log, echo=lambda _: None)
+    plans_file = next(folders.preprocessed.rglob("nnUNetPlans.json"))
+    plans = json.loads(plans_file.read_text())
+    config = plans["configurations"]["3d_fullres"]
+    stages = 5
+    config["patch_size"] = [32, 32, 32]
+    config["architecture"]["arch_kwargs"].update(
+        n_stages=stages, features_per_stage=[32, 64, 128, 256, 320], kernel_sizes=[[3, 3, 3]] * stages,
+        strides=[[1, 1, 1]] + [[2, 2, 2]] * (stages - 1), n_conv_per_stage=[2] * stages,
+        n_conv_per_stage_decoder=[2] * (stages - 1))
+    plans_file.write_text(json.dumps(plans, indent=2))
+    return LAWorkspace(folders, env, raw / "imagesTs", test_labels, log)
+
+
+def sitk_copy_label(src: Path, dst: Path) -> None:
+    """Copies a label map as uint8 NIfTI (the way the raw dataset's labels are written)."""
+    import SimpleITK as sitk
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(src)), sitk.sitkUInt8), str(dst), useCompression=True)
+
+
+def assert_pretext_moved_its_target_parameters(result: dict, model_folder, trainer_name: str, seed: int) -> None:
+    """The pretext stage's target parameters (``result``, a target-parameter file's content) against their initial
+    values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`nnunet_tpp.trainers.seeding.initial_network`):
+    every tensor
+    the DINO loss reaches (encoder stages up to the deepest pooled one) moved by more than float32 rounding of its
+    values; every other one is bit for bit its initial value (which shows the rebuilt values are the run's)."""
+    from nnunet_tpp.peft import target_parameters
+    from nnunet_tpp.pretext.stage import EncoderEmbedding
+    from nnunet_tpp.trainers.recipe import TrainerRecipe
+    from nnunet_tpp.trainers.seeding import initial_network
+    initial = initial_network(model_folder, trainer_name, seed)
+    start = {name: p.detach() for name, p in target_parameters(initial).items()}
+    assert set(result["target_parameters"]) == set(start)
+    reached = EncoderEmbedding(initial, tuple(TrainerRecipe().pretext_feature_stages)).reached(start)
+    assert reached and reached != set(start)
+    for name, value in result["target_parameters"].items():
+        if name in reached:
+            change = (value - start[name]).abs().max().item()
+            assert change > 1e-5 * start[name].abs().max().item(), (name, change)  # float32 eps: 1.2e-7
+        else:
+            assert torch.equal(value, start[name]), name

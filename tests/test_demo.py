@@ -1,9 +1,11 @@
-"""The main job, ``nnunet-tpp demo``, on a tiny schedule: phantom -> nnU-Net -> table."""
+"""The main job, ``nnunet-tpp demo``, on a tiny schedule: phantom -> nnU-Net -> table, whose labels are marked
+learnt only where their Dice lies above chance (:mod:`nnunet_tpp.demo.report`)."""
 import json
 
 import pytest
 
 from nnunet_tpp.cli import main
+from nnunet_tpp.demo.report import NOT_LEARNT, chance_dice
 
 pytestmark = pytest.mark.e2e
 
@@ -14,9 +16,20 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
                  "--dataset-id", "521"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "| label / region | Dice | HD95 (mm) |" in out and "| lesion |" in out and "trainable %" in out
+    assert "| label / region | Dice | HD95 (mm) | untrained Dice | chance Dice | learnt |" in out
+    assert "trainable %" in out
     summary = json.loads((work / "demo_summary.json").read_text())
     assert set(summary["dice"]) == {"liver", "kidney", "lesion"}
+    labels_ts = work / "nnUNet_raw" / "Dataset521_Demo" / "labelsTs"
+    assert summary["chance_dice"] == chance_dice(labels_ts, {"background": 0, "liver": 1, "kidney": 2, "lesion": 3})
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
+    for label, dice in summary["dice"].items():  # learnt exactly where the Dice beats both floors, and said so
+        above = dice > summary["chance_dice"][label] and dice > summary["untrained_dice"][label]
+        assert summary["learnt"][label] == above
+        assert rows[label].endswith("| yes |" if above else f"| {NOT_LEARNT} |")
+    assert ("Not learnt by this schedule (1 epochs x 2 iterations): " in out) == (not all(summary["learnt"].values()))
+    assert not summary["learnt"]["lesion"]  # two iterations do not learn the phantom's small lesions
+    assert (work / "predictions_untrained" / "test100.nii.gz").exists()
     assert 0 < float(summary["trainable_percent"]) < 5
     assert (work / "predictions" / "test100.nii.gz").exists()
 

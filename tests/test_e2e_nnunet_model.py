@@ -14,12 +14,13 @@ import torch
 from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
 from nnunet_tpp.evaluation import geometry_mismatches
 from nnunet_tpp.nnunet_commands import NNUNetCommandError, NNUNetFolders, run_nnunet
-from tests.conftest import CT_IMAGE, CT_LABELS, require
-from tests.test_e2e_ct import _write_v1_checkpoint
+from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
+from tests.conftest import CT_IMAGE, CT_LABELS, assert_pretext_moved_its_target_parameters, require, write_v1_checkpoint
 
 pytestmark = pytest.mark.e2e
 SOURCE, TARGET = 621, 622
 PLANS = "nnUNetPlans_from_Dataset621_Source"
+TPP_SEED = 3
 
 
 STOCK_SAVE = """
@@ -85,7 +86,7 @@ def adopted(nnunet_model):
     return nnunet_model
 
 
-def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted):
+def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted, tmp_path):
     folders, raw, env, log, model, checkpoint = adopted
     source_bytes = checkpoint.read_bytes()
     adopted = folders.preprocessed / "Dataset622_Target" / f"{PLANS}.json"
@@ -101,15 +102,15 @@ def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted):
     text = next(fold.glob("training_log_*.txt")).read_text()
     assert "trainable parameters: " in text and "memory paths: lean norm/act, checkpointing off" in text
     assert "the plans' PlainConvUNet + conv_adapter" in text
-    source = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    source = read_checkpoint(str(checkpoint))["network_weights"]
+    final = read_checkpoint(str(fold / "checkpoint_final.pth"))["network_weights"]
     backbone = {k: v for k, v in source.items() if ".seg_layers." not in k}
     assert backbone and all(torch.equal(final[k], v) for k, v in backbone.items())
     assert any(".adapter." in k for k in final) and (fold / "peft_weights.pth").exists()
     assert json.loads((fold / "backbone.json").read_text())["fingerprint"].startswith("blake2b:")
     assert checkpoint.read_bytes() == source_bytes  # the user's model is untouched
 
-    predictions = folders.root / "pred"
+    predictions = tmp_path / "pred"
     run_nnunet(["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", TARGET, "-c", "3d_fullres",
                 "-p", PLANS, "-f", "all", "-tr", "ConvAdapterTrainer_nnUNet", "-device", "cpu", "-npp", "1",
                 "-nps", "1", "--disable_tta"], env, log)
@@ -118,28 +119,30 @@ def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted):
 
 def test_tpp_pretrains_the_adapters_of_an_nnunet_model_then_fine_tunes(adopted):
     folders, raw, env, log, model, checkpoint = adopted
-    tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2")
+    tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2",
+                   NNUNET_TPP_SEED=str(TPP_SEED))
     run_nnunet(["nnUNetv2_train", TARGET, "3d_fullres", "all", "-p", PLANS, "-tr", "TPPConvAdapterTrainer_nnUNet",
                 "-pretrained_weights", checkpoint, "-device", "cpu"], tpp_env, log)
     fold = folders.results / "Dataset622_Target" / f"TPPConvAdapterTrainer_nnUNet__{PLANS}__3d_fullres" / "fold_all"
     result = torch.load(fold / "tpp_target_parameters.pth", map_location="cpu", weights_only=True)
     assert result["method"] == "conv_adapter" and result["architecture"].startswith("PlainConvUNet-")
+    assert_pretext_moved_its_target_parameters(result, fold.parent, "TPPConvAdapterTrainer_nnUNet", TPP_SEED)
     assert result["backbone"] == json.loads((fold / "backbone.json").read_text())["fingerprint"]
     diagnostics = json.loads((fold / "tpp_diagnostics.json").read_text())
     assert diagnostics and set(diagnostics[0]) >= {"epoch", "loss", "teacher_entropy", "batch_mean_entropy", "kl",
                                                    "log_k"}
-    source = torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
-    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    source = read_checkpoint(str(checkpoint))["network_weights"]
+    final = read_checkpoint(str(fold / "checkpoint_final.pth"))["network_weights"]
     assert all(torch.equal(final[k], v) for k, v in source.items() if ".seg_layers." not in k)
 
 
-def test_checkpoints_that_do_not_fit_are_refused_before_anything_is_written(nnunet_model):
+def test_checkpoints_that_do_not_fit_are_refused_before_anything_is_written(nnunet_model, tmp_path):
     folders, raw, env, log, model, checkpoint = nnunet_model
-    stunet = folders.root / "STUNet_S.model"
-    _write_v1_checkpoint(stunet)
+    stunet = tmp_path / "STUNet_S.model"
+    write_v1_checkpoint(stunet)
     cases = [("ConvAdapterTrainer_nnUNet", stunet, "is an STU-Net-S checkpoint; the _nnUNet trainers adapt nnU-Net"),
              ("ConvAdapterTrainer_S", checkpoint, "ConvAdapterTrainer_nnUNet"),
-             ("LoRATrainer_nnUNet", folders.root / "nope.pth", "not found")]
+             ("LoRATrainer_nnUNet", tmp_path / "nope.pth", "not found")]
     for trainer, weights, message in cases:
         with pytest.raises(NNUNetCommandError, match=message):
             run_nnunet(["nnUNetv2_train", SOURCE, "3d_fullres", "all", "-tr", trainer, "-pretrained_weights",

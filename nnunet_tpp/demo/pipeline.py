@@ -2,7 +2,7 @@
 
 raw dataset -> ``nnUNetv2_plan_and_preprocess`` -> (upstream pre-training of a backbone, when no checkpoint
 is given) -> ``nnUNetv2_train -tr ConvAdapterTrainer_S -pretrained_weights ...`` -> ``nnUNetv2_predict`` ->
-evaluation -> a table.
+evaluation -> a table that marks the labels the schedule did not learn (:mod:`nnunet_tpp.demo.report`).
 """
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ import yaml
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
     dataset_folder_name, write_raw_dataset
 from nnunet_tpp.demo.phantom import LABELS, write_phantom_case
+from nnunet_tpp.demo.report import chance_dice, learnt, result_table
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
+from nnunet_tpp.trainers.restore import write_initial_checkpoint
+
+UNTRAINED = "checkpoint_untrained.pth"  # the fine-tuning run's starting point, beside its checkpoint_final.pth
 
 
 @dataclass
@@ -38,6 +42,8 @@ class DemoConfig:
         epochs, iterations_per_epoch, val_iterations_per_epoch: fine-tuning schedule.
         upstream_epochs: schedule of the upstream pre-training (same iterations per epoch).
         device: cpu or cuda.
+        seed: ``NNUNET_TPP_SEED`` of the fine-tuning run: its starting point is rebuilt from it, to show what the
+            untrained network predicts.
     """
 
     work_dir: Path = Path("nnunet_tpp_work")
@@ -53,6 +59,7 @@ class DemoConfig:
     val_iterations_per_epoch: int = 2
     upstream_epochs: int = 10
     device: str = "cpu"
+    seed: int = 0
 
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "DemoConfig":
@@ -125,6 +132,8 @@ def check_demo(cfg: DemoConfig) -> CheckedDemo:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"demo setting {name} must be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise ValueError(f"demo setting seed must be an integer >= 0, got {cfg.seed!r}")
     last = 998 if cfg.pretrained is None else 999  # the upstream dataset takes the next id
     if not isinstance(cfg.dataset_id, int) or not 1 <= cfg.dataset_id <= last:
         raise ValueError(f"--dataset-id must be within 1..{last}"
@@ -205,7 +214,10 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     Every setting and input is checked first (:func:`check_demo`); a refused demo writes nothing.
 
     Returns:
-        ``{"dice": {label: value}, "mean_dice", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}``.
+        ``{"dice": {label: value}, "mean_dice", "untrained_dice", "chance_dice": {label: value},
+        "learnt": {label: bool},
+        "evaluation", "trainable_percent", "wall_time_s": {step: s}, "work_dir"}`` (chance Dice and learnt:
+        :mod:`nnunet_tpp.demo.report`).
     """
     start = time.time()
     checked = check_demo(cfg)
@@ -253,29 +265,37 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     echo(f"[4/6] fine-tuning {cfg.trainer}: {cfg.epochs} epochs x {cfg.iterations_per_epoch} iterations")
     times["fine-tuning"] = run_nnunet(
         ["nnUNetv2_train", cfg.dataset_id, "3d_fullres", fold, "-tr", cfg.trainer, "-pretrained_weights",
-         pretrained, "-device", cfg.device], env, log, echo)
+         pretrained, "-device", cfg.device], dict(env, NNUNET_TPP_SEED=str(cfg.seed)), log, echo)
 
-    echo("[5/6] predicting the test cases (nnU-Net sliding window)")
-    predictions = folders.root / "predictions"
-    if predictions.exists():
-        shutil.rmtree(predictions)
-    times["prediction"] = run_nnunet(
-        ["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", predictions, "-d", cfg.dataset_id, "-c", "3d_fullres",
-         "-f", fold, "-tr", cfg.trainer, "-device", cfg.device, "-npp", "1", "-nps", "1", "--disable_tta"],
-        env, log, echo)
+    echo("[5/6] predicting the test cases (nnU-Net sliding window) with the fine-tuned and the untrained network")
+    model = folders.results / dataset_folder_name(cfg.dataset_id, "Demo") / f"{cfg.trainer}__nnUNetPlans__3d_fullres"
+    (model / f"fold_{fold}" / UNTRAINED).unlink(missing_ok=True)  # from an earlier demo in this folder
+    write_initial_checkpoint(model, fold, cfg.seed, Path(pretrained), UNTRAINED)
+    predictions, untrained_predictions = folders.root / "predictions", folders.root / "predictions_untrained"
+    for key, out, checkpoint in (("prediction", predictions, "checkpoint_final.pth"),
+                                 ("prediction (untrained)", untrained_predictions, UNTRAINED)):
+        if out.exists():
+            shutil.rmtree(out)
+        times[key] = run_nnunet(
+            ["nnUNetv2_predict", "-i", raw / "imagesTs", "-o", out, "-d", cfg.dataset_id, "-c", "3d_fullres",
+             "-f", fold, "-tr", cfg.trainer, "-chk", checkpoint, "-device", cfg.device, "-npp", "1", "-nps", "1",
+             "--disable_tta"], env, log, echo)
 
     echo("[6/6] evaluating")
     result = evaluate_folder(labels_ts, predictions, labels)
+    untrained = evaluate_folder(labels_ts, untrained_predictions, labels)
+    chance = chance_dice(labels_ts, labels)
     trainable = _trainable_line(folders.results / dataset_folder_name(cfg.dataset_id, "Demo"))
     total = time.time() - start
     echo("")
     echo(f"{cfg.trainer} on {'the phantom' if cfg.data is None else cfg.data} ({len(train)} training, "
          f"{len(test)} test cases; a smoke run, not a benchmark)")
-    echo(result.markdown())
+    echo(result_table(result, untrained, chance, f"{cfg.epochs} epochs x {cfg.iterations_per_epoch} iterations"))
     echo("")
     echo(markdown_table(["trainable %", "wall time (s)"] + [f"{k} (s)" for k in times],
                         [[trainable, f"{total:.0f}"] + [f"{v:.0f}" for v in times.values()]]))
-    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "evaluation": result.to_json(),
+    summary = {"dice": result.dice, "mean_dice": result.mean_dice, "untrained_dice": untrained.dice,
+               "chance_dice": chance, "learnt": learnt(result, untrained, chance), "evaluation": result.to_json(),
                "trainable_percent": trainable,
                "wall_time_s": {"total": total, **times}, "work_dir": str(folders.root)}
     (folders.root / "demo_summary.json").write_text(json.dumps(summary, indent=2))

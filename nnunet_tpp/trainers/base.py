@@ -23,6 +23,7 @@ from nnunet_tpp.models.lean import MemoryPaths, apply_memory_paths
 from nnunet_tpp.peft.fingerprint import FINGERPRINT_ATTRIBUTE
 from nnunet_tpp.trainers.backbones import Backbone, backbone_of
 from nnunet_tpp.trainers.recipe import resolve_recipe
+from nnunet_tpp.trainers.seeding import ENV_SEED, INIT_PHASE, data_workers, requested_seed, seed_generators
 
 PEFT_WEIGHTS_FILE = "peft_weights.pth"
 BACKBONE_RECORD = "backbone.json"
@@ -83,6 +84,7 @@ class PeftTrainer(nnUNetTrainer):
         if self.recipe.val_iterations_per_epoch:
             self.num_val_iterations_per_epoch = int(self.recipe.val_iterations_per_epoch)
         self.pretrained_report = None
+        self.seed = requested_seed()
         self.print_to_log_file(f"nnunet_tpp: {type(self).__name__} = {self.backbone.label(self.configuration_manager)}"
                                f" + {spec['method']} {spec['options']}; lr {self.initial_lr}, "
                                f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations",
@@ -107,6 +109,8 @@ class PeftTrainer(nnUNetTrainer):
             self.check_inputs()
             self._resolve_activation_checkpointing()
             self._route_pretrained_weights_to_our_loader()
+            if self.seed is not None:
+                seed_generators(self.seed, INIT_PHASE, self.local_rank)
         if cpu_ddp:
             self.is_ddp = False  # nnU-Net's own DDP wrapping is CUDA-only; done below
         try:
@@ -134,7 +138,7 @@ class PeftTrainer(nnUNetTrainer):
         """Everything that can be checked before the trainer exists (so before anything is written or any data
         loader starts), on a network built on the meta device (no memory):
 
-        * the recipe (``NNUNET_TPP_RECIPE`` and the schedule variables);
+        * the recipe (``NNUNET_TPP_RECIPE`` and the schedule variables) and ``NNUNET_TPP_SEED``;
         * ``pretrained_weights``: of the kind this backbone loads (an STU-Net checkpoint of this size, or an nnU-Net
           / nnssl checkpoint of these plans' network), every tensor present with its shape;
         * a file given with ``NNUNET_TPP_TARGET_PARAMETERS``: a target-parameter file of this method, options
@@ -146,6 +150,7 @@ class PeftTrainer(nnUNetTrainer):
         """
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        requested_seed()
         manager = PlansManager(plans)
         config = manager.get_configuration(configuration)
         spec = resolve_recipe(cls.family, cls.backbone.key).network_spec()
@@ -278,6 +283,13 @@ class PeftTrainer(nnUNetTrainer):
     # --- training life cycle -------------------------------------------------------------------------
     def on_train_start(self):
         super().on_train_start()
+        if self.seed is not None:
+            workers = data_workers()
+            self.print_to_log_file(
+                f"{ENV_SEED}={self.seed}: initialisation and every epoch seeded" + (
+                    "" if workers == 0 else f"; but nnU-Net draws the batches in {workers} worker process(es) that "
+                    f"seed themselves, so they differ between runs: set nnUNet_n_proc_DA=0 for reproducible runs"),
+                also_print_to_console=True)
         given = os.environ.get(ENV_TARGET_PARAMETERS)
         if given and self.current_epoch == 0:
             from nnunet_tpp.pretext.stage import load_target_parameters
@@ -290,6 +302,11 @@ class PeftTrainer(nnUNetTrainer):
                 f"WARNING: {type(self).__name__} adapts a pre-trained backbone, but no -pretrained_weights "
                 f"were given: the backbone is random. Pass {self.backbone.checkpoint_hint()}",
                 also_print_to_console=True)
+
+    def on_train_epoch_start(self):
+        if self.seed is not None:  # the epoch's batches depend on (seed, epoch) only, so --c continues them
+            seed_generators(self.seed, self.current_epoch, self.local_rank)
+        super().on_train_epoch_start()
 
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, written to a temporary file and renamed, so a kill never leaves half a file."""

@@ -67,3 +67,42 @@ def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
                   "restored_from": [str(adapter_file), str(backbone)]}
     peft.atomic_torch_save(checkpoint, out)
     return out
+
+
+def write_initial_checkpoint(model_folder: Path, fold: str, seed: int, pretrained: Path | None,
+                             checkpoint_name: str = "checkpoint_untrained.pth") -> Path:
+    """Writes the network a seeded run started from as an nnU-Net checkpoint beside its ``checkpoint_final.pth``,
+    so ``nnUNetv2_predict -chk checkpoint_name`` shows what the untrained network predicts: the run's backbone
+    (``pretrained``) with the PEFT parameters and heads it was initialised with
+    (:func:`nnunet_tpp.trainers.seeding.initial_network`).
+
+    Args:
+        model_folder: ``.../Trainer__Plans__configuration`` of a finished run made with ``NNUNET_TPP_SEED=seed``.
+        fold: the run's fold (``0`` ... or ``all``).
+        seed: the run's seed.
+        pretrained: the run's ``-pretrained_weights`` file (None: a run from scratch).
+        checkpoint_name: output name in the fold folder; an existing file is never overwritten.
+    Returns:
+        The written checkpoint. Raises ``ValueError`` when the rebuilt network's frozen weights differ from the
+        run's (then it is not the run's starting point: another seed or backbone).
+    """
+    from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
+    from nnunet_tpp.trainers.seeding import initial_network
+    from nnunet_tpp.trainers.zoo import TRAINERS
+
+    fold_dir = Path(model_folder) / f"fold_{fold}"
+    out = fold_dir / checkpoint_name
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it first if you want it rebuilt")
+    final = read_checkpoint(str(fold_dir / "checkpoint_final.pth"), expected=file_kinds.NNUNET_CHECKPOINT)
+    network = initial_network(model_folder, final["trainer_name"], seed, final["init_args"]["configuration"])
+    if pretrained is not None:
+        TRAINERS[final["trainer_name"]].backbone.load(network, str(pretrained), set(peft.target_parameters(network)))
+    weights = network.state_dict()
+    frozen = [n for n, p in network.named_parameters() if not p.requires_grad]
+    if weights.keys() != final["network_weights"].keys() or not all(
+            torch.equal(weights[n], final["network_weights"][n]) for n in frozen):
+        raise ValueError(f"the network rebuilt from seed {seed} and {pretrained} is not the one the run in {fold_dir} "
+                         f"trained: its frozen weights differ (another seed or backbone?)")
+    peft.atomic_torch_save({**final, "network_weights": weights}, out)
+    return out

@@ -147,8 +147,8 @@ def test_run_locks_keep_out_live_holders_and_take_over_dead_ones(tmp_path):
     late = RunLock(folder, stale_after=600)
     assert late.acquire()  # no heartbeat for an hour: stale
     os.utime(folder / LOCK_NAME, (old, old))
-    late.touch()  # the heartbeat keeps a long run's lock fresh
-    assert time.time() - (folder / LOCK_NAME).stat().st_mtime < 60
+    late.touch()  # the heartbeat keeps a long run's lock fresh: no longer an hour old, so not stale
+    assert (folder / LOCK_NAME).stat().st_mtime > old and not late.is_stale(late.holder())
     (folder / LOCK_NAME).write_text(json.dumps({"host": "node-17", "pid": 1, "started": 0}))
     late.release()  # a lock taken over by someone else is not removed
     assert (folder / LOCK_NAME).exists()
@@ -170,28 +170,65 @@ def _table(folder: Path) -> list[list[str]]:
     return out
 
 
+# Runs ``nnunet-tpp`` with a rendezvous after each process' first lock attempt (the lock of run 1 in both processes
+# of the test below): a process that has tried the lock waits, holding it if it got it, until every process has
+# tried. So the two processes always contend for run 1 while one of them holds its lock; without it the second
+# process could start after the first had finished run 1 and test nothing.
+RENDEZVOUS = """
+import os, sys, time
+from pathlib import Path
+from nnunet_tpp.vision2d import bench2d_lock
+folder, parties = Path(sys.argv[1]), int(sys.argv[2])
+acquire, first = bench2d_lock.RunLock.acquire, [True]
+def acquire_then_meet(self):
+    got = acquire(self)
+    if first[0]:
+        first[0] = False
+        (folder / f"{os.getpid()}.{'got' if got else 'busy'}").write_text(str(self.folder))
+        deadline = time.monotonic() + 600
+        while len(list(folder.iterdir())) < parties:
+            if time.monotonic() > deadline:
+                sys.exit("rendezvous: the other process never tried the lock")
+            time.sleep(0.05)
+    return got
+bench2d_lock.RunLock.acquire = acquire_then_meet
+from nnunet_tpp.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
 def test_two_processes_on_one_suite_never_run_the_same_run_and_the_merged_report_matches(small_npz, tmp_path,
                                                                                           monkeypatch):
     """One process runs the whole suite, a second only shard 1/2 (the run the first starts with), both at once,
-    into one folder; then
-    ``--report`` merges, and equals a single-process run of the same suite (one torch thread in every run, so
-    the numbers are bitwise reproducible)."""
+    into one folder, meeting after their attempts at run 1's lock (``RENDEZVOUS``): exactly one of them gets it and
+    runs run 1, the other finds it held and skips it; the first runs run 2 as well. Then ``--report`` merges, and
+    equals a single-process run of the same suite (one torch thread in every run, so the numbers are bitwise
+    reproducible)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     methods = ["linear_probe", {"name": "adapter8", "method": "adapter", "method_options": {"bottleneck": 8}}]
     single = write_suite(tmp_path / "single", small_npz, methods)
     assert run_suite(load_suite(single), log=lambda _: None, progress=False)["failed"] == []
     shared = write_suite(tmp_path / "shared", small_npz, methods)
+    meeting = tmp_path / "rendezvous"
+    meeting.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "nnunet_tpp.cli", "bench2d", str(shared), "--no-progress"]
+    command = [sys.executable, "-c", RENDEZVOUS, str(meeting), "2", "bench2d", str(shared), "--no-progress"]
     procs = [subprocess.Popen(command + extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                               cwd=tmp_path) for extra in ([], ["--shard", "1/2"])]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    done = [{line.split(":")[0] for line in out.splitlines() if "... done in" in line} for out in outputs]
-    assert not done[0] & done[1], outputs  # no run ran twice
-    assert done[0] | done[1] == {"run 1/2", "run 2/2"}
-    assert done[1] <= {"run 1/2"}  # shard 1/2: run 1 only
     suite = load_suite(shared)
+    attempts = {p.suffix: p.read_text() for p in meeting.iterdir()}
+    assert attempts == {".got": str(suite.runs[0].out), ".busy": str(suite.runs[0].out)}  # both tried run 1's lock
+    winner = [i for i, p in enumerate(procs) if (meeting / f"{p.pid}.got").exists()]
+    assert len(winner) == 1, outputs
+    loser = 1 - winner[0]
+    done = [{line.split(":")[0] for line in out.splitlines() if "... done in" in line} for out in outputs]
+    busy = [{line.split(":")[0] for line in out.splitlines() if "... running in another process" in line}
+            for out in outputs]
+    assert "run 1/2" in done[winner[0]] and busy[loser] == {"run 1/2"}, outputs  # held, so skipped: not run twice
+    assert not done[0] & done[1] and done[0] | done[1] == {"run 1/2", "run 2/2"}, outputs
+    assert done[1] <= {"run 1/2"} and "run 2/2" in done[0]  # shard 1/2: run 1 only; the whole suite: run 2 too
     for run in suite.runs:
         log = (run.out / "train.log").read_text()
         assert log.count("$ ") == 1 and not (run.out / LOCK_NAME).exists()
