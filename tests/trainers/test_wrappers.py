@@ -91,7 +91,11 @@ def test_memory_paths_train_under_ddp_and_compile_with_the_plain_gradients(proce
     assert got.keys() == eager.keys()
     for name in eager:
         assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
-    got = grads(torch.compile(lean))  # Inductor, as nnU-Net compiles (before wrapping DDP)
-    assert got.keys() == eager.keys()
-    for name in eager:
-        assert eager[name].abs().max() > 0 and _close(got[name], eager[name]), name
+    # Inductor, as nnU-Net compiles (before wrapping DDP). Compared in float64: in float32 a bias gradient (a sum
+    # over every voxel) that nearly cancels differs by reordering alone by more than any fixed share of its size;
+    # float32 under autocast against a float64 reference is tests/models/test_inductor.py's job.
+    got = grads(torch.compile(lean_net(torch.float64)), torch.float64)
+    assert got.keys() == lean64.keys()
+    for name in lean64:
+        assert lean64[name].abs().max() > 0, name
+        assert (got[name] - lean64[name]).abs().max() <= 1e-9 * lean64[name].abs().max() + 1e-14, name
