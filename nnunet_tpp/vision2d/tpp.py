@@ -21,7 +21,9 @@ Settings (``tpp_options`` of a run; defaults from the TPP paper, DESIGN.md):
   statistics per view size, the teacher's target parameters as the result, ``tpp_diagnostics.json``).
 
 Files in ``work_dir``: ``tpp_target_parameters.pth`` (the result; when present the stage is not run
-again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes), ``tpp_progress.png``,
+again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes, on the CPU to the uninterrupted
+stage's weights bit for bit: MAE's batches and masks and DINO's crops are drawn from the seed and the epoch or
+step alone), ``tpp_progress.png``,
 ``tpp_diagnostics.json`` (DINO: the collapse diagnostics per epoch).
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ from nnunet_tpp.pretext.dino import DINOConfig, cosine_schedule
 from nnunet_tpp.pretext.crops2d import random_views, view_sizes
 from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
 from nnunet_tpp.pretext.optim import weight_decay_groups
-from nnunet_tpp.pretext.stage import PretextSchedule, plot_losses, run_dino_stage, save_target_parameters
+from nnunet_tpp.pretext.stage import (PretextSchedule, plot_losses, read_state, run_dino_stage,
+                                      save_target_parameters)
 
 RESULT_FILE = "tpp_target_parameters.pth"
 STATE_FILE = "tpp_state.pth"
@@ -279,16 +282,26 @@ def _run_dino(model, vit, images, cfg, s: DINO2dSettings, work_dir: Path, device
     else:  # a fixed-size input (LiteMedSAM): local crops are resampled to it as well
         size = local = vit.img_size
         embedding = PooledEmbedding(vit)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    schedule = PretextSchedule(epochs=cfg.tpp_epochs, iterations_per_epoch=-(-len(images) // batch), batch_size=batch,
+                               grad_clip=s.grad_clip)
+    state_file = work_dir / STATE_FILE
+    # each call draws from the seed and its training step alone, so a resumed stage draws what an uninterrupted
+    # one does; a fresh stage first calibrates the head's running statistics, with calls numbered before step 0
+    if state_file.exists():
+        step = read_state(str(state_file))["epoch"] * schedule.iterations_per_epoch
+    else:  # (run_dino_stage calibrates with ceil(calibration_samples / batch) calls when the norm is running)
+        calibration = -(-max(1, schedule.calibration_samples) // batch) if dino.head_input_norm == "running" else 0
+        step = -calibration
+    calls = [step]
 
     def sample(count: int) -> tuple[list, list]:
+        generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + calls[0]) % 2 ** 63)
+        calls[0] += 1
         picks = torch.randint(len(images), (count,), generator=generator).tolist()
         x = torch.stack([images[i][0] for i in picks])
         globals_ = random_views(x, 2, size, tuple(s.global_scale), generator)
         return globals_, (random_views(x, s.local_crops, local, tuple(s.local_scale), generator) if s.local_crops else [])
 
-    schedule = PretextSchedule(epochs=cfg.tpp_epochs, iterations_per_epoch=-(-len(images) // batch), batch_size=batch,
-                               grad_clip=s.grad_clip)
-    return run_dino_stage(model, sample, schedule, dino, device, str(work_dir / STATE_FILE), log,
+    return run_dino_stage(model, sample, schedule, dino, device, str(state_file), log,
                           str(work_dir / "tpp_progress.png"), embedding=embedding,
                           diagnostics_file=str(work_dir / "tpp_diagnostics.json"))

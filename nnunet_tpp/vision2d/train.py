@@ -13,7 +13,9 @@ Files in the run folder:
     adapter.pth     the adapter-only weights of the best epoch (``nnunet_tpp.peft.load`` reads it)
     config.yaml     the settings of the run
     history.json, progress.png   loss and validation metrics (fractions) per epoch
-    checkpoint.pth  while training: written atomically after every epoch, so a killed run resumes
+    checkpoint.pth  while training: written atomically after every epoch, so a killed run resumes after its last
+                    finished epoch; data order, augmentations and dropout are drawn from (seed, epoch), so on
+                    the CPU the resumed run ends with the same weights as an uninterrupted one, bit for bit
 """
 from __future__ import annotations
 
@@ -287,9 +289,8 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     state = _resume(saved, out / CHECKPOINT_FILE, model, optimizer, log)
-    train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                               num_workers=cfg.num_workers)
-    lrs = _learning_rates(cfg, len(train_loader))
+    steps_per_epoch = len(make_loader(splits.train, cfg.batch_size, shuffle=False, seed=cfg.seed))
+    lrs = _learning_rates(cfg, steps_per_epoch)
     runner = torch.compile(model) if cfg.compile else model
     loss_fn = _loss_fn(cfg.task)
     use_amp = cfg.amp and device.type == "cuda"
@@ -297,13 +298,17 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
         torch.cuda.reset_peak_memory_stats(device)
     metric = "acc" if cfg.task == "cls" else "dice"
     for epoch in range(state.epoch, cfg.epochs):
+        # the data order, the augmentations (also in loader workers) and dropout depend on (seed, epoch) only,
+        # so a run resumed after epoch k trains exactly as an uninterrupted one
         torch.manual_seed(cfg.seed * 1000 + epoch)
+        train_loader = make_loader(splits.train, cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch,
+                                   num_workers=cfg.num_workers)
         model.train()
         losses, started = [], time.perf_counter()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for i, (images, target) in enumerate(bar):
             for group in optimizer.param_groups:
-                group["lr"] = lrs[epoch * len(train_loader) + i]
+                group["lr"] = lrs[epoch * steps_per_epoch + i]
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss = loss_fn(runner(images).float(), target)
@@ -324,7 +329,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
         state.history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val": val})
         state.epoch = epoch + 1
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f} val {metric} {percent(val[metric]):.2f}%"
-            f"{' (best)' if best else ''} lr {lrs[min(state.epoch * len(train_loader), len(lrs)) - 1]:.2e} "
+            f"{' (best)' if best else ''} lr {lrs[min(state.epoch * steps_per_epoch, len(lrs)) - 1]:.2e} "
             f"{state.train_images / max(state.train_seconds, 1e-9):.1f} img/s")
         _save_checkpoint(out / CHECKPOINT_FILE, cfg, model, optimizer, state)
         plot_history(state.history, metric, out / "progress.png")

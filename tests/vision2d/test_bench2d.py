@@ -1,6 +1,7 @@
 """``bench2d`` suites on a small slice of the real PneumoniaMNIST: runs in child processes, results files,
-resuming without repeating finished runs, a failing run that does not stop the suite, YAML paths relative to
-the YAML, missing data caught before anything runs, the shipped recipes, the upstream MAE checkpoint."""
+resuming without repeating finished runs, a run killed by SIGKILL resumed to the same weights, a failing run
+that does not stop the suite, YAML paths relative to the YAML, missing data caught before anything runs, the
+shipped recipes, the upstream MAE checkpoint."""
 import csv
 import json
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from nnunet_tpp.cli import main
@@ -169,3 +171,52 @@ def test_upstream_mae_checkpoint_loads_as_a_backbone_with_its_decoder(small_npz,
     assert target.stat().st_mtime_ns == stamp and "not trained again" in lines[0]
     with pytest.raises(ValueError, match="other settings"):
         pretrain_mae_upstream(small_npz, target, log=lines.append, **{**options, "epochs": 3})
+
+
+KILL_HOOK = '''import os
+if os.environ.get("NNUNET_TPP_TEST_KILL_AT_STEP"):  # the test's interruption: SIGKILL at this AdamW step
+    import signal
+    import torch
+    _at, _done, _step = int(os.environ["NNUNET_TPP_TEST_KILL_AT_STEP"]), [0], torch.optim.AdamW.step
+
+    def _killing_step(self, *args, **kwargs):
+        _done[0] += 1
+        if _done[0] == _at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = _killing_step
+'''
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_runs_weights(small_npz, tmp_path, monkeypatch):
+    """The suite's child process is killed with SIGKILL at its 6th optimiser step (epoch 2 of 3, 4 steps an epoch;
+    its checkpoint is from epoch 1; a ``sitecustomize`` on the child's path does it), the suite reports the failure,
+    the suite run again resumes that run: adapter weights, history and test metrics equal an uninterrupted
+    suite's bit for bit."""
+    data = {"pneumonia": {"task": "cls", "data": str(small_npz)}}
+    straight = run_suite(load_suite(write_suite(tmp_path / "a", data, ["lora"], defaults={**TINY, "epochs": 3})),
+                         progress=False, log=lambda _: None)
+    assert straight["failed"] == [] and straight["ran"] == 1
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("NNUNET_TPP_TEST_KILL_AT_STEP", "6")
+    path = write_suite(tmp_path / "b", data, ["lora"], defaults={**TINY, "epochs": 3})
+    killed = run_suite(load_suite(path), progress=False, log=lambda _: None)
+    assert len(killed["failed"]) == 1 and "exit 137" in killed["failed"][0]
+    run_dir = tmp_path / "b" / "out" / "pneumonia" / "lora" / "none" / "frac1" / "seed0"
+    assert (run_dir / "checkpoint.pth").exists() and not (run_dir / "metrics.json").exists()
+    monkeypatch.delenv("NNUNET_TPP_TEST_KILL_AT_STEP")
+    lines = []
+    resumed = run_suite(load_suite(path), progress=False, log=lines.append)
+    assert resumed["failed"] == [] and resumed["ran"] == 1
+    assert "resuming after epoch 1" in (run_dir / "train.log").read_text()
+    other = tmp_path / "a" / "out" / "pneumonia" / "lora" / "none" / "frac1" / "seed0"
+    mine = torch.load(run_dir / "adapter.pth", weights_only=True)["state_dict"]
+    theirs = torch.load(other / "adapter.pth", weights_only=True)["state_dict"]
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert json.loads((run_dir / "history.json").read_text()) == json.loads((other / "history.json").read_text())
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (run_dir, other))
+    assert {k: a[k] for k in ("acc", "auc", "f1")} == {k: b[k] for k in ("acc", "auc", "f1")}

@@ -1,5 +1,5 @@
 """``train2d`` end to end on the real 2D sets: metrics file, adapter weights that reproduce the model,
-resume after a kill, refusal to overwrite, bad input caught before anything is written."""
+resume after a kill to the same weights, refusal to overwrite, bad input caught before anything is written."""
 import json
 
 import numpy as np
@@ -61,23 +61,57 @@ def test_classification_run_writes_metrics_and_adapter_weights(small_npz, tmp_pa
         run_train2d(cls_config(small_npz, out), progress=False)
 
 
-def test_a_killed_run_resumes_after_its_last_epoch(small_npz, tmp_path):
+class Killed(Exception):
+    """The interruption injected into a run."""
+
+
+def trained_weights_per_step(monkeypatch, kill_at: int | None = None) -> list[dict]:
+    """Records the trained tensors after every optimiser step of a run (AdamW.step wrapped); with ``kill_at``,
+    raises :class:`Killed` instead of the step with that (1-based) number, before it changes anything."""
+    steps: list[dict] = []
+    step = torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        if kill_at is not None and len(steps) + 1 == kill_at:
+            raise Killed
+        out = step(self, *args, **kwargs)
+        steps.append({id(p): p.detach().clone() for g in self.param_groups for p in g["params"]})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    return steps
+
+
+def test_a_killed_run_resumes_to_the_same_weights(small_npz, tmp_path, monkeypatch):
+    """Killed in the middle of epoch 2 of 3 (step 14 of 30; checkpoint after epoch 1), then resumed: the last
+    step's weights, the adapter file, the history and the test metrics equal an uninterrupted run's bit for bit."""
+    cfg = dict(epochs=3, method="lora")
+    whole = trained_weights_per_step(monkeypatch)
+    reference = run_train2d(cls_config(small_npz, tmp_path / "whole", **cfg), log=lambda _: None, progress=False)
+    per_epoch = len(whole) // 3
+    assert per_epoch >= 4
+    monkeypatch.undo()
+    killed = trained_weights_per_step(monkeypatch, kill_at=per_epoch + per_epoch // 2)
     out = tmp_path / "run"
-    lines = []
-
-    def killed_in_epoch_2(line):
-        lines.append(line)
-        if line.startswith("epoch 2/3"):
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_train2d(cls_config(small_npz, out, epochs=3, method="lora"), log=killed_in_epoch_2, progress=False)
+    with pytest.raises(Killed):
+        run_train2d(cls_config(small_npz, out, **cfg), log=lambda _: None, progress=False)
     assert (out / "checkpoint.pth").exists() and not (out / "metrics.json").exists()
-    lines.clear()
-    run_train2d(cls_config(small_npz, out, epochs=3, method="lora"), log=lines.append, progress=False)
+    monkeypatch.undo()
+    resumed = trained_weights_per_step(monkeypatch)
+    lines = []
+    metrics = run_train2d(cls_config(small_npz, out, **cfg), log=lines.append, progress=False)
     assert any("resuming after epoch 1" in line for line in lines)
+    assert len(resumed) == 2 * per_epoch  # epochs 2 and 3 again, from the start of epoch 2
+    last, last_whole = list(resumed[-1].values()), list(whole[-1].values())
+    assert len(last) == len(last_whole) and all(torch.equal(a, b) for a, b in zip(last, last_whole))
+    assert not all(torch.equal(a, b) for a, b in zip(list(killed[-1].values()), last_whole))  # it did stop early
+    mine = torch.load(out / "adapter.pth", weights_only=True)["state_dict"]
+    theirs = torch.load(tmp_path / "whole" / "adapter.pth", weights_only=True)["state_dict"]
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     history = json.loads((out / "history.json").read_text())
+    assert history == json.loads((tmp_path / "whole" / "history.json").read_text())
     assert [h["epoch"] for h in history["epochs"]] == [1, 2, 3] and history["units"]["acc"] == "fraction"
+    assert {k: metrics[k] for k in ("acc", "auc", "f1")} == {k: reference[k] for k in ("acc", "auc", "f1")}
 
 
 def test_segmentation_run_on_glas(tmp_path):
