@@ -53,7 +53,7 @@ CFG = DINOConfig(out_dim=256, hidden_dim=64, bottleneck_dim=32, warmup_epochs=1)
 
 
 def _run(net, tmp_path, epochs=2, iterations=2, batch=2, cfg=CFG, stages=(3, 5), log=lambda m: None, **kw):
-    return run_dino_stage(net, kw.pop("sample", _sampler().sample),
+    return run_dino_stage(net, kw.pop("sample") if "sample" in kw else _sampler().sample,
                           PretextSchedule(epochs=epochs, iterations_per_epoch=iterations, batch_size=batch,
                                           feature_stages=stages),
                           cfg, torch.device("cpu"), str(tmp_path / "state.pth"), log=log, **kw)
@@ -145,15 +145,16 @@ def test_a_collapsing_stage_is_named_in_the_log(tmp_path):
 
 
 def test_the_departures_from_official_dino_are_corrected(tmp_path):
-    """Weight decay spares biases and 1-D parameters, the last layer is frozen in epoch 1, the teacher runs in eval
-    mode, the head runs once over all views of a step, and the result is the teacher's target parameters."""
+    """As the official DINO: weight decay spares biases and 1-D parameters, the last layer is frozen in epoch 1, the
+    teacher is left in train mode (our head's running statistics, which the official head lacks, stay in eval mode in
+    the teacher), the head runs once over all views of a step, and the result is the teacher's target parameters."""
     net = _net()
     calls, modes = [], []
     import nnunet_tpp.pretext.stage as stage
     original = stage.DINOStudent.forward
 
     def forward(self, global_views, local_views=None):
-        modes.append((self.training, any(m.training for m in self.modules())))
+        modes.append((self.training, self.head.input_norm.training))
         return original(self, global_views, local_views)
 
     head_forward = stage.DINOHead.forward
@@ -167,7 +168,7 @@ def test_the_departures_from_official_dino_are_corrected(tmp_path):
         _run(net, tmp_path, epochs=1, iterations=2, batch=2)
     finally:
         stage.DINOStudent.forward, stage.DINOHead.forward = original, head_forward
-    assert modes == [(False, False), (True, True)] * 2  # teacher (eval) then student (train), per step
+    assert modes == [(True, False), (True, True)] * 2  # teacher (train, statistics fixed), then student, per step
     assert calls == [2 * 2, 2 * 2 + 2 * 2] * 2  # one head call per network: 2 global (+ 2 local) views x batch 2
     state = torch.load(tmp_path / "state.pth", weights_only=True)
     proto = "head.prototypes.parametrizations.weight.original1"
@@ -346,3 +347,27 @@ def test_the_stage_runs_on_nnunets_own_networks(tmp_path, kind):
     changed = {n for n, p in net.named_parameters() if not torch.equal(p, before[n])}
     assert np.isfinite(losses[0]) and changed and changed <= set(peft.target_parameters(net))
     assert all(n.startswith("encoder.") for n in changed)
+
+
+def test_a_killed_stage_resumes_to_the_uninterrupted_runs_weights_bit_for_bit(tmp_path):
+    """DINO, 3 epochs of 2 steps on views fixed by step (a ``ViewSource``), killed after step 3 (an exception while
+    drawing step 4's views), resumed from epoch 1's state: student, teacher (target parameters, head, running
+    statistics), centre, optimiser state and the result equal the uninterrupted run's exactly."""
+    from tests.pretext.test_masked import KillAfter, _Killed
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = _net()  # (each network built right before its run: the fresh head is drawn from the seeded stream)
+    _run(whole, tmp_path / "a", epochs=3, sample=_sampler())
+    with pytest.raises(_Killed):
+        _run(_net(), tmp_path / "b", epochs=3, sample=KillAfter(_sampler(), 3))
+    resumed = _net()
+    lines = []
+    _run(resumed, tmp_path / "b", epochs=3, sample=_sampler(), log=lines.append)
+    assert lines[0].startswith("TPP pretext: resuming at epoch 1")
+    a, b = (torch.load(tmp_path / d / "state.pth", weights_only=True) for d in ("a", "b"))
+    for part in ("student", "teacher"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert torch.equal(a["center"], b["center"]) and a["history"] == b["history"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(p, dict(resumed.named_parameters())[n]) for n, p in whole.named_parameters())
