@@ -175,7 +175,7 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
                      state_file: str, log: Callable[[str], None] = print, plot_file: str | None = None,
                      diagnostics_file: str | None = None, settings: dict | None = None, *, workers: int = 0,
                      train_targets: bool = True, compile: bool = False,
-                     on_epoch_end: Callable[[dict], None] | None = None) -> list[float]:
+                     on_epoch_end: Callable[[dict], None] | None = None, seed: int = 0) -> list[float]:
     """Trains the network's target parameters by masked reconstruction; resumes from ``state_file`` when it exists.
 
     Args:
@@ -196,6 +196,8 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
         compile: run the network through ``torch.compile``.
         on_epoch_end: called on every rank after each epoch with ``{"epoch", "model"}`` (the
             :class:`Reconstruction`: network and output layer).
+        seed: the fresh output layer's initialisation (its own random stream: the full stage and its head-only
+            control start from the same layer).
     Returns:
         The mean loss of every epoch (over all ranks). On return the network holds the trained target parameters;
         its freezing and its heads are as before.
@@ -219,7 +221,9 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
     for name, param in net.named_parameters():
         param.requires_grad_(name in trainable)
     try:
-        model = Reconstruction(net, cfg.normalize_output_input).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Reconstruction(net, cfg.normalize_output_input).to(device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         optimizer = _optimizer(cfg, named)

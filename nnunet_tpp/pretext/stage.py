@@ -152,7 +152,8 @@ def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: D
                    state_file: str, log: Callable[[str], None] = print, plot_file: str | None = None,
                    embedding: nn.Module | None = None, diagnostics_file: str | None = None,
                    settings: dict | None = None, *, workers: int = 0, train_targets: bool = True,
-                   compile: bool = False, on_epoch_end: Callable[[dict], None] | None = None) -> list[float]:
+                   compile: bool = False, on_epoch_end: Callable[[dict], None] | None = None,
+                   seed: int = 0) -> list[float]:
     """Trains the network's target parameters with DINO; resumes from ``state_file`` when it exists.
 
     Args:
@@ -174,6 +175,8 @@ def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: D
             trains (same steps, learning rates and views).
         compile: run student and teacher through ``torch.compile`` (as nnU-Net compiles its network on CUDA).
         on_epoch_end: called on every rank after each epoch with ``{"epoch", "student", "teacher", "center"}``.
+        seed: the fresh head's initialisation (its own random stream: the full stage and its head-only control start
+            from the same head, whatever ran before).
     Returns:
         The mean loss of every epoch (including resumed ones; over all ranks). On return the network holds the
         teacher's target parameters (``cfg.keep == "teacher"``, the default) or the student's.
@@ -197,7 +200,9 @@ def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: D
     for name, param in net.named_parameters():
         param.requires_grad_(name in trainable)
     try:
-        student = build_student(net, cfg, schedule, embedding).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = build_student(net, cfg, schedule, embedding).to(device)
         teacher = _teacher_of(student)
         loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]

@@ -2,7 +2,7 @@
 the batch on views of the real CT. Target parameters, the pretext head (DINO's EMA teacher, centre and running
 statistics; the masked output layer) stay identical across ranks after every epoch, only rank 0 writes files, and the
 result is the single-process run's on the whole batch (up to the order of the sums). Each rank draws its fresh
-head from its own random stream: the stage makes them rank 0's."""
+head from another seed: the stage makes them rank 0's (the single process's)."""
 import os
 import socket
 
@@ -45,7 +45,7 @@ def run(pretext: str, folder: str) -> dict:
     snapshots taken after every epoch (target parameters and the pretext head's state)."""
     torch.set_num_threads(1)
     net = _net()
-    torch.manual_seed(100 + dist.get_rank() if dist.is_initialized() else 100)  # each rank's own fresh head
+    head_seed = dist.get_rank() if dist.is_initialized() else 0  # each rank draws another fresh head
     snapshots = []
 
     def snap(parts):
@@ -61,11 +61,13 @@ def run(pretext: str, folder: str) -> dict:
     if pretext == "dino":
         source = MultiCropSampler(_ct(), ["ct"], (16, 16, 16), (8, 8, 8), MultiCropConfig(n_local=2), seed=1)
         run_dino_stage(net, source, schedule, CFG, torch.device("cpu"), os.path.join(folder, "state.pth"),
-                       log=lambda m: None, diagnostics_file=os.path.join(folder, "d.json"), on_epoch_end=snap)
+                       log=lambda m: None, diagnostics_file=os.path.join(folder, "d.json"), on_epoch_end=snap,
+                       seed=head_seed)
     else:
         source = MaskedViewSampler(_ct(), ["ct"], (16, 16, 16), block_size=8, seed=1)
         run_masked_stage(net, source, schedule, MaskedConfig(), torch.device("cpu"), os.path.join(folder, "state.pth"),
-                         log=lambda m: None, diagnostics_file=os.path.join(folder, "d.json"), on_epoch_end=snap)
+                         log=lambda m: None, diagnostics_file=os.path.join(folder, "d.json"), on_epoch_end=snap,
+                         seed=head_seed)
     return {"snapshots": snapshots, "result": {k: v.detach().clone() for k, v in peft.target_parameters(net).items()}}
 
 
