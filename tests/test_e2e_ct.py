@@ -175,8 +175,10 @@ def test_interrupted_run_resumes_with_c(workspace, trained):
 def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trained):
     folders, raw, env, log = workspace
     ckpt, _, backbone, _ = trained
+    dino = folders.root / "dino.yaml"  # (the 3-D default pretext is mae; this test covers DINO)
+    dino.write_text("pretext: dino\n")
     tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2",
-                   NNUNET_TPP_SKIP_VALIDATION="1")
+                   NNUNET_TPP_SKIP_VALIDATION="1", NNUNET_TPP_RECIPE=str(dino))
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"], tpp_env, log)
     fold = next(folders.results.rglob("TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
@@ -198,7 +200,7 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trai
     # a new run in the same fold, with learning rate 0 so that fine-tuning cannot move any parameter: its final
     # network must hold exactly the pretext stage's target parameters
     frozen_lr = folders.root / "lr0.yaml"
-    frozen_lr.write_text("initial_lr: 0.0\n")
+    frozen_lr.write_text("pretext: dino\ninitial_lr: 0.0\n")
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"], dict(tpp_env, NNUNET_TPP_RECIPE=str(frozen_lr)), log)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
@@ -236,7 +238,10 @@ def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, 
     folders, raw, env, log = workspace
     ckpt, _, _, _ = trained
     out = folders.root / "ct_target_parameters.pth"
-    pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1")
+    dino = folders.root / "dino.yaml"  # (the 3-D default pretext is mae; this test covers DINO)
+    dino.write_text("pretext: dino\n")
+    pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1",
+                   NNUNET_TPP_RECIPE=str(dino))
     tpp_fold = next(folders.results.rglob("TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres")) / "fold_all"
     watched = {p.name: p.read_bytes() for p in tpp_fold.iterdir() if not p.name.startswith("training_log")}
     run_nnunet(["nnunet-tpp", "pretrain", "-d", DATASET_ID, "-tr", "TPPConvAdapterTrainer_S",

@@ -86,7 +86,7 @@ class TrainerRecipe:
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
     tpp: bool = False
-    pretext: str = "dino"
+    pretext: str = "mae"
     pretext_control: bool = False
     pretext_eval_cases: float = 0.2
     pretext_eval_samples: int = 8
