@@ -15,9 +15,11 @@ from nnunet_tpp.pretext.feed import STEP
 from nnunet_tpp.pretext.masked import MaskedConfig, Reconstruction, masked_mse, run_masked_stage
 from nnunet_tpp.pretext.masked_views import MaskedViewSampler, block_mask
 from nnunet_tpp.pretext.stage import PretextSchedule, read_state
+from tests.conftest import require
 from tests.pretext.test_stage import _CTDataset
 
 POOLS = [[2, 2, 2]] * 3 + [[1, 1, 1]] * 2
+MASKED_MARGIN = 0.03  # the learning test's margin (a share); measured: reset +9.4 %, head-only control +5.3 %
 
 
 def _net(method="conv_adapter", seed=0):
@@ -146,3 +148,61 @@ def test_a_killed_stage_resumes_to_the_uninterrupted_runs_weights_bit_for_bit(tm
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
     assert a["history"] == b["history"]
+
+
+class FewSliceMRI:
+    """Six real MRI volumes (CHAOS T2, ``../shared/data/mri3d/chaos_t2``) resampled to 10 slices of 3 x 3 mm with
+    SimpleITK and z-scored: anisotropic few-slice cases, as nnU-Net preprocesses them."""
+
+    _cache: dict = {}
+
+    def __init__(self):
+        if not self._cache:
+            import SimpleITK as sitk
+            from tests.conftest import SHARED
+            for path in sorted((SHARED / "data" / "mri3d" / "chaos_t2").glob("chaos_*[0-9].nii.gz"))[:6]:
+                image = sitk.ReadImage(str(require(path)))
+                size, spacing = image.GetSize(), image.GetSpacing()
+                new_spacing = (3.0, 3.0, spacing[2] * size[2] / 10)
+                new_size = [int(round(size[0] * spacing[0] / 3)), int(round(size[1] * spacing[1] / 3)), 10]
+                image = sitk.Resample(image, new_size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                                      new_spacing, image.GetDirection(), 0, sitk.sitkFloat32)
+                array = sitk.GetArrayFromImage(image)
+                self._cache[path.name[:-len(".nii.gz")]] = ((array - array.mean()) / array.std())[None]
+        self.cases = self._cache
+
+    def load_case(self, identifier):
+        return self.cases[identifier], None, None, {}
+
+
+def masked_check(folder, cfg=None):
+    """60 masked-reconstruction steps (batch 2, views of 10 x 96 x 96) of a small random STU-Net (widths 8-32) with
+    Conv-Adapters on five of the six volumes, then the target check on 8 fixed masked views of the sixth."""
+    from nnunet_tpp.pretext.check import target_check
+    from nnunet_tpp.pretext.feed import fixed_set
+    cfg = cfg or MaskedConfig()
+    data = FewSliceMRI()
+    names = sorted(data.cases)
+    torch.manual_seed(0)
+    net = peft.apply(STUNet(1, 5, [1] * 6, [8, 16, 16, 32, 32, 32], [[1, 2, 2], [1, 2, 2], [2, 2, 2], [1, 2, 2],
+                                                                     [1, 2, 2]]), "conv_adapter")
+    initial = {n: p.detach().clone() for n, p in peft.target_parameters(net).items()}
+    view = (10, 96, 96)
+    source = MaskedViewSampler(data, names[1:], view, cfg.block_size, cfg.mask_ratio, seed=0)
+    evaluation = fixed_set(MaskedViewSampler(data, names[:1], view, cfg.block_size, cfg.mask_ratio, seed=1000), 8, 2)
+    schedule = PretextSchedule(6, 10, 2)
+    run_masked_stage(net, source, schedule, cfg, torch.device("cpu"), str(folder / "state.pth"), log=lambda m: None)
+    return target_check("mae", net, source, evaluation, schedule, cfg, torch.device("cpu"), initial,
+                        str(folder / "state.pth"), str(folder / "control.pth"), log=lambda m: None)
+
+
+def test_the_masked_stage_beats_its_reset_and_its_head_only_control_on_real_mri(tmp_path):
+    """The stage learning test (:func:`tests.pretext.test_stage.learned`): on held-out views the full stage's
+    masked-voxel loss is below both the loss with its target parameters reset and the head-only control's by more than
+    MASKED_MARGIN. Measured (this test's setting, one thread): loss_trained 0.9885, loss_reset 1.0814 (+9.4 %),
+    loss_control 1.0413 (+5.3 %), the target parameters moved by 0.071 of their norm. A zero-lr or frozen run leaves
+    the target parameters where they were (loss_reset = loss_trained, relative_change 0), and a head-only run is its
+    own control: both fail."""
+    from tests.pretext.test_stage import learned
+    check = masked_check(tmp_path)
+    assert learned(check, MASKED_MARGIN), check
