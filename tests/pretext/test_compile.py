@@ -1,8 +1,8 @@
 """A TPP pretext step compiled with Inductor, the default ``torch.compile`` backend (as nnU-Net compiles its network
 on CUDA), on the CPU: the masked reconstruction's output and the gradients of the target parameters and the output
 layer equal eager mode's to float32 rounding. A two-stage nnU-Net U-Net keeps the generated code small (69 kernels;
-the test took 86 s and 274 s in two runs on the shared 2-core machine under a load of 10-15, to re-measure on
-a quiet one)."""
+compiling took 274 s in one run, the whole test 86 s in another, on the shared 2-core machine under a load of 10-15,
+to re-measure on a quiet one)."""
 import torch
 
 from nnunet_tpp import peft
