@@ -215,7 +215,8 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, trai
     _write_v1_checkpoint(other, seed=1)
     watched = {p.name: p.read_bytes() for p in fold.iterdir() if p.name.startswith("tpp_") or p.name.startswith(
         ("backbone.json", "checkpoint_"))}
-    with pytest.raises(NNUNetCommandError, match="tpp_state.pth and tpp_target_parameters.pth of another TPP run"):
+    with pytest.raises(NNUNetCommandError, match="tpp_state.pth, tpp_target_parameters.pth and "
+                                                     "tpp_initial_target_parameters.pth of another TPP run"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                     "-pretrained_weights", other, "-device", "cpu"], tpp_env, log)
     assert {name: (fold / name).read_bytes() for name in watched} == watched

@@ -145,7 +145,7 @@ class TPPTrainer(PeftTrainer):
         if problems:
             recorded_backbone = their_backbone or self._recorded_backbone()
             raise TPPFoldError(
-                f"the fold folder {self.output_folder} holds {' and '.join(files)} of another TPP run: "
+                f"the fold folder {self.output_folder} holds {_listed(list(files))} of another TPP run: "
                 + "; ".join(p.rstrip(".") for p in problems)
                 + f". This run's backbone: {backbone or 'random (no -pretrained_weights)'} "
                   f"({peft.backbone_fingerprint(net)})"
@@ -395,3 +395,8 @@ def _view_settings(pretext: str, view, divisor) -> dict:
     from nnunet_tpp.pretext.crops3d import view_sizes
     g, loc = view_sizes(view, divisor)
     return {"views": {"global": list(g), "local": list(loc)}}
+
+
+def _listed(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
