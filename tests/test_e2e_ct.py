@@ -180,8 +180,10 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, stun
     folders, raw, env, log = workspace
     ckpt, backbone = stunet_s
     env, results = _own_results(env, tmp_path)
+    dino = tmp_path / "dino.yaml"  # (the 3-D default pretext is mae; this test covers DINO)
+    dino.write_text("pretext: dino\n")
     tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2",
-                   NNUNET_TPP_SKIP_VALIDATION="1", NNUNET_TPP_SEED=str(TPP_SEED))
+                   NNUNET_TPP_SKIP_VALIDATION="1", NNUNET_TPP_SEED=str(TPP_SEED), NNUNET_TPP_RECIPE=str(dino))
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"], tpp_env, log)
     model = next(results.rglob("TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres"))
@@ -205,7 +207,7 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, stun
     # a new run in the same fold, with learning rate 0 so that fine-tuning cannot move any parameter: its final
     # network must hold exactly the pretext stage's target parameters
     frozen_lr = tmp_path / "lr0.yaml"
-    frozen_lr.write_text("initial_lr: 0.0\n")
+    frozen_lr.write_text("pretext: dino\ninitial_lr: 0.0\n")
     run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                 "-pretrained_weights", ckpt, "-device", "cpu"], dict(tpp_env, NNUNET_TPP_RECIPE=str(frozen_lr)), log)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
@@ -223,7 +225,8 @@ def test_tpp_trainer_pretrains_target_parameters_then_fine_tunes(workspace, stun
     write_v1_checkpoint(other, seed=1)
     watched = {p.name: p.read_bytes() for p in fold.iterdir() if p.name.startswith("tpp_") or p.name.startswith(
         ("backbone.json", "checkpoint_"))}
-    with pytest.raises(NNUNetCommandError, match="tpp_state.pth and tpp_target_parameters.pth of another TPP run"):
+    with pytest.raises(NNUNetCommandError, match="tpp_state.pth, tpp_target_parameters.pth and "
+                                                     "tpp_initial_target_parameters.pth of another TPP run"):
         run_nnunet(["nnUNetv2_train", DATASET_ID, "3d_fullres", "all", "-tr", "TPPConvAdapterTrainer_S",
                     "-pretrained_weights", other, "-device", "cpu"], tpp_env, log)
     assert {name: (fold / name).read_bytes() for name in watched} == watched
@@ -247,7 +250,10 @@ def test_pretrain_command_then_any_peft_trainer_starts_from_its_file(workspace, 
     ckpt, _ = stunet_s
     env, results = _own_results(env, tmp_path)
     out = tmp_path / "ct_target_parameters.pth"
-    pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1")
+    dino = tmp_path / "dino.yaml"  # (the 3-D default pretext is mae; this test covers DINO)
+    dino.write_text("pretext: dino\n")
+    pre_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="1",
+                   NNUNET_TPP_RECIPE=str(dino))
     # the fold of an earlier training run of the same trainer: pretrain logs there and must leave its files alone
     tpp_fold = results / "Dataset611_CT" / "TPPConvAdapterTrainer_S__nnUNetPlans__3d_fullres" / "fold_all"
     tpp_fold.mkdir(parents=True)

@@ -119,8 +119,10 @@ def test_adopted_plans_fine_tune_and_predict_with_conv_adapters(adopted, tmp_pat
 
 def test_tpp_pretrains_the_adapters_of_an_nnunet_model_then_fine_tunes(adopted):
     folders, raw, env, log, model, checkpoint = adopted
+    dino = folders.root / "dino.yaml"  # (the 3-D default pretext is mae; this test covers DINO)
+    dino.write_text("pretext: dino\n")
     tpp_env = dict(env, NNUNET_TPP_PRETEXT_EPOCHS="1", NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH="2",
-                   NNUNET_TPP_SEED=str(TPP_SEED))
+                   NNUNET_TPP_SEED=str(TPP_SEED), NNUNET_TPP_RECIPE=str(dino))
     run_nnunet(["nnUNetv2_train", TARGET, "3d_fullres", "all", "-p", PLANS, "-tr", "TPPConvAdapterTrainer_nnUNet",
                 "-pretrained_weights", checkpoint, "-device", "cpu"], tpp_env, log)
     fold = folders.results / "Dataset622_Target" / f"TPPConvAdapterTrainer_nnUNet__{PLANS}__3d_fullres" / "fold_all"

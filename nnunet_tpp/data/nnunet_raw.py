@@ -59,9 +59,6 @@ def check_case(case: Case, labels: dict[str, int]) -> None:
             f"{case.image}: expected a 3-D single-channel image, found {image.GetDimension()}-D with "
             f"{image.GetNumberOfComponentsPerPixel()} component(s). Split multi-channel data into one file "
             f"per channel (_0000, _0001, ...) and declare them in channel_names.")
-    if min(image.GetSize()) < 16:
-        raise DatasetError(f"{case.image}: size {image.GetSize()} is too small; nnU-Net needs >= 16 voxels "
-                           f"per axis")
     if case.label is None:
         return
     label = read_image(case.label)

@@ -122,6 +122,7 @@ class MultiCropSampler:
         self.dataset, self.identifiers = dataset, list(identifiers)
         self.cfg = cfg or MultiCropConfig()
         self.global_size, self.local_size = view_sizes(global_size, divisor)
+        self.seed = int(seed)
         self.rng = np.random.default_rng(seed)
         self.global_ious: list[float] = []
         self.augment = ComposeTransforms([
@@ -158,24 +159,38 @@ class MultiCropSampler:
         return {"mean_iou": float(ious.mean()), "disjoint": float((ious == 0).mean())}
 
     def sample(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Returns ``(global_views, local_views)``: lists (one entry per view index) of ``(B, C, *size)``."""
-        globals_, locals_ = [[] for _ in range(self.cfg.n_global)], [[] for _ in range(self.cfg.n_local)]
-        for _ in range(batch_size):
-            identifier = self.identifiers[int(self.rng.integers(len(self.identifiers)))]
-            image = self.dataset.load_case(identifier)[0]
-            shape = tuple(image.shape[1:])
-            if any(s < r for s, r in zip(shape, self.global_size)):
-                raise PretextSettingsError(f"case {identifier} {list(shape)} is smaller than the pretext view "
-                                           f"{list(self.global_size)}")
-            start = self._region(shape, self.rng)
-            region = torch.from_numpy(np.asarray(
-                image[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, self.global_size))],
-                dtype=np.float32))
-            boxes = [self._box(self.cfg.global_scale, self.rng) for _ in globals_]
-            if len(boxes) >= 2:
-                self.global_ious.append(box_iou(boxes[0], boxes[1]))
-            for views, box in zip(globals_, boxes):
-                views.append(self._view(region, box, self.global_size))
-            for views in locals_:
-                views.append(self._view(region, self._box(self.cfg.local_scale, self.rng), self.local_size))
-        return [torch.stack(v) for v in globals_], [torch.stack(v) for v in locals_]
+        """Returns ``(global_views, local_views)``: lists (one entry per view index) of ``(B, C, *size)``, drawn from
+        the sampler's own generator (each call continues it; see :meth:`draw` for views fixed by a key)."""
+        return self.collate([self._sample_one(self.rng) for _ in range(batch_size)])
+
+    def draw(self, key: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The views of one sample, fixed by ``key`` and the sampler's seed (:mod:`nnunet_tpp.pretext.feed`):
+        ``(global_views, local_views)``, each a list of ``(C, *size)``."""
+        from nnunet_tpp.pretext.feed import seeded
+        with seeded((self.seed, *key)) as rng:
+            return self._sample_one(rng)
+
+    def collate(self, samples: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Stacks the draws of a batch: lists (one entry per view index) of ``(B, C, *size)``."""
+        n_global, n_local = self.cfg.n_global, self.cfg.n_local
+        return ([torch.stack([s[0][v] for s in samples]) for v in range(n_global)],
+                [torch.stack([s[1][v] for s in samples]) for v in range(n_local)])
+
+    def _sample_one(self, rng) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        identifier = self.identifiers[int(rng.integers(len(self.identifiers)))]
+        image = self.dataset.load_case(identifier)[0]
+        shape = tuple(image.shape[1:])
+        if any(s < r for s, r in zip(shape, self.global_size)):
+            raise PretextSettingsError(f"case {identifier} {list(shape)} is smaller than the pretext view "
+                                       f"{list(self.global_size)}")
+        start = self._region(shape, rng)
+        region = torch.from_numpy(np.asarray(
+            image[(slice(None),) + tuple(slice(s, s + r) for s, r in zip(start, self.global_size))],
+            dtype=np.float32))
+        boxes = [self._box(self.cfg.global_scale, rng) for _ in range(self.cfg.n_global)]
+        if len(boxes) >= 2:
+            self.global_ious.append(box_iou(boxes[0], boxes[1]))
+        globals_ = [self._view(region, box, self.global_size) for box in boxes]
+        locals_ = [self._view(region, self._box(self.cfg.local_scale, rng), self.local_size)
+                   for _ in range(self.cfg.n_local)]
+        return globals_, locals_

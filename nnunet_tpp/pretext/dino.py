@@ -16,6 +16,8 @@ from torch import nn
 
 INPUT_NORMS = ("running", "batch", "none")
 KEEP = ("teacher", "student")
+TEACHER_MODES = ("train", "eval")
+CLIP_MODES = ("per_parameter", "global")
 
 
 class PretextSettingsError(ValueError):
@@ -50,6 +52,11 @@ class DINOConfig:
             views of one sample get opposite inputs), ``none`` (the official DINO head).
         norm_momentum: weight of each step's statistics in the running ones (``running``).
         keep: whose target parameters are the stage's result: ``teacher`` (as DINO evaluates) or ``student``.
+        teacher_mode: the EMA teacher's module mode: ``train`` (the official DINO never switches it to eval) or
+            ``eval``. The same on every network of this package (instance norms, no dropout); our head's running
+            input statistics are never updated by the teacher in either mode.
+        clip: how ``grad_clip`` is applied: ``per_parameter`` (the official ``utils.clip_gradients``: each
+            parameter's gradient norm on its own) or ``global`` (one norm over all trained parameters).
     """
 
     out_dim: int = 4096
@@ -71,6 +78,8 @@ class DINOConfig:
     head_input_norm: str = "running"
     norm_momentum: float = 0.05
     keep: str = "teacher"
+    teacher_mode: str = "train"
+    clip: str = "per_parameter"
 
     def peak_lr(self, batch_size: int) -> float:
         """The peak learning rate: ``lr``, or ``base_lr * batch_size / 256`` when ``lr`` is None."""
@@ -89,6 +98,10 @@ class DINOConfig:
                                        f"{self.head_input_norm!r}")
         if self.keep not in KEEP:
             raise PretextSettingsError(f"keep must be teacher or student, got {self.keep!r}")
+        if self.teacher_mode not in TEACHER_MODES:
+            raise PretextSettingsError(f"teacher_mode must be train or eval, got {self.teacher_mode!r}")
+        if self.clip not in CLIP_MODES:
+            raise PretextSettingsError(f"clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
         if min(self.teacher_temp, self.warmup_teacher_temp, self.student_temp) <= 0:
             raise PretextSettingsError("the DINO temperatures must be > 0")
         if self.out_dim < 2 or self.freeze_last_layer < 0 or not 0 < self.norm_momentum <= 1:
@@ -117,11 +130,12 @@ class RunningStandardization(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, group: int = 0) -> None:
-        """Sets the statistics of ``group`` to those of ``x`` (N, dim)."""
-        x = x.detach().float()
-        self.mean[group] = x.mean(0)
-        self.var[group] = x.var(0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(self.var[group])
-        self.count[group] = x.shape[0]
+        """Sets the statistics of ``group`` to those of ``x`` (N, dim), pooled over the ranks of a process group
+        (so every rank holds the same statistics)."""
+        mean, var, n = _pooled_moments(x)
+        self.mean[group] = mean
+        self.var[group] = var if n > 1 else torch.ones_like(self.var[group])
+        self.count[group] = n
 
     def forward(self, x: torch.Tensor, groups: list[int] | None = None) -> torch.Tensor:
         """``x`` (N, dim); ``groups``: the number of rows of each group, in order (default: all rows group 0)."""
@@ -135,15 +149,29 @@ class RunningStandardization(nn.Module):
 
     @torch.no_grad()
     def _update(self, x: torch.Tensor, group: int) -> None:
-        x = x.detach().float()
         if int(self.count[group]) == 0:
             self.calibrate(x, group)
             return
+        mean, var, n = _pooled_moments(x)  # the whole batch's, over every rank
         m = self.momentum
-        self.mean[group] = (1 - m) * self.mean[group] + m * x.mean(0)
-        if x.shape[0] > 1:
-            self.var[group] = (1 - m) * self.var[group] + m * x.var(0, unbiased=False)
-        self.count[group] += x.shape[0]
+        self.mean[group] = (1 - m) * self.mean[group] + m * mean
+        if n > 1:
+            self.var[group] = (1 - m) * self.var[group] + m * var
+        self.count[group] += n
+
+
+def _pooled_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Mean, (biased) variance and number of the rows of ``x`` (N, dim) of every rank together (this process's
+    alone without a process group)."""
+    from nnunet_tpp.pretext.distributed import all_reduce_sum, world
+    x = x.detach().float()
+    if world()[1] == 1:
+        return x.mean(0), x.var(0, unbiased=False) if x.shape[0] > 1 else torch.zeros_like(x[0]), x.shape[0]
+    sums = all_reduce_sum(torch.cat([x.sum(0), x.pow(2).sum(0), x.new_tensor([x.shape[0]])]))
+    dim = x.shape[1]
+    n = int(sums[-1])
+    mean = sums[:dim] / n
+    return mean, (sums[dim:2 * dim] / n - mean.pow(2)).clamp_min(0), n
 
 
 def _input_norm(kind: str, dim: int, momentum: float) -> nn.Module:
@@ -216,12 +244,13 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.last_targets: torch.Tensor | None = None
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float
-                ) -> torch.Tensor:
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], teacher_temp: float,
+                update_center: bool = True) -> torch.Tensor:
         """Args:
             student: logits of every view (global views first), each ``(N, out_dim)``.
             teacher: logits of the global views, each ``(N, out_dim)``.
             teacher_temp: the current teacher temperature.
+            update_center: fold the teacher's batch mean into the centre (False: evaluation).
         Returns:
             The mean loss over all (teacher view, other student view) pairs.
         """
@@ -235,7 +264,8 @@ class DINOLoss(nn.Module):
                 total = total + torch.sum(-target * log_p, dim=-1).mean()
                 pairs += 1
         self.last_targets = torch.cat(targets)
-        self.update_center(torch.cat(teacher))
+        if update_center:
+            self.update_center(torch.cat(teacher))
         return total / pairs
 
     @torch.no_grad()

@@ -45,3 +45,29 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> N
     """Sets the decay of every group that is not marked ``no_decay`` (those stay at 0)."""
     for group in optimizer.param_groups:
         group["weight_decay"] = 0.0 if group.get("no_decay") else weight_decay
+
+
+CLIP_MODES = ("per_parameter", "global")
+
+
+@torch.no_grad()
+def clip_gradients(params: Iterable[torch.Tensor], max_norm: float, mode: str = "per_parameter") -> None:
+    """Clips gradients in place.
+
+    Args:
+        params: the trained parameters (those without a gradient are skipped).
+        max_norm: the largest norm allowed.
+        mode: ``per_parameter``: each parameter's gradient on its own is scaled down to norm ``max_norm`` when
+            larger (the official DINO's ``utils.clip_gradients``); ``global``: all gradients together, as one vector
+            (``torch.nn.utils.clip_grad_norm_``: nnU-Net's and nnssl's clipping).
+    """
+    if mode not in CLIP_MODES:
+        raise ValueError(f"gradient clipping mode must be one of {', '.join(CLIP_MODES)}, got {mode!r}")
+    params = [p for p in params if p.grad is not None]
+    if mode == "global":
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    for param in params:
+        coef = max_norm / (param.grad.norm(2) + 1e-6)
+        if bool(coef < 1):
+            param.grad.mul_(coef)

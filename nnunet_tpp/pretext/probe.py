@@ -1,27 +1,36 @@
-"""``nnunet-tpp tpp-probe``: does the 3-D TPP pretext stage change the encoder's representation, and for the
-better? A linear probe on pooled encoder features of views of a real CT, before and after the stage.
+"""``nnunet-tpp tpp-probe --data DIR``: does the 3-D TPP pretext stage change the encoder's representation, and
+does it carry over to cases the stage and the probe were not trained on? A linear probe across cases, with seeds.
 
-Views (``view``^3 voxels, the image z-scored) are centred on voxels of each label of the label map (background
-only inside the body, HU > -500), the same number per label; the label of a view is the organ at its centre. Views
-whose centre lies in even z slabs (``view / 4`` thick) train the probe, those in odd slabs test it (views of both
-splits overlap: with one CT the probe measures how linearly the features separate what a view is centred on, the
-same for every backbone compared; it is not a benchmark).
-The features are what the DINO head sees (:class:`~nnunet_tpp.pretext.stage.EncoderEmbedding`: per-channel max and
-mean of the pooled encoder stages); the probe is a logistic regression (standardised features, its L2 strength
-chosen by 3-fold cross-validation on the training views).
+The cases (``DIR/NAME.nii.gz`` + ``DIR/NAME_labels.nii.gz``, the demo layout; e.g. ``../shared/data/mri3d/chaos_t2``)
+are resampled to ``spacing`` and z-scored per volume (nnU-Net's MRI normalisation). Per seed, the cases are shuffled
+and split: ``test_share`` of them are *test cases*, the rest *training cases*. Views of ``view`` voxels are centred
+on voxels of each label (background only inside the body: z-scored intensity above 0), ``per_class`` per label and
+case; the label of a view is the structure at its centre. A logistic regression (standardised features, L2 strength
+by 3-fold cross-validation) is trained on the views of the training cases and scored on those of the test cases.
 
-Two frozen backbones: a random initialisation, and a pre-trained one (``backbone``: a published STU-Net
-checkpoint; without one, a small one is made here: STU-Net trained for ``upstream_steps`` supervised steps on
-procedurally generated phantoms, :mod:`nnunet_tpp.demo.phantom`, labels liver / kidney / lesion: other images
-than the CT, a stand-in for a published checkpoint, not one). For each, the probe runs on the plain backbone, on
-the backbone with the PEFT method at its initialisation, and after the pretext stage (DINO on views of the same
-CT, target parameters only, the stage's defaults unless given).
+The features are the pooled encoder stages the DINO head sees (:class:`~nnunet_tpp.pretext.stage.EncoderEmbedding`:
+per-channel max and mean of ``feature_stages``). The arms, per seed:
+
+* ``random init``: a randomly initialised STU-Net;
+* ``pre-trained``: the pre-trained backbone (``backbone``: a published STU-Net checkpoint; without one a stand-in is
+  made here: STU-Net trained for ``upstream_steps`` supervised steps on procedurally generated phantoms,
+  :mod:`nnunet_tpp.demo.phantom`, other images than the data);
+* ``+ PEFT at init``: the pre-trained backbone with the PEFT method at its initialisation;
+* ``+ TPP DINO`` / ``+ TPP masked``: after the pretext stage (``epochs`` x ``iterations``, batch ``batch``) on the
+  training cases only, from that same initialisation;
+* ``head-only control``: after the masked stage with the target parameters frozen (only its output layer trains):
+  the encoder cannot change, so its row must equal ``+ PEFT at init`` (a check that the control touches nothing
+  the probe sees).
+
+What it shows: whether the features a TPP stage leaves separate the structures of unseen cases better or worse
+than before the stage, and by how much against the spread over seeds. What it does not show: segmentation quality
+after fine-tuning (the supervised stage trains the target parameters further, and the heads), or a published
+backbone's behaviour (unless ``--backbone`` gives one).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,15 +42,15 @@ import torch.nn.functional as F
 
 from nnunet_tpp import peft
 
-POOLS = [[2, 2, 2]] * 4 + [[1, 1, 1]]  # divisor 16 per axis
+POOLS = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1]]  # divisor (4, 16, 16) along (z, y, x)
+ARMS = ("random init", "pre-trained", "+ PEFT at init", "+ TPP DINO", "+ TPP masked", "head-only control")
 
 
 @dataclass
 class ProbeConfig:
     """Settings of :func:`run_probe` (see the module docstring)."""
 
-    image: str = ""
-    labels: str = ""
+    data: str = ""
     out: str = "tpp_probe"
     size: str = "S"
     method: str = "conv_adapter"
@@ -49,82 +58,97 @@ class ProbeConfig:
     upstream_steps: int = 200
     upstream_patch: int = 32
     upstream_cases: int = 4
-    view: int = 32
-    per_class: int = 80
-    epochs: int = 30
+    spacing: tuple[float, float, float] = (7.7, 2.5, 2.5)
+    view: tuple[int, int, int] = (16, 48, 48)
+    per_class: int = 6
+    test_share: float = 0.4
+    seeds: int = 3
+    epochs: int = 6
     iterations: int = 10
-    batch: int = 4
-    lr: float | None = None
-    out_dim: int = 4096
-    feature_stages: tuple[int, ...] = (4, 5)
+    batch: int = 2
+    max_cases: int | None = None
+    feature_stages: tuple[int, ...] = (-2, -1)
     seed: int = 0
     threads: int | None = None
     dims: list[int] | None = field(default=None)  # (tests) custom STU-Net widths instead of ``size``
 
 
-class _Volume:
-    """One z-scored volume standing in for nnU-Net's preprocessed dataset (``load_case``)."""
+class Cases:
+    """Volumes standing in for nnU-Net's preprocessed dataset (``load_case``)."""
 
-    def __init__(self, data: np.ndarray):
-        self.data = data
+    def __init__(self, volumes: dict[str, np.ndarray]):
+        self.volumes = volumes
 
     def load_case(self, identifier):
-        return self.data, None, None, {}
+        return self.volumes[identifier], None, None, {}
 
 
-def load_ct(image: str, labels: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(volume (1, Z, Y, X) z-scored float32, labels (Z, Y, X) int, HU (Z, Y, X))`` read with SimpleITK."""
+def read_cases(folder: str, spacing, max_cases: int | None = None) -> tuple[dict, dict]:
+    """``({name: (1, Z, Y, X) z-scored float32}, {name: (Z, Y, X) int labels})`` of the demo-layout folder,
+    resampled to ``spacing`` (z, y, x; linear for images, nearest for labels) with SimpleITK."""
     import SimpleITK as sitk
-    for path in (image, labels):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tpp-probe: {path!r} not found")
-    hu = sitk.GetArrayFromImage(sitk.ReadImage(image)).astype(np.float32)
-    lab = sitk.GetArrayFromImage(sitk.ReadImage(labels)).astype(np.int64)
-    if hu.shape != lab.shape:
-        raise ValueError(f"tpp-probe: image {hu.shape} and labels {lab.shape} differ in shape")
-    return ((hu - hu.mean()) / max(float(hu.std()), 1e-6))[None], lab, hu
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"tpp-probe: --data {folder!r} is not a folder")
+    names = sorted(p.name[:-len("_labels.nii.gz")] for p in root.glob("*_labels.nii.gz")
+                   if (root / p.name.replace("_labels.nii.gz", ".nii.gz")).is_file())
+    if len(names) < 3:
+        raise ValueError(f"tpp-probe: {folder} holds {len(names)} cases (NAME.nii.gz + NAME_labels.nii.gz); the "
+                         f"probe needs at least 3 (training and test cases)")
+    names = names[:max_cases] if max_cases else names
+    images, labels = {}, {}
+    for name in names:
+        image, label = sitk.ReadImage(str(root / f"{name}.nii.gz")), sitk.ReadImage(str(root / f"{name}_labels.nii.gz"))
+        image, label = _resample(image, spacing, sitk.sitkLinear), _resample(label, spacing, sitk.sitkNearestNeighbor)
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        images[name] = ((array - array.mean()) / max(float(array.std()), 1e-6))[None]
+        labels[name] = sitk.GetArrayFromImage(label).astype(np.int64)
+    return images, labels
 
 
-def probe_views(labels: np.ndarray, hu: np.ndarray, view: int, per_class: int, seed: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centres ``(N, 3)``, labels ``(N,)`` and train mask ``(N,)`` of the probe's views (module docstring)."""
-    if any(s < view for s in labels.shape):
-        raise ValueError(f"tpp-probe: view {view} is larger than the volume {labels.shape}")
-    rng = np.random.default_rng(seed)
-    half = view // 2
+def _resample(image, spacing, interpolator):
+    import SimpleITK as sitk
+    new_spacing = [float(s) for s in reversed(spacing)]  # SimpleITK: (x, y, z)
+    size = [max(1, int(round(n * o / s))) for n, o, s in zip(image.GetSize(), image.GetSpacing(), new_spacing)]
+    return sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), new_spacing,
+                         image.GetDirection(), 0, image.GetPixelID())
+
+
+def probe_views(labels: np.ndarray, image: np.ndarray, view, per_class: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``(N, 3)`` and labels ``(N,)``: up to ``per_class`` voxels of each label whose ``view`` fits the
+    volume (background: inside the body, ``image`` > 0)."""
+    half = [v // 2 for v in view]
     inner = np.zeros(labels.shape, dtype=bool)
-    inner[tuple(slice(half, s - (view - half) + 1) for s in labels.shape)] = True
+    inner[tuple(slice(h, s - (v - h) + 1) for h, s, v in zip(half, labels.shape, view))] = True
     centres, ys = [], []
     for c in np.unique(labels):
-        where = (labels == c) & inner & ((hu > -500) if c == 0 else True)
-        idx = np.argwhere(where)
-        if len(idx) == 0:
-            continue
-        pick = idx[rng.choice(len(idx), min(per_class, len(idx)), replace=False)]
-        centres.append(pick)
-        ys.append(np.full(len(pick), int(c)))
-    centres, ys = np.concatenate(centres), np.concatenate(ys)
-    train = (centres[:, 0] // max(1, view // 4)) % 2 == 0
-    return centres, ys, train
+        idx = np.argwhere((labels == c) & inner & ((image > 0) if c == 0 else True))
+        if len(idx):
+            centres.append(idx[rng.choice(len(idx), min(per_class, len(idx)), replace=False)])
+            ys.append(np.full(len(centres[-1]), int(c)))
+    if not centres:
+        return np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(centres), np.concatenate(ys)
 
 
 @torch.no_grad()
-def view_features(net, volume: np.ndarray, centres: np.ndarray, view: int, stages, batch: int = 8) -> np.ndarray:
+def view_features(net, volume: np.ndarray, centres: np.ndarray, view, stages, batch: int = 8) -> np.ndarray:
     """Pooled encoder features (:class:`EncoderEmbedding`) of the views at ``centres``."""
     from nnunet_tpp.pretext.stage import EncoderEmbedding
     embedding = EncoderEmbedding(net, tuple(stages))
     net.eval()
-    half, out = view // 2, []
+    out = []
     for i in range(0, len(centres), batch):
-        crops = [volume[(slice(None),) + tuple(slice(c - half, c - half + view) for c in centre)]
+        crops = [volume[(slice(None),) + tuple(slice(c - v // 2, c - v // 2 + v) for c, v in zip(centre, view))]
                  for centre in centres[i:i + batch]]
         out.append(embedding(torch.from_numpy(np.stack(crops)).float()).numpy())
     return np.concatenate(out)
 
 
-def linear_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int = 0) -> float:
-    """Test accuracy of a logistic regression trained on the ``train`` views (standardised features, L2 strength
-    by 3-fold cross-validation)."""
+def linear_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 seed: int = 0) -> float:
+    """Test accuracy of a logistic regression (standardised features, L2 strength by 3-fold cross-validation)."""
     import warnings
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
@@ -133,8 +157,8 @@ def linear_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int = 0)
                                                                  max_iter=5000, random_state=seed))
     with warnings.catch_warnings():  # (scikit-learn's announcements of changed defaults)
         warnings.simplefilter("ignore", FutureWarning)
-        model.fit(x[train], y[train])
-    return float((model.predict(x[~train]) == y[~train]).mean())
+        model.fit(x_train, y_train)
+    return float((model.predict(x_test) == y_test).mean())
 
 
 def _stunet(cfg: ProbeConfig, seed: int):
@@ -189,120 +213,138 @@ def upstream_pretrain(cfg: ProbeConfig, path: Path, log: Callable[[str], None]) 
     return path
 
 
-def _backbone(cfg: ProbeConfig, kind: str, checkpoint: Path | None):
+def _pretrained(cfg: ProbeConfig, checkpoint: Path):
     net = _stunet(cfg, cfg.seed)
-    if kind == "pre-trained":
+    if cfg.dims:  # (tests) an unpublished width: the checkpoint's own tensors, strictly
+        from nnunet_tpp import file_kinds
+        net.load_state_dict(file_kinds.load_torch_file(checkpoint, "an STU-Net checkpoint")["network_weights"])
+    else:
         from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint
-        if cfg.dims:  # (tests) an unpublished width: the checkpoint's own tensors, strictly
-            from nnunet_tpp import file_kinds
-            net.load_state_dict(file_kinds.load_torch_file(checkpoint, "an STU-Net checkpoint")["network_weights"])
-        else:
-            load_stunet_checkpoint(net, checkpoint)
+        load_stunet_checkpoint(net, checkpoint)
     return net
 
 
-def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
-    """Runs the probe (module docstring). Returns ``{"accuracy": {backbone: {"plain", "init", "after",
-    "after_student"}},
-    "diagnostics": {backbone: last epoch's}, "overlap", "views", "config"}`` and writes ``probe.json`` in
-    ``cfg.out``."""
-    from nnunet_tpp.pretext.crops3d import MultiCropConfig, MultiCropSampler, check_views
+def check_config(cfg: ProbeConfig) -> None:
+    """Refuses settings that cannot run, before anything is read or written."""
+    from nnunet_tpp.pretext.crops3d import check_views
     from nnunet_tpp.pretext.dino import DINOConfig
+    check_views(cfg.view, np.prod(np.array(POOLS), axis=0), None, cfg.batch)
+    DINOConfig().validate(cfg.batch)
+    if not 0 < cfg.test_share < 1 or cfg.seeds < 1 or cfg.per_class < 1:
+        raise ValueError("tpp-probe: need 0 < test_share < 1, seeds >= 1 and per_class >= 1")
+
+
+def run_probe(cfg: ProbeConfig, log: Callable[[str], None] = print) -> dict:
+    """Runs the probe (module docstring). Returns ``{"accuracy": {arm: [per seed]}, "summary": {arm: {"mean",
+    "std", "min", "max"}}, "cases", "views", "pretrained", "config"}`` and writes ``probe.json`` in ``cfg.out``."""
+    from nnunet_tpp.pretext.crops3d import MultiCropConfig, MultiCropSampler
+    from nnunet_tpp.pretext.dino import DINOConfig
+    from nnunet_tpp.pretext.masked import MaskedConfig, run_masked_stage
+    from nnunet_tpp.pretext.masked_views import MaskedViewSampler
     from nnunet_tpp.pretext.stage import PretextSchedule, run_dino_stage
+    check_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    volume, labels, hu = load_ct(cfg.image, cfg.labels)
-    check_views((cfg.view,) * 3, (16, 16, 16), {"ct": volume.shape[1:]}, cfg.batch)
-    dino = DINOConfig(out_dim=cfg.out_dim, warmup_epochs=1, **({"lr": cfg.lr} if cfg.lr is not None else {}))
-    dino.validate(cfg.batch)
+    images, labels = read_cases(cfg.data, cfg.spacing, cfg.max_cases)
+    small = [n for n, im in images.items() if any(s < v for s, v in zip(im.shape[1:], cfg.view))]
+    if small:
+        raise ValueError(f"tpp-probe: the view {list(cfg.view)} is larger than cases {small} at spacing "
+                         f"{list(cfg.spacing)}; use a smaller --view")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    centres, ys, train = probe_views(labels, hu, cfg.view, cfg.per_class, cfg.seed)
-    log(f"tpp-probe: {len(ys)} views of {cfg.view}^3 ({np.bincount(ys).tolist()} per label), {int(train.sum())} "
-        f"train / {int((~train).sum())} test (alternating z slabs)")
     checkpoint = Path(cfg.backbone) if cfg.backbone else upstream_pretrain(cfg, out / "upstream_stunet.pth", log)
-    result = {"accuracy": {}, "diagnostics": {}, "views": {"total": int(len(ys)), "train": int(train.sum())},
+    schedule = PretextSchedule(cfg.epochs, cfg.iterations, cfg.batch, tuple(cfg.feature_stages))
+    divisor = [int(d) for d in np.prod(np.array(POOLS), axis=0)]
+    names = sorted(images)
+    accuracy = {arm: [] for arm in ARMS}
+    splits = []
+    for s in range(cfg.seeds):
+        seed = cfg.seed + s
+        rng = np.random.default_rng(seed)
+        order = list(rng.permutation(names))
+        n_test = min(len(names) - 2, max(1, int(round(cfg.test_share * len(names)))))
+        test, train = sorted(order[:n_test]), sorted(order[n_test:])
+        views = {n: probe_views(labels[n], images[n][0], cfg.view, cfg.per_class, rng) for n in names}
+        ytr = np.concatenate([views[n][1] for n in train])
+        yte = np.concatenate([views[n][1] for n in test])
+        splits.append({"seed": seed, "train": train, "test": test, "train_views": int(len(ytr)),
+                       "test_views": int(len(yte))})
+        log(f"tpp-probe seed {seed}: {len(train)} training cases ({len(ytr)} views), {len(test)} test cases "
+            f"({len(yte)} views); labels {np.unique(np.concatenate([ytr, yte])).tolist()}")
+
+        def score(net, arm):
+            xtr = np.concatenate([view_features(net, images[n], views[n][0], cfg.view, cfg.feature_stages)
+                                  for n in train])
+            xte = np.concatenate([view_features(net, images[n], views[n][0], cfg.view, cfg.feature_stages)
+                                  for n in test])
+            accuracy[arm].append(linear_probe(xtr, ytr, xte, yte, seed))
+            log(f"tpp-probe seed {seed} [{arm}]: accuracy {accuracy[arm][-1]:.3f}")
+
+        score(_stunet(cfg, seed), "random init")
+        score(_pretrained(cfg, checkpoint), "pre-trained")
+        work = out / f"seed_{seed}"
+        work.mkdir(exist_ok=True)
+        data = Cases({n: images[n] for n in train})
+        for arm in ("+ PEFT at init", "+ TPP DINO", "+ TPP masked", "head-only control"):
+            net = _pretrained(cfg, checkpoint)
+            torch.manual_seed(seed + 7)  # the same initialisation of the target parameters in every arm
+            peft.apply(net, cfg.method)
+            peft.fingerprint_backbone(net)
+            started = time.time()
+            stage_log = lambda m, a=arm: log(f"[seed {seed} {a}] {m}")  # noqa: E731
+            if arm == "+ TPP DINO":
+                run_dino_stage(net, MultiCropSampler(data, train, cfg.view, divisor, MultiCropConfig(), seed=seed),
+                               schedule, DINOConfig(), torch.device("cpu"), str(work / "dino.pth"),
+                               log=stage_log, plot_file=str(work / "dino.png"))
+            elif arm != "+ PEFT at init":
+                masked = MaskedConfig()
+                run_masked_stage(net, MaskedViewSampler(data, train, cfg.view, masked.block_size, masked.mask_ratio,
+                                                        seed=seed), schedule, masked, torch.device("cpu"),
+                                 str(work / f"{'masked' if arm == '+ TPP masked' else 'control'}.pth"), log=stage_log,
+                                 train_targets=arm == "+ TPP masked")
+            score(net, arm)
+            if arm != "+ PEFT at init":
+                log(f"tpp-probe seed {seed} [{arm}]: stage {time.time() - started:.0f} s")
+    summary = {arm: {"mean": float(np.mean(v)), "std": float(np.std(v)), "min": float(np.min(v)),
+                     "max": float(np.max(v))} for arm, v in accuracy.items()}
+    result = {"accuracy": accuracy, "summary": summary, "splits": splits, "cases": names,
               "pretrained": str(checkpoint) if cfg.backbone else f"upstream on phantoms ({checkpoint})",
               "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
-    for kind in ("random init", "pre-trained"):
-        net = _backbone(cfg, kind, checkpoint)
-        acc = {"plain": linear_probe(view_features(net, volume, centres, cfg.view, cfg.feature_stages), ys, train)}
-        torch.manual_seed(cfg.seed + 7)
-        peft.apply(net, cfg.method)
-        peft.fingerprint_backbone(net)
-        acc["init"] = linear_probe(view_features(net, volume, centres, cfg.view, cfg.feature_stages), ys, train)
-        work = out / kind.replace(" ", "_").replace("-", "_")
-        work.mkdir(exist_ok=True)
-        sampler = MultiCropSampler(_Volume(volume), ["ct"], (cfg.view,) * 3, (16, 16, 16), MultiCropConfig(),
-                                   seed=cfg.seed)
-        result["overlap"] = sampler.global_overlap()
-        started = time.time()
-        run_dino_stage(net, sampler.sample, PretextSchedule(cfg.epochs, cfg.iterations, cfg.batch,
-                                                            tuple(cfg.feature_stages)),
-                       dino, torch.device("cpu"), str(work / "tpp_state.pth"),
-                       log=lambda m, k=kind: log(f"[{k}] {m}"), plot_file=str(work / "tpp_progress.png"),
-                       diagnostics_file=str(work / "tpp_diagnostics.json"))
-        acc["after"] = linear_probe(view_features(net, volume, centres, cfg.view, cfg.feature_stages), ys, train)
-        acc["after_student"] = _student_accuracy(net, work / "tpp_state.pth", volume, centres, ys, train, cfg)
-        with open(work / "tpp_diagnostics.json") as f:
-            result["diagnostics"][kind] = json.load(f)[-1]
-        result["accuracy"][kind] = acc
-        log(f"tpp-probe [{kind}]: accuracy plain {acc['plain']:.3f}, {cfg.method} at init {acc['init']:.3f}, after "
-            f"the pretext stage {acc['after']:.3f} (stage {time.time() - started:.0f} s)")
     with open(out / "probe.json", "w") as f:
         json.dump(result, f, indent=1)
     return result
 
 
-def _student_accuracy(net, state_file: Path, volume, centres, ys, train, cfg: ProbeConfig) -> float:
-    """The probe with the student's target parameters (the stage leaves the teacher's in ``net``; restored)."""
-    from nnunet_tpp.pretext.stage import read_state
-    prefix = "embedding.network."
-    student = {k[len(prefix):]: v for k, v in read_state(str(state_file))["student"].items() if k.startswith(prefix)}
-    targets = peft.target_parameters(net)
-    kept = {n: p.detach().clone() for n, p in targets.items()}
-    with torch.no_grad():
-        for name, value in student.items():
-            if name in targets:
-                targets[name].copy_(value)
-        accuracy = linear_probe(view_features(net, volume, centres, cfg.view, cfg.feature_stages), ys, train)
-        for name, value in kept.items():
-            targets[name].copy_(value)
-    return accuracy
-
-
 def format_table(result: dict) -> str:
-    """The accuracies as a markdown table."""
-    method = result["config"]["method"]
-    lines = [f"| frozen backbone | plain | + {method} at init | + {method} after TPP (teacher: the result) | "
-             f"(student) | teacher entropy / batch-mean entropy / log K (last epoch) |", "|---|---|---|---|---|---|"]
-    for kind, acc in result["accuracy"].items():
-        d = result["diagnostics"][kind]
-        lines.append(f"| {kind} | {acc['plain']:.3f} | {acc['init']:.3f} | {acc['after']:.3f} | "
-                     f"{acc['after_student']:.3f} | {d['teacher_entropy']:.2f} / {d['batch_mean_entropy']:.2f} / "
-                     f"{d['log_k']:.2f} |")
+    """Per-arm accuracy over the seeds (mean, standard deviation, range) as a markdown table."""
+    seeds = len(next(iter(result["accuracy"].values())))
+    lines = [f"| arm | accuracy over held-out cases, mean ± sd ({seeds} seeds) | min - max |", "|---|---|---|"]
+    for arm, s in result["summary"].items():
+        lines.append(f"| {arm} | {s['mean']:.3f} ± {s['std']:.3f} | {s['min']:.3f} - {s['max']:.3f} |")
     return "\n".join(lines)
 
 
 def add_probe_parser(sub) -> None:
     """Registers ``nnunet-tpp tpp-probe``."""
-    p = sub.add_parser("tpp-probe", help="linear probe of encoder features of a real CT before / after the TPP "
-                                         "pretext stage (random-init and pre-trained backbones)")
+    p = sub.add_parser("tpp-probe", help="linear probe across cases of the encoder features before / after the TPP "
+                                         "pretext stages (DINO, masked), with seeds")
     d = ProbeConfig()
-    p.add_argument("--image", required=True, help="CT volume (e.g. ../shared/data/ct/abdomen_ct_001.nii.gz)")
-    p.add_argument("--labels", required=True, help="its label map (the organ at a view's centre is its label)")
+    p.add_argument("--data", required=True, help="folder of NAME.nii.gz + NAME_labels.nii.gz (the demo layout), "
+                                                 "e.g. ../shared/data/mri3d/chaos_t2")
     p.add_argument("--out", default=d.out, help="work folder (upstream backbone, stage states, probe.json)")
     p.add_argument("--size", default=d.size, choices=["S", "B", "L", "H"])
     p.add_argument("--method", default=d.method)
     p.add_argument("--backbone", help="a pre-trained STU-Net checkpoint (default: pre-train one on phantoms)")
     p.add_argument("--upstream-steps", dest="upstream_steps", type=int, default=d.upstream_steps)
-    p.add_argument("--view", type=int, default=d.view, help="view side in voxels (a multiple of 16)")
-    p.add_argument("--per-class", dest="per_class", type=int, default=d.per_class)
+    p.add_argument("--spacing", type=float, nargs=3, default=d.spacing, help="resampling spacing z y x (mm)")
+    p.add_argument("--view", type=int, nargs=3, default=d.view, help="view z y x in voxels (multiples of 4 16 16)")
+    p.add_argument("--per-class", dest="per_class", type=int, default=d.per_class, help="views per label and case")
+    p.add_argument("--test-share", dest="test_share", type=float, default=d.test_share)
+    p.add_argument("--seeds", type=int, default=d.seeds)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--iterations", type=int, default=d.iterations, help="pretext iterations per epoch")
     p.add_argument("--batch", type=int, default=d.batch, help="pretext batch size")
-    p.add_argument("--lr", type=float, help="pretext peak learning rate (default: the stage's)")
-    p.add_argument("--out-dim", dest="out_dim", type=int, default=d.out_dim, help="DINO prototypes")
+    p.add_argument("--max-cases", dest="max_cases", type=int, help="use the first N cases only")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="also write the result here")
@@ -310,10 +352,15 @@ def add_probe_parser(sub) -> None:
 
 
 def probe_main(args: argparse.Namespace) -> int:
-    cfg = ProbeConfig(**{k: getattr(args, k) for k in ProbeConfig.__dataclass_fields__ if hasattr(args, k)})
+    """Runs the probe from parsed arguments and prints the table."""
+    fields = {k: getattr(args, k) for k in ProbeConfig.__dataclass_fields__ if hasattr(args, k)}
+    for key in ("spacing", "view"):
+        fields[key] = tuple(fields[key])
+    cfg = ProbeConfig(**fields)
     result = run_probe(cfg)
     print(format_table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+

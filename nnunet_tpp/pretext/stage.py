@@ -1,14 +1,31 @@
-"""The TPP pretext stage: DINO on the target dataset's own images, training only the PEFT method's target
-parameters (and a projection head); the backbone stays frozen. Resumable, with progress output, collapse
-diagnostics and a plot; its result is a target-parameter file that fine-tuning starts from.
+"""The TPP pretext stage with DINO: DINO on the target dataset's own images, training only the PEFT method's
+target parameters (and a projection head); the backbone stays frozen. Resumable, with progress output, collapse
+diagnostics and a plot; its result is a target-parameter file that fine-tuning starts from. (The masked-reconstruction
+stage is :mod:`nnunet_tpp.pretext.masked`; the files both write are in :mod:`nnunet_tpp.pretext.targets`.)
 
-As the official DINO (facebookresearch/dino ``main_dino.py``, ``utils.py``): AdamW with biases and 1-D parameters
-exempt from weight decay, the last layer frozen in the first epoch, the EMA teacher in eval mode, the head run once
-over the features of every view, the teacher's parameters as the result. Ours: an absolute learning rate (DINO's
-``lr * batch / 256`` moves nothing at nnU-Net's batch sizes), a low constant teacher temperature (with only the
-target parameters training, DINO's 0.04 drifted to uniform targets on the CT), and the head's input standardised
-with running statistics per view size (pooled CNN features share a large common component; standardising across
-the batch instead couples its samples and, at small batches, makes the two views of one sample opposite).
+**As the official DINO** (facebookresearch/dino ``main_dino.py``, ``utils.py``): AdamW with biases and 1-D
+parameters exempt from weight decay, weight decay 0.04 -> 0.4 (cosine), linear warm-up then cosine learning rate to
+``min_lr`` 1e-6, the head's last layer frozen in the first epoch (``freeze_last_layer``), the weight-normalised last
+layer with its norm fixed, the EMA teacher (momentum 0.996 -> 1, cosine) initialised as the student and left in
+train mode, only the global views through the teacher, the cross-entropy over every (teacher view, other view) pair,
+the centre (momentum 0.9) averaged over ranks with ``all_reduce``, student temperature 0.1, gradient clipping 3 per
+parameter (``utils.clip_gradients``) before the last layer's gradients are cancelled, mixed precision with a gradient
+scaler on CUDA, the teacher's parameters as the result.
+
+**Not as the official DINO** (each an option of :class:`~nnunet_tpp.pretext.dino.DINOConfig` or
+:class:`PretextSchedule`; the README gives the measurement behind each default): an absolute learning rate ``lr``
+5e-4 (the official ``--lr 5e-4`` is scaled by ``batch / 256``, which moves nothing at nnU-Net's batch sizes; the TPP
+paper's ``1e-4 * batch / 256`` even less; ``lr=None`` restores the rule with ``base_lr``), a constant teacher
+temperature 0.01 (official 0.04; with only the target parameters training, 0.04 drifted to uniform targets), 4,096
+prototypes and a hidden width of 1,024 (official 65,536 and 2,048), the head's input standardised with running
+statistics per view size (``head_input_norm``; the official head has no input normalisation: pooled CNN features
+share a large common component), features pooled from encoder stages (max and mean per channel; the official code
+takes a ViT's class token or a ResNet's average), 3-D multi-crop views from one region per sample (2 global + 4
+local; official 2 + 8 crops of an image), and a pretext batch of its own (``batch_size`` 8, official 64 per GPU).
+
+Under ``torch.distributed`` every rank computes its share of each batch (:func:`~nnunet_tpp.pretext.distributed.shard`),
+gradients are averaged over ranks, the centre and the head's running statistics are pooled over ranks, so student,
+teacher and centre stay identical on every rank; only rank 0 writes files and logs.
 
 Files: ``state_file`` (rewritten atomically after every epoch, with the method, options, architecture and
 backbone fingerprint it was made from; a state of another identity or other settings is refused), the optional
@@ -18,11 +35,8 @@ backbone fingerprint it was made from; a state of another identity or other sett
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -32,36 +46,15 @@ from nnunet_tpp import peft
 from nnunet_tpp.pretext.dino import (CollapseMeter, DINOConfig, DINOHead, DINOLoss, PretextSettingsError,
                                      RunningStandardization, cancel_last_layer_gradients, collapse_warning,
                                      cosine_schedule, ema_update, teacher_temperature)
-from nnunet_tpp.pretext.optim import set_weight_decay, weight_decay_groups
-
-TARGET_FORMAT = "nnunet_tpp.tpp/1"
-STATE_FORMAT = "nnunet_tpp.tpp_state/2"
-
-
-class TargetParameterError(ValueError):
-    """A target-parameter file or pretext state that does not fit the network (method, options, architecture or
-    backbone), or that cannot be read."""
-
-
-@dataclass
-class PretextSchedule:
-    """Length and shape of the pretext stage.
-
-    Attributes:
-        epochs, iterations_per_epoch: schedule.
-        batch_size: samples per iteration (each gives 2 global + k local views).
-        feature_stages: encoder stages whose globally pooled outputs feed the DINO head (0 = full resolution;
-            negative counts from the bottleneck, -1).
-        grad_clip: gradient norm clipping of the student.
-        calibration_samples: samples whose views set the head's running input statistics before training.
-    """
-
-    epochs: int = 50
-    iterations_per_epoch: int = 100
-    batch_size: int = 8
-    feature_stages: tuple[int, ...] = (-2, -1)
-    grad_clip: float = 3.0
-    calibration_samples: int = 32
+from nnunet_tpp.pretext.distributed import (all_reduce_sum, average_gradients, broadcast_module, is_main, shard,
+                                             world)
+from nnunet_tpp.pretext.feed import calibration_batches, stage_batches
+from nnunet_tpp.pretext.optim import clip_gradients, set_weight_decay, weight_decay_groups
+from nnunet_tpp.pretext.plots import plot_losses, plot_progress, write_diagnostics  # noqa: F401  (re-exported)
+from nnunet_tpp.pretext.targets import (STATE_FORMAT, STATE_WHAT, TARGET_FORMAT,  # noqa: F401  (re-exported)
+                                        PretextSchedule, TargetParameterError, check_file_identity, check_state,
+                                        copy_target_parameters, load_target_parameters, read_state,
+                                        read_target_parameters, save_state, save_target_parameters, stage_settings)
 
 
 class EncoderEmbedding(nn.Module):
@@ -135,117 +128,39 @@ def _teacher_of(student: nn.Module) -> nn.Module:
     return teacher.eval()
 
 
-# --- target-parameter files ------------------------------------------------------------------------------------
-def save_target_parameters(network: nn.Module, path: str, extra: dict | None = None) -> None:
-    """Writes the method's target parameters with the method, options, architecture and (when fingerprinted)
-    backbone they belong to."""
-    payload = {"format": TARGET_FORMAT, **peft.identity(network),
-               "target_parameters": {n: p.detach().cpu().clone() for n, p in peft.target_parameters(network).items()},
-               **(extra or {})}
-    peft.atomic_torch_save(payload, path)
+def set_teacher_mode(teacher: nn.Module, mode: str) -> nn.Module:
+    """Puts the EMA teacher in ``train`` (the official DINO) or ``eval`` mode; the head's running input statistics
+    (ours) stay in eval mode either way: only the student's inputs update them."""
+    teacher.train(mode == "train")
+    for module in teacher.modules():
+        if isinstance(module, RunningStandardization):
+            module.eval()
+    return teacher
 
 
-def read_target_parameters(path: str) -> dict:
-    """The content of a target-parameter file (refusing any other kind of file, safely)."""
-    from nnunet_tpp import file_kinds
-    try:
-        payload = file_kinds.load_expected(path, file_kinds.TARGET_PARAMETERS, role="NNUNET_TPP_TARGET_PARAMETERS")
-    except file_kinds.FileKindError as e:
-        raise TargetParameterError(str(e)) from None
-    if payload.get("format") != TARGET_FORMAT:
-        raise TargetParameterError(f"{path!r} is a target-parameter file of format {payload.get('format')!r}; this "
-                                   f"version reads {TARGET_FORMAT!r}: re-create it with `nnunet-tpp pretrain`")
-    return payload
-
-
-def check_file_identity(recorded: dict, network: nn.Module, source: str, what: str) -> None:
-    """Refuses a file whose recorded method, options, architecture or backbone differ from ``network``'s
-    (:func:`peft.check_identity`), as a :class:`TargetParameterError`."""
-    try:
-        peft.check_identity(recorded, peft.identity(network), source, what)
-    except peft.PeftError as e:
-        raise TargetParameterError(str(e)) from None
-
-
-def load_target_parameters(network: nn.Module, path: str) -> dict:
-    """Copies the target parameters of a file written by :func:`save_target_parameters` into ``network``.
-
-    Returns:
-        The file's metadata. Raises :class:`TargetParameterError` when the file is not a target-parameter file or
-        was made for another method, other options, another architecture or another backbone.
-    """
-    payload = read_target_parameters(path)
-    check_file_identity(payload, network, path, "target parameters")
-    copy_target_parameters(network, payload["target_parameters"], path)
-    return {k: v for k, v in payload.items() if k != "target_parameters"}
-
-
-def copy_target_parameters(network: nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Copies ``{name: tensor}`` into the network's target parameters; the names and shapes must be exactly
-    those of :func:`peft.target_parameters` (else :class:`TargetParameterError` naming ``source``)."""
-    params = peft.target_parameters(network)
-    if set(weights) != set(params):
-        raise TargetParameterError(f"{source!r}: parameter names differ from this network's target parameters")
-    bad = [f"{n}: {tuple(w.shape)} vs {tuple(params[n].shape)}" for n, w in weights.items()
-           if w.shape != params[n].shape]
-    if bad:
-        raise TargetParameterError(f"{source!r}: target parameters of other shapes than this network's: {bad[:5]}")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device, params[name].dtype))
-
-
-# --- the resumable state ---------------------------------------------------------------------------------------
-STATE_WHAT = "the pretext stage's resumable state (tpp_state.pth)"
-
-
-def read_state(state_file: str, device: torch.device | str = "cpu") -> dict:
-    """The content of a pretext state file (safely; refusing other files and states of earlier versions)."""
-    from nnunet_tpp import file_kinds
-    try:
-        state = file_kinds.load_torch_file(state_file, STATE_WHAT, map_location=device)
-    except file_kinds.FileKindError as e:
-        raise TargetParameterError(str(e)) from None
-    if not isinstance(state, dict) or state.get("state_format") != STATE_FORMAT:
-        raise TargetParameterError(f"{state_file!r} is not {STATE_WHAT} of this version ({STATE_FORMAT}); it was "
-                                   f"written by an earlier version or another program: remove it to start the "
-                                   f"pretext stage afresh")
-    return state
-
-
-def stage_settings(schedule: PretextSchedule, cfg: DINOConfig, extra: dict | None = None) -> dict:
-    """What a resumed state must share with the run that resumes it (everything but the number of epochs)."""
-    plain = lambda d: {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}  # noqa: E731
-    return {"schedule": plain({k: v for k, v in dataclasses.asdict(schedule).items() if k != "epochs"}),
-            "dino": plain(dataclasses.asdict(cfg)), **(extra or {})}
-
-
-def check_state(state: dict, network: nn.Module, state_file: str, settings: dict | None = None) -> None:
-    """Refuses a state made from another method, options, architecture or backbone, or with other settings."""
-    check_file_identity(state["identity"], network, state_file, "pretext-stage weights")
-    if settings is not None and state.get("settings") != settings:
-        theirs = state.get("settings") or {}
-        changed = []
-        for group, values in settings.items():
-            old = theirs.get(group)
-            if isinstance(values, dict) and isinstance(old, dict):
-                changed += [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
-            elif old != values:
-                changed.append(f"{group}: {old!r} -> {values!r}")
-        raise TargetParameterError(f"{state_file!r} was made with other pretext settings ({'; '.join(changed)}); "
-                                   f"run with the settings it was made with, or remove it to start afresh")
+def build_student(net: nn.Module, cfg: DINOConfig, schedule: PretextSchedule,
+                  embedding: nn.Module | None = None) -> DINOStudent:
+    """The stage's student: ``embedding`` (default: the pooled encoder stages of ``net``) and a fresh DINO head."""
+    embedding = embedding if embedding is not None else EncoderEmbedding(net, schedule.feature_stages)
+    head = DINOHead(embedding.dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_input_norm,
+                    cfg.norm_momentum)
+    return DINOStudent(embedding, head)
 
 
 # --- the stage -------------------------------------------------------------------------------------------------
-def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]], schedule: PretextSchedule,
-                   cfg: DINOConfig, device: torch.device, state_file: str, log: Callable[[str], None] = print,
-                   plot_file: str | None = None, embedding: nn.Module | None = None,
-                   diagnostics_file: str | None = None, settings: dict | None = None) -> list[float]:
+def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: DINOConfig, device: torch.device,
+                   state_file: str, log: Callable[[str], None] = print, plot_file: str | None = None,
+                   embedding: nn.Module | None = None, diagnostics_file: str | None = None,
+                   settings: dict | None = None, *, workers: int = 0, train_targets: bool = True,
+                   compile: bool = False, on_epoch_end: Callable[[dict], None] | None = None,
+                   seed: int = 0) -> list[float]:
     """Trains the network's target parameters with DINO; resumes from ``state_file`` when it exists.
 
     Args:
         network: a model with a PEFT method applied (only its target parameters will change).
-        sample: ``sample(batch_size) -> (global_views, local_views)`` (see ``MultiCropSampler.sample``).
+        sample: a :class:`~nnunet_tpp.pretext.feed.ViewSource` (views fixed by step and sample: the same for any
+            number of workers or ranks, and for a resumed run; e.g. ``MultiCropSampler``), or a plain
+            ``sample(batch_size) -> (global_views, local_views)`` callable (drawn in this process).
         schedule, cfg: stage length and DINO recipe.
         device: where to train.
         state_file: resumable state, rewritten atomically after every epoch.
@@ -255,28 +170,39 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
             stages, :class:`EncoderEmbedding`; the 2-D stage passes the ViT's class token).
         diagnostics_file: optional JSON of the per-epoch diagnostics (:class:`CollapseMeter`).
         settings: further settings a resumed state must share (e.g. the view sizes).
+        workers: background processes that cut the views (a ``ViewSource`` only; 0: in this process).
+        train_targets: False for the head-only control: the target parameters stay as they are, only the head
+            trains (same steps, learning rates and views).
+        compile: run student and teacher through ``torch.compile`` (as nnU-Net compiles its network on CUDA).
+        on_epoch_end: called on every rank after each epoch with ``{"epoch", "student", "teacher", "center"}``.
+        seed: the fresh head's initialisation (its own random stream: the full stage and its head-only control start
+            from the same head, whatever ran before).
     Returns:
-        The mean loss of every epoch (including resumed ones). On return the network holds the teacher's target
-        parameters (``cfg.keep == "teacher"``, the default) or the student's.
+        The mean loss of every epoch (including resumed ones; over all ranks). On return the network holds the
+        teacher's target parameters (``cfg.keep == "teacher"``, the default) or the student's.
     """
     cfg.validate(schedule.batch_size)
     if schedule.batch_size < 1 or schedule.epochs < 1 or schedule.iterations_per_epoch < 1:
         raise PretextSettingsError(f"the pretext batch size, epochs and iterations per epoch must be >= 1, got "
                                    f"{schedule.batch_size}, {schedule.epochs}, {schedule.iterations_per_epoch}")
-    settings = stage_settings(schedule, cfg, settings)
+    rank, size = world()
+    try:
+        indices = shard(schedule.batch_size, rank, size)
+    except ValueError as e:
+        raise PretextSettingsError(str(e)) from None
+    settings = stage_settings(schedule, cfg, {**(settings or {}), "train_targets": bool(train_targets)})
     net = peft.unwrap(network)
     state = None
     if os.path.isfile(state_file):  # checked before anything changes
         state = read_state(state_file, device)
         check_state(state, net, state_file, settings)
-    trainable = set(peft.target_parameters(net))
+    trainable = set(peft.target_parameters(net)) if train_targets else set()
     for name, param in net.named_parameters():
         param.requires_grad_(name in trainable)
     try:
-        embedding = embedding if embedding is not None else EncoderEmbedding(net, schedule.feature_stages)
-        head = DINOHead(embedding.dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_input_norm,
-                        cfg.norm_momentum)
-        student = DINOStudent(embedding, head).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = build_student(net, cfg, schedule, embedding).to(device)
         teacher = _teacher_of(student)
         loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
@@ -294,29 +220,34 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
             optimizer.load_state_dict(state["optimizer"])
             loss_fn.center.copy_(state["center"])
             start_epoch, history = state["epoch"], list(state["history"])
-            log(f"TPP pretext: resuming at epoch {start_epoch} from {state_file}")
-        else:
-            _calibrate(student, sample, schedule, device)
+            if is_main():
+                log(f"TPP pretext: resuming at epoch {start_epoch} from {state_file}")
+        else:  # a fresh head (and target parameters) as rank 0 has them, on every rank; then the same statistics
+            broadcast_module(student)
+            teacher.load_state_dict(student.state_dict())
+            _calibrate(student, sample, schedule, device, rank, size)
         cuda = device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda") if cuda else None
-        teacher.eval()
+        set_teacher_mode(teacher, cfg.teacher_mode)
+        run_student = torch.compile(student) if compile else student
+        run_teacher = torch.compile(teacher) if compile else teacher
+        ipe = schedule.iterations_per_epoch
         for epoch in range(start_epoch, schedule.epochs):
             started, meter = time.time(), CollapseMeter(cfg.out_dim)
             student.train()
             temp = teacher_temperature(cfg, epoch)
-            for it in range(schedule.iterations_per_epoch):
-                step = epoch * schedule.iterations_per_epoch + it
+            steps = range(epoch * ipe, (epoch + 1) * ipe)
+            for step, (globals_, locals_) in zip(steps, stage_batches(sample, steps, indices, workers)):
                 for group in optimizer.param_groups:
                     group["lr"] = lrs[step]
                 set_weight_decay(optimizer, wds[step])
-                globals_, locals_ = sample(schedule.batch_size)
                 n_global, n_views = len(globals_), len(globals_) + len(locals_)
                 g = torch.cat(globals_).to(device, non_blocking=True)
                 loc = torch.cat(locals_).to(device, non_blocking=True) if locals_ else None
                 with torch.autocast(device.type, enabled=cuda):
                     with torch.no_grad():
-                        teacher_out = teacher(g).float().chunk(n_global)
-                    student_out = student(g, loc).float().chunk(n_views)
+                        teacher_out = run_teacher(g).float().chunk(n_global)
+                    student_out = run_student(g, loc).float().chunk(n_views)
                     loss = loss_fn(list(student_out), list(teacher_out), temp)
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -324,7 +255,8 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
                     scaler.unscale_(optimizer)
                 else:
                     loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, schedule.grad_clip)
+                average_gradients(params)
+                clip_gradients(params, schedule.grad_clip, cfg.clip)
                 if epoch < cfg.freeze_last_layer:
                     cancel_last_layer_gradients(student.head)
                 if scaler is not None:
@@ -334,19 +266,22 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
                     optimizer.step()
                 ema_update(student, teacher, momenta[step])
                 meter.add(float(loss.detach()), loss_fn.last_targets)
-            history.append(meter.result(epoch + 1))
-            row = history[-1]
-            message = (f"TPP pretext: epoch {epoch + 1}/{schedule.epochs} DINO loss {row['loss']:.4f} lr "
-                       f"{lrs[step]:.2e} | teacher entropy {row['teacher_entropy']:.3f}, batch-mean entropy "
-                       f"{row['batch_mean_entropy']:.3f} (log K {row['log_k']:.3f}), KL {row['kl']:.3f} "
-                       f"({time.time() - started:.1f} s)")
-            warning = collapse_warning(row)
-            _save_state(state_file, student, teacher, optimizer, loss_fn, epoch + 1, history, net, settings)
-            if diagnostics_file:
-                write_diagnostics(history, diagnostics_file)
-            if plot_file:
-                plot_progress(history, plot_file)
-            log(message + (f"\n{warning}" if warning else ""))
+            history.append(_pooled_result(meter, epoch + 1, device))
+            if on_epoch_end is not None:
+                on_epoch_end({"epoch": epoch + 1, "student": student, "teacher": teacher, "center": loss_fn.center})
+            if is_main():
+                row = history[-1]
+                message = (f"TPP pretext: epoch {epoch + 1}/{schedule.epochs} DINO loss {row['loss']:.4f} lr "
+                           f"{lrs[step]:.2e} | teacher entropy {row['teacher_entropy']:.3f}, batch-mean entropy "
+                           f"{row['batch_mean_entropy']:.3f} (log K {row['log_k']:.3f}), KL {row['kl']:.3f} "
+                           f"({time.time() - started:.1f} s)" + ("" if train_targets else " [head-only control]"))
+                warning = collapse_warning(row)
+                _save_state(state_file, student, teacher, optimizer, loss_fn, epoch + 1, history, net, settings)
+                if diagnostics_file:
+                    write_diagnostics(history, diagnostics_file)
+                if plot_file:
+                    plot_progress(history, plot_file)
+                log(message + (f"\n{warning}" if warning else ""))
         if cfg.keep == "teacher":
             _copy_teacher_targets(net, student, teacher)
         return [row["loss"] for row in history]
@@ -354,20 +289,33 @@ def run_dino_stage(network: nn.Module, sample: Callable[[int], tuple[list, list]
         peft.freeze(net)
 
 
+def _pooled_result(meter: CollapseMeter, epoch: int, device: torch.device) -> dict:
+    """The epoch's diagnostics over every rank (loss and entropy averaged, the batch-mean distribution pooled)."""
+    if world()[1] > 1:
+        size = world()[1]
+        scalars = all_reduce_sum(torch.tensor([meter.loss, meter.entropy], dtype=torch.float64, device=device))
+        meter.loss, meter.entropy = float(scalars[0]) / size, float(scalars[1]) / size
+        if meter.prob_sum is not None:
+            meter.prob_sum = all_reduce_sum(meter.prob_sum.to(device)).cpu()
+        meter.rows = int(all_reduce_sum(torch.tensor([meter.rows], device=device))[0])
+    return meter.result(epoch)
+
+
 @torch.no_grad()
-def _calibrate(student: DINOStudent, sample, schedule: PretextSchedule, device: torch.device) -> None:
-    """Sets the head's running input statistics from the views of ``calibration_samples`` samples."""
+def _calibrate(student: DINOStudent, sample, schedule: PretextSchedule, device: torch.device, rank: int = 0,
+               size: int = 1) -> None:
+    """Sets the head's running input statistics from the views of ``calibration_samples`` samples (pooled over
+    ranks)."""
     norm = student.head.input_norm
     if not isinstance(norm, RunningStandardization):
         return
-    feats, seen = ([], []), 0
-    while seen < max(1, schedule.calibration_samples):
-        globals_, locals_ = sample(schedule.batch_size)
+    feats = ([], [])
+    for globals_, locals_ in calibration_batches(sample, schedule.calibration_samples, schedule.batch_size, rank,
+                                                 size):
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             feats[0].append(student.embedding(torch.cat(globals_).to(device)).float())
             if locals_:
                 feats[1].append(student.embedding(torch.cat(locals_).to(device)).float())
-        seen += schedule.batch_size
     for group, values in enumerate(feats):
         if values:
             norm.calibrate(torch.cat(values), group)
@@ -380,67 +328,48 @@ def _copy_teacher_targets(net: nn.Module, student: nn.Module, teacher: nn.Module
     with torch.no_grad():
         for param in peft.target_parameters(net).values():
             name = by_id.get(id(param))
-            if name is not None:
+            if name is not None and param.requires_grad:
                 param.copy_(teacher_params[name])
 
 
 def _save_state(path, student, teacher, optimizer, loss_fn, epoch, history, net, settings) -> None:
     names = {n for n, p in student.named_parameters() if p.requires_grad} | {n for n, _ in student.named_buffers()}
-    peft.atomic_torch_save({
-        "state_format": STATE_FORMAT, "identity": peft.identity(net), "settings": settings,
-        "student": {k: v.detach().cpu() for k, v in student.state_dict().items() if k in names},
-        "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items() if k in names},
-        "optimizer": optimizer.state_dict(), "center": loss_fn.center.detach().cpu(),
-        "epoch": epoch, "history": history}, path)
+    save_state(path, net, settings,
+               student={k: v.detach().cpu() for k, v in student.state_dict().items() if k in names},
+               teacher={k: v.detach().cpu() for k, v in teacher.state_dict().items() if k in names},
+               optimizer=optimizer.state_dict(), center=loss_fn.center.detach().cpu(), epoch=epoch,
+               history=history)
 
 
-def write_diagnostics(history: list[dict], path: str) -> None:
-    """``tpp_diagnostics.json``: the list of per-epoch diagnostics, written atomically."""
-    keys = ("epoch", "loss", "teacher_entropy", "batch_mean_entropy", "kl", "log_k")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump([{k: row[k] for k in keys} for row in history], f, indent=1)
-    os.replace(tmp, path)
+# --- evaluation (the target check) -----------------------------------------------------------------------------
+@torch.no_grad()
+def dino_eval_loss(network: nn.Module, state: dict, cfg: DINOConfig, schedule: PretextSchedule, batches: list,
+                   device: torch.device, embedding: nn.Module | None = None) -> float:
+    """The DINO loss of a fixed set of views for the network's present target parameters and the head of a stage
+    state (the result's: ``cfg.keep``), with the stage's final centre and teacher temperature, the same network as
+    teacher and student, in eval mode, nothing updated.
 
-
-def plot_progress(history: list[dict], path: str) -> None:
-    """A PNG of the pretext stage per epoch: DINO loss and student-teacher KL; teacher entropy and batch-mean
-    entropy against log K (collapse: entropy near log K, or batch-mean entropy near 0)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    ax1.plot(epochs, [r["loss"] for r in history], "b-o", linewidth=2, label="DINO loss")
-    ax1.plot(epochs, [r["kl"] for r in history], "g--", label="KL(teacher || student)")
-    ax1.set(xlabel="pretext epoch", ylabel="nats", title="TPP pretext stage (DINO, target parameters only)")
-    ax2.plot(epochs, [r["teacher_entropy"] for r in history], "r-o", label="teacher entropy (per view)")
-    ax2.plot(epochs, [r["batch_mean_entropy"] for r in history], "k-s", label="batch-mean teacher entropy")
-    ax2.axhline(history[-1]["log_k"], color="grey", linestyle=":", label="log K (uniform)")
-    ax2.set(xlabel="pretext epoch", ylabel="nats", title="collapse diagnostics")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def plot_losses(losses: list[float], path: str, objective: str = "DINO") -> None:
-    """A PNG of a pretext loss per epoch, like nnU-Net's progress.png (the MAE stage's)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(range(1, len(losses) + 1), losses, color="b", marker="o", linewidth=2)
-    ax.set_xlabel("pretext epoch")
-    ax.set_ylabel(f"{objective} loss")
-    ax.set_title(f"TPP pretext stage ({objective}, target parameters only)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    Args:
+        state: a DINO stage state (:func:`read_state`) of a stage run on this network (full or head-only control).
+        batches: ``(global_views, local_views)`` batches (e.g. :func:`nnunet_tpp.pretext.feed.fixed_set`).
+    Returns:
+        The mean loss over the batches.
+    """
+    net = peft.unwrap(network)
+    student = build_student(net, cfg, schedule, embedding).to(device)
+    weights = state[cfg.keep]
+    student.head.load_state_dict({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")},
+                                 strict=False)
+    student.eval()
+    loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
+    loss_fn.center.copy_(state["center"])
+    temp = teacher_temperature(cfg, schedule.epochs - 1)
+    losses = []
+    for globals_, locals_ in batches:
+        g = torch.cat(globals_).to(device)
+        loc = torch.cat(locals_).to(device) if locals_ else None
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            out = student(g, loc).float()
+            views = out.chunk(len(globals_) + len(locals_))
+            losses.append(float(loss_fn(list(views), list(views[:len(globals_)]), temp, update_center=False)))
+    return sum(losses) / len(losses)

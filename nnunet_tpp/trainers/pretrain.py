@@ -2,10 +2,11 @@
 (the paper's cross-dataset setting), writing a target-parameter file that any PEFT trainer of the same
 method, options, STU-Net size and backbone can start from (``NNUNET_TPP_TARGET_PARAMETERS=FILE``).
 
-Beside the output ``NAME.pth`` it writes ``NAME.tpp_diagnostics.json`` (the collapse diagnostics per epoch, as
-``tpp_diagnostics.json`` in a TPP fold folder), ``NAME.tpp_progress.png`` and, while it runs,
-``NAME.tpp_state.pth``: a killed run resumes when started again with the same arguments (the state records the
-backbone fingerprint, method and options; another backbone is refused). Nothing is written into the trainer's
+Beside the output ``NAME.pth`` it writes ``NAME.tpp_diagnostics.json`` (the per-epoch diagnostics, as
+``tpp_diagnostics.json`` in a TPP fold folder), ``NAME.tpp_progress.png``, ``NAME.tpp_initial_target_parameters.pth``
+(with ``pretext_control: true`` also ``NAME.tpp_control_state.pth`` and ``NAME.tpp_target_check.json``) and, while
+it runs, ``NAME.tpp_state.pth``: a killed run resumes when started again with the same arguments (the state records
+the backbone fingerprint, method and options; another backbone is refused). Nothing is written into the trainer's
 nnU-Net fold folder but nnU-Net's own log.
 """
 from __future__ import annotations
@@ -18,10 +19,12 @@ from nnunet_tpp.trainers.tpp import TPPTrainer
 
 
 def side_files(output: str) -> dict[str, str]:
-    """The files written beside ``output``: ``{"state", "plot", "diagnostics"}``."""
+    """The files written beside ``output``: ``{"state", "plot", "diagnostics", "initial", "control_state",
+    "check"}`` (the last two with ``pretext_control: true``)."""
     root = output[:-4] if output.endswith(".pth") else output
     return {"state": f"{root}.tpp_state.pth", "plot": f"{root}.tpp_progress.png",
-            "diagnostics": f"{root}.tpp_diagnostics.json"}
+            "diagnostics": f"{root}.tpp_diagnostics.json", "initial": f"{root}.tpp_initial_target_parameters.pth",
+            "control_state": f"{root}.tpp_control_state.pth", "check": f"{root}.tpp_target_check.json"}
 
 
 def pretrain(dataset: str, trainer_name: str, pretrained_weights: str, output: str, fold: str = "all",

@@ -24,6 +24,7 @@ ENV_ITERS = "NNUNET_TPP_ITERS_PER_EPOCH"
 ENV_VAL_ITERS = "NNUNET_TPP_VAL_ITERS_PER_EPOCH"
 ENV_PRETEXT_EPOCHS = "NNUNET_TPP_PRETEXT_EPOCHS"
 ENV_PRETEXT_ITERS = "NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH"
+PRETEXTS = ("mae", "dino")
 
 
 class RecipeError(ValueError):
@@ -41,16 +42,35 @@ class TrainerRecipe:
         initial_lr: SGD learning rate (nnU-Net's poly schedule).
         weight_decay: SGD weight decay on trainable parameters.
         epochs, iterations_per_epoch, val_iterations_per_epoch: schedule (None: nnU-Net's defaults).
-        tpp: pretext objective run before fine-tuning (``dino``), or None.
+        tpp: whether a TPP pretext stage runs before fine-tuning (set by the ``TPP<family>`` trainers; a user
+            recipe cannot switch it).
+        pretext: the pretext objective of the TPP stage: ``mae`` (masked reconstruction through the U-Net's
+            decoder, after nnssl; :mod:`nnunet_tpp.pretext.masked`) or ``dino``
+            (:mod:`nnunet_tpp.pretext.stage`).
+        pretext_control: also run the head-only control and write ``tpp_target_check.json``
+            (:mod:`nnunet_tpp.pretext.check`); the stage then draws from the training cases outside the evaluation
+            set.
+        pretext_eval_cases: share of the fold's training cases held out of the stage as the control's evaluation
+            set (at least 1; ``pretext_control`` only).
+        pretext_eval_samples: samples (views, and masks) of the evaluation set.
         pretext_epochs, pretext_iterations_per_epoch: length of the pretext stage.
-        pretext_feature_stages: encoder stages pooled into the DINO head's input (negative: counted from the
+        pretext_batch_size: samples per pretext iteration over all processes (its own, not nnU-Net's batch; None:
+            the pretext's default, DINO 8, mae 2 as nnssl).
+        pretext_view_size: the view size per axis (None: DINO's global views half the plan's patch, rounded to the
+            pooling, local views half of them; mae: the plan's patch). Each axis must be a multiple of the plan's
+            pooling; DINO views must fit every training case (mae pads smaller cases, as nnU-Net's loader does).
+        pretext_lr: the peak learning rate (None: the pretext's default, DINO 5e-4 (AdamW, absolute), mae 1e-2
+            (SGD, as nnssl)).
+        pretext_workers: background processes cutting the views (None: nnU-Net's ``nnUNet_n_proc_DA``).
+        pretext_feature_stages: (DINO) encoder stages pooled into the DINO head's input (negative: counted from the
             bottleneck; the default ``[-2, -1]`` is STU-Net's stages 4 and 5 and the last two stages of any network).
-        pretext_batch_size: samples per pretext iteration (its own, not nnU-Net's batch).
-        pretext_view_size: global view size per axis (None: half the plan's patch, rounded to the pooling); local
-            views are half of it. Each axis must be a multiple of the plan's pooling and fit every training case.
-        pretext_lr, pretext_min_lr: AdamW's peak learning rate (absolute) and the end of its cosine decay.
-        pretext_teacher_temp: the DINO teacher's temperature (constant).
-        pretext_keep: whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
+        pretext_min_lr: (DINO) the end of the cosine decay.
+        pretext_teacher_temp: (DINO) the teacher's temperature (constant).
+        pretext_keep: (DINO) whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
+        pretext_teacher_mode: (DINO) ``train`` (official) or ``eval``.
+        pretext_clip: (DINO) gradient clipping ``per_parameter`` (official) or ``global``.
+        pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (16).
+        pretext_optimizer: (mae) ``sgd`` (nnssl) or ``adamw``.
         lean_backward: the exact lean norm/activation memory path of :mod:`nnunet_tpp.models.lean` (norm +
             LeakyReLU (+ residual sum) keep only their output); it acts only where the backbone is frozen.
         activation_checkpointing: ``off``, ``on`` or ``auto`` (on when the estimated training peak does not fit
@@ -65,16 +85,26 @@ class TrainerRecipe:
     epochs: int | None = None
     iterations_per_epoch: int | None = None
     val_iterations_per_epoch: int | None = None
-    tpp: str | None = None
+    tpp: bool = False
+    pretext: str = "mae"
+    pretext_control: bool = False
+    pretext_eval_cases: float = 0.2
+    pretext_eval_samples: int = 8
     pretext_epochs: int = 50
     pretext_iterations_per_epoch: int = 100
-    pretext_feature_stages: list[int] = field(default_factory=lambda: [-2, -1])
-    pretext_batch_size: int = 8
+    pretext_batch_size: int | None = None
     pretext_view_size: list[int] | None = None
-    pretext_lr: float = 5e-4
+    pretext_lr: float | None = None
+    pretext_workers: int | None = None
+    pretext_feature_stages: list[int] = field(default_factory=lambda: [-2, -1])
     pretext_min_lr: float = 1e-6
     pretext_teacher_temp: float = 0.01
     pretext_keep: str = "teacher"
+    pretext_teacher_mode: str = "train"
+    pretext_clip: str = "per_parameter"
+    pretext_mask_ratio: float = 0.75
+    pretext_mask_block: int = 16
+    pretext_optimizer: str = "sgd"
     lean_backward: bool = True
     activation_checkpointing: str = "off"
 
@@ -85,6 +115,16 @@ class TrainerRecipe:
             raise RecipeError(str(e)) from None
         if not isinstance(self.lean_backward, bool):
             raise RecipeError(f"lean_backward must be true or false, got {self.lean_backward!r}")
+        if self.pretext not in PRETEXTS:
+            raise RecipeError(f"pretext must be one of {', '.join(PRETEXTS)}, got {self.pretext!r}")
+        if not isinstance(self.pretext_control, bool):
+            raise RecipeError(f"pretext_control must be true or false, got {self.pretext_control!r}")
+        if not 0 < float(self.pretext_eval_cases) < 1 or int(self.pretext_eval_samples) < 1:
+            raise RecipeError(f"pretext_eval_cases must lie between 0 and 1 (a share of the training cases) and "
+                              f"pretext_eval_samples be >= 1, got {self.pretext_eval_cases}, "
+                              f"{self.pretext_eval_samples}")
+        if self.pretext_workers is not None and int(self.pretext_workers) < 0:
+            raise RecipeError(f"pretext_workers must be >= 0 (or null: nnUNet_n_proc_DA), got {self.pretext_workers}")
 
     def network_spec(self) -> dict[str, Any]:
         """What the network is built from (stored in the plans, so nnUNetv2_predict rebuilds it): the backbone,
@@ -101,13 +141,13 @@ TPP_PREFIX = "TPP"
 
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
-    """The packaged families, plus a ``TPP<family>`` (DINO pretext first) for every family whose method adds
+    """The packaged families, plus a ``TPP<family>`` (a pretext stage first) for every family whose method adds
     parameters: TPP wraps the registry, not one method."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
         if get_method(fields["method"]).adds_parameters:
-            families[TPP_PREFIX + family] = {**fields, "tpp": "dino"}
+            families[TPP_PREFIX + family] = {**fields, "tpp": True}
     return families
 
 
@@ -181,7 +221,7 @@ def resolve_recipe(family: str, size: str) -> TrainerRecipe:
         if "method" in user and user["method"] != fields["method"]:
             raise RecipeError(f"{user_file!r} asks for method {user['method']!r} but this trainer runs "
                               f"{fields['method']!r}; {_families_running(user['method'], fields.get('tpp'))}")
-        if "tpp" in user and user["tpp"] != fields.get("tpp"):
+        if "tpp" in user and bool(user["tpp"]) != bool(fields.get("tpp")):
             raise RecipeError(f"{user_file!r} sets tpp={user['tpp']!r}, which {family} does not run; "
                               f"{_tpp_variant(family, bool(user['tpp']))}")
         if "size" in user and str(user["size"]).lower() != size.lower():

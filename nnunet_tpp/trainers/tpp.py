@@ -1,12 +1,19 @@
-"""TPP trainers: target parameter pre-training (DINO on the fold's own training images, backbone frozen,
-only the PEFT method's new parameters train), then the usual supervised PEFT fine-tuning from exactly
-those parameters. One class serves every method that adds parameters (``TPPConvAdapterTrainer``,
-``TPPLoRATrainer``, ...).
+"""TPP trainers: target parameter pre-training (a pretext stage on the fold's own training images -- masked
+reconstruction (``pretext: mae``) or DINO (``pretext: dino``) --, backbone frozen, only the PEFT method's new
+parameters and the pretext's head train), then the usual supervised PEFT fine-tuning from exactly those parameters.
+One class serves every method that adds parameters (``TPPConvAdapterTrainer``, ``TPPLoRATrainer``, ...).
 
 In the fold folder: ``tpp_target_parameters.pth`` (the stage's result; a finished stage is never
-repeated), ``tpp_state.pth`` (resumable state while it runs), ``tpp_progress.png`` (loss, KL and entropies per
-epoch), ``tpp_diagnostics.json`` (the collapse diagnostics per epoch) and the base trainer's ``backbone.json``
-(the ``-pretrained_weights`` file and its fingerprint, reloaded when ``--c`` resumes a pretext stage).
+repeated), ``tpp_initial_target_parameters.pth`` (the target parameters before the stage), ``tpp_state.pth``
+(resumable state while it runs), ``tpp_progress.png`` and ``tpp_diagnostics.json`` (per epoch: DINO's loss, KL and
+collapse entropies, or the masked-voxel loss), with ``pretext_control: true`` ``tpp_control_state.pth`` and
+``tpp_target_check.json`` (:mod:`nnunet_tpp.pretext.check`), and the base trainer's ``backbone.json`` (the
+``-pretrained_weights`` file and its fingerprint, reloaded when ``--c`` resumes a pretext stage).
+
+The views are cut in ``pretext_workers`` background processes (nnU-Net's ``nnUNet_n_proc_DA`` by default), fixed by
+step and sample (the same for any number of workers or DDP ranks, and for a resumed stage). Under DDP every rank runs
+the stage on its share of each batch (gradients averaged, DINO's centre and statistics pooled); rank 0 writes the
+files.
 
 The state and the result record the backbone's fingerprint, method, options and architecture. A run reuses or
 resumes them only when all four are this run's; otherwise it refuses before it changes any of the fold's files,
@@ -15,24 +22,63 @@ naming the files and how to go on (``--c`` continues the run they belong to; a n
 from __future__ import annotations
 
 import os
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nnunet_tpp import peft
+from nnunet_tpp.pretext.check import CHECK_FILE, run_stage, target_check
 from nnunet_tpp.pretext.crops3d import MultiCropConfig, MultiCropSampler, check_views, default_view_size
 from nnunet_tpp.pretext.dino import DINOConfig, PretextSettingsError
+from nnunet_tpp.pretext.distributed import barrier, is_main
+from nnunet_tpp.pretext.feed import default_workers, fixed_set
+from nnunet_tpp.pretext.masked import MaskedConfig
+from nnunet_tpp.pretext.masked_views import MaskedViewSampler, check_mask_settings
 from nnunet_tpp.pretext.stage import (EncoderEmbedding, PretextSchedule, TargetParameterError, check_file_identity,
-                                      check_state,
-                                      load_target_parameters, read_state, read_target_parameters, run_dino_stage,
-                                      save_target_parameters, stage_settings)
+                                      check_state, load_target_parameters, read_state,
+                                      read_target_parameters, save_target_parameters, stage_settings)
 from nnunet_tpp.trainers.base import ENV_TARGET_PARAMETERS, PeftTrainer
 
 TPP_FILE = "tpp_target_parameters.pth"
+TPP_INITIAL = "tpp_initial_target_parameters.pth"
 TPP_STATE = "tpp_state.pth"
+TPP_CONTROL_STATE = "tpp_control_state.pth"
 TPP_PLOT = "tpp_progress.png"
 TPP_DIAGNOSTICS = "tpp_diagnostics.json"
+TPP_CHECK = CHECK_FILE
+DEFAULT_BATCH = {"dino": 8, "mae": 2}
+SEED = 12345
+
+
+@dataclass
+class PretextPlan:
+    """The checked settings of a TPP stage (:meth:`TPPTrainer.pretext_setup`).
+
+    Attributes:
+        pretext: ``mae`` or ``dino``.
+        schedule: epochs, iterations, batch (over all ranks), DINO's feature stages.
+        cfg: :class:`MaskedConfig` or :class:`DINOConfig`.
+        view: the view size (DINO: the global views').
+        divisor: the product of the network's pool sizes per axis.
+        stage_keys: the training cases the stage draws from.
+        eval_keys: the training cases of the control's evaluation set (empty without ``pretext_control``).
+        workers: background processes cutting the views.
+    """
+
+    pretext: str
+    schedule: PretextSchedule
+    cfg: object
+    view: tuple
+    divisor: list
+    stage_keys: list
+    eval_keys: list
+    workers: int
+
+    @property
+    def control(self) -> bool:
+        """Whether the head-only control and the target check run."""
+        return bool(self.eval_keys)
 
 
 class TPPFoldError(TargetParameterError):
@@ -63,7 +109,8 @@ class TPPTrainer(PeftTrainer):
                 and bool((self.recorded_backbone() or {}).get("path")))
 
     def _fold_files(self) -> dict[str, str]:
-        return {name: os.path.join(self.output_folder, name) for name in (TPP_STATE, TPP_FILE)
+        return {name: os.path.join(self.output_folder, name)
+                for name in (TPP_STATE, TPP_CONTROL_STATE, TPP_FILE, TPP_INITIAL)
                 if os.path.isfile(os.path.join(self.output_folder, name))}
 
     def check_fold_files(self, backbone: str | None, their_backbone: str | None = None) -> None:
@@ -84,10 +131,11 @@ class TPPTrainer(PeftTrainer):
         problems, unverified = [], []
         for name, path in files.items():
             try:
-                recorded = read_state(path)["identity"] if name == TPP_STATE else read_target_parameters(path)
+                is_state = name in (TPP_STATE, TPP_CONTROL_STATE)
+                recorded = read_state(path)["identity"] if is_state else read_target_parameters(path)
                 if not recorded.get("backbone"):
                     unverified.append(name)
-                check_file_identity(recorded, net, path, "pretext-stage weights" if name == TPP_STATE else
+                check_file_identity(recorded, net, path, "pretext-stage weights" if is_state else
                                     "target parameters")
             except TargetParameterError as e:
                 problems.append(str(e))
@@ -97,7 +145,7 @@ class TPPTrainer(PeftTrainer):
         if problems:
             recorded_backbone = their_backbone or self._recorded_backbone()
             raise TPPFoldError(
-                f"the fold folder {self.output_folder} holds {' and '.join(files)} of another TPP run: "
+                f"the fold folder {self.output_folder} holds {_listed(list(files))} of another TPP run: "
                 + "; ".join(p.rstrip(".") for p in problems)
                 + f". This run's backbone: {backbone or 'random (no -pretrained_weights)'} "
                   f"({peft.backbone_fingerprint(net)})"
@@ -106,7 +154,8 @@ class TPPTrainer(PeftTrainer):
                   "reloaded). To pre-train with this backbone: use a new fold folder (another fold, plans or "
                   f"trainer name, or move {self.output_folder} away). The fold's files were left as they were.")
         for name in files:
-            what = "resuming its pretext stage" if name == TPP_STATE else "reusing its pretext result"
+            what = {TPP_STATE: "resuming its pretext stage", TPP_CONTROL_STATE: "resuming its head-only control",
+                    TPP_FILE: "reusing its pretext result", TPP_INITIAL: "its target parameters' initialisation"}[name]
             self.print_to_log_file(f"TPP: {files[name]} was made from this backbone, method and options: {what}",
                                    also_print_to_console=True)
 
@@ -139,40 +188,45 @@ class TPPTrainer(PeftTrainer):
 
     def prepare_target_parameters(self) -> None:
         """Loads the target parameters fine-tuning starts from: the fold's finished pretext result, or a
-        pretext stage run (or resumed) now. A file given with ``NNUNET_TPP_TARGET_PARAMETERS`` replaces both
-        (loaded by the base class, as for every PEFT trainer)."""
+        pretext stage run (or resumed) now; with ``pretext_control`` also the head-only control and the target check
+        (run, resumed, or already written). A file given with ``NNUNET_TPP_TARGET_PARAMETERS`` replaces all of it
+        (loaded by the base class, as for every PEFT trainer). Under DDP every rank takes part."""
         net = peft.unwrap(self.network)
         if os.environ.get(ENV_TARGET_PARAMETERS):
             return  # loaded by PeftTrainer.on_train_start; no pretext stage here
         result = os.path.join(self.output_folder, TPP_FILE)
+        files = self.pretext_files()
         if os.path.isfile(result):
             self.print_to_log_file(f"TPP: pretext stage already finished ({result}); not repeated",
                                    also_print_to_console=True)
-        elif self.local_rank == 0:  # with DDP one process runs the stage, the others wait for its result
-            self.run_pretext_stage(result)
-        if self.is_ddp:
-            self._wait_for(result)
+            if self.pretext_setup().control and not os.path.isfile(files["check"]):
+                load_target_parameters(net, result)
+                self.run_target_check(files)
+        else:
+            self.run_pretext_stage(result, files)
+        barrier()
         load_target_parameters(net, result)
         self.print_to_log_file(f"TPP: supervised fine-tuning starts from the pre-trained target parameters "
                                f"in {result}", also_print_to_console=True)
 
-    def _wait_for(self, result: str) -> None:
-        """DDP: ranks other than 0 poll for the stage's result (a collective would time out during a long stage),
-        then all meet."""
-        import torch.distributed as dist
-        while self.local_rank != 0 and not os.path.isfile(result):
-            time.sleep(10)
-        dist.barrier()
+    def pretext_files(self, root: str | None = None) -> dict[str, str]:
+        """Where the stage writes: ``{"state", "plot", "diagnostics", "initial", "control_state", "check"}`` (the
+        fold folder's ``tpp_*`` files)."""
+        root = root or self.output_folder
+        return {k: os.path.join(root, v) for k, v in (
+            ("state", TPP_STATE), ("plot", TPP_PLOT), ("diagnostics", TPP_DIAGNOSTICS), ("initial", TPP_INITIAL),
+            ("control_state", TPP_CONTROL_STATE), ("check", TPP_CHECK))}
 
     # --- the pretext stage ---------------------------------------------------------------------------------
-    def pretext_setup(self, check_cases: bool = True):
-        """The stage's schedule, DINO recipe and views from the recipe, checked (before the stage starts).
+    def pretext_setup(self, check_cases: bool = True) -> PretextPlan:
+        """The stage's pretext, schedule, recipe, views and cases from the recipe, checked (before the stage starts).
 
         Returns:
-            ``(schedule, dino, global_size, divisor, train_keys)``. Raises :class:`PretextSettingsError` for a
-            batch below 1, views the plan's pooling does not divide or larger than a training case, a learning
-            rate <= 0 or a min_lr not below it. A setup checked against the cases is kept: the stage that follows
-            its check does not read every case's shape again.
+            A :class:`PretextPlan`. Raises :class:`PretextSettingsError` for a batch below 1 (or below the number
+            of processes), views the plan's pooling does not divide (or, for DINO, larger than a training case), a
+            learning rate <= 0 or a DINO ``min_lr`` not below it, a mask that masks nothing, and ``pretext_control``
+            with fewer than 2 training cases. A setup checked against the cases is kept: the stage that follows its
+            check does not read every case's shape again.
         """
         if check_cases and getattr(self, "_checked_pretext_setup", None) is not None:
             return self._checked_pretext_setup
@@ -180,74 +234,169 @@ class TPPTrainer(PeftTrainer):
         net = peft.unwrap(self.network)
         pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
         divisor = [int(v) for v in np.prod(np.array(pools), axis=0)]
-        patch = self.configuration_manager.patch_size
-        view = tuple(r.pretext_view_size) if r.pretext_view_size else default_view_size(patch, divisor)
+        patch = tuple(int(p) for p in self.configuration_manager.patch_size)
+        pretext = r.pretext
+        if r.pretext_view_size:
+            view = tuple(int(v) for v in r.pretext_view_size)
+        else:
+            view = default_view_size(patch, divisor) if pretext == "dino" else patch
+        batch = int(r.pretext_batch_size) if r.pretext_batch_size is not None else DEFAULT_BATCH[pretext]
         schedule = PretextSchedule(epochs=int(r.pretext_epochs),
                                    iterations_per_epoch=int(r.pretext_iterations_per_epoch),
-                                   batch_size=int(r.pretext_batch_size), feature_stages=tuple(r.pretext_feature_stages))
-        temp = float(r.pretext_teacher_temp)
-        dino = DINOConfig(lr=float(r.pretext_lr), min_lr=float(r.pretext_min_lr), keep=str(r.pretext_keep),
-                          teacher_temp=temp, warmup_teacher_temp=temp)
+                                   batch_size=batch, feature_stages=tuple(r.pretext_feature_stages))
         if schedule.epochs < 1 or schedule.iterations_per_epoch < 1:
             raise PretextSettingsError("pretext_epochs and pretext_iterations_per_epoch must be >= 1")
-        dino.validate(schedule.batch_size)
-        EncoderEmbedding(net, schedule.feature_stages)  # stages the network has (raises PretextSettingsError)
+        if pretext == "dino":
+            temp = float(r.pretext_teacher_temp)
+            cfg = DINOConfig(min_lr=float(r.pretext_min_lr), keep=str(r.pretext_keep), teacher_temp=temp,
+                             warmup_teacher_temp=temp, teacher_mode=str(r.pretext_teacher_mode),
+                             clip=str(r.pretext_clip), **({} if r.pretext_lr is None else {"lr": float(r.pretext_lr)}))
+            cfg.validate(schedule.batch_size)
+            EncoderEmbedding(net, schedule.feature_stages)  # stages the network has (raises PretextSettingsError)
+        else:
+            cfg = MaskedConfig(mask_ratio=float(r.pretext_mask_ratio), block_size=int(r.pretext_mask_block),
+                               optimizer=str(r.pretext_optimizer),
+                               **({} if r.pretext_lr is None else {"lr": float(r.pretext_lr)}))
+            cfg.validate()
+            check_mask_settings(cfg.mask_ratio, cfg.block_size, view)
         train_keys, _ = self.do_split()
+        stage_keys, eval_keys = list(train_keys), []
+        if r.pretext_control:
+            if len(train_keys) < 2:
+                raise PretextSettingsError(
+                    f"pretext_control needs at least 2 training cases (the control's evaluation views come from "
+                    f"training cases the stage does not draw); this fold has {len(train_keys)}")
+            order = np.random.default_rng(SEED).permutation(sorted(train_keys))
+            n_eval = max(1, int(round(float(r.pretext_eval_cases) * len(train_keys))))
+            n_eval = min(n_eval, len(train_keys) - 1)
+            eval_keys = sorted(str(k) for k in order[:n_eval])
+            stage_keys = [k for k in train_keys if k not in eval_keys]
         shapes = None
-        if check_cases:
+        if check_cases and pretext == "dino":
             dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
             shapes = {k: tuple(dataset.load_case(k)[0].shape[1:]) for k in train_keys}
         check_views(view, divisor, shapes, schedule.batch_size)
-        setup = schedule, dino, view, divisor, train_keys
+        workers = int(r.pretext_workers) if r.pretext_workers is not None else default_workers()
+        setup = PretextPlan(pretext, schedule, cfg, view, divisor, stage_keys, eval_keys, workers)
         if check_cases:
             self._checked_pretext_setup = setup
         return setup
 
+    def pretext_sources(self, plan: PretextPlan):
+        """``(stage source, evaluation source or None)``: the view samplers of the stage's and the evaluation
+        cases."""
+        seed = SEED + (0 if self.fold == "all" else int(self.fold))
+
+        def sampler(keys, offset):
+            dataset = self.dataset_class(self.preprocessed_dataset_folder, keys)
+            if plan.pretext == "dino":
+                return MultiCropSampler(dataset, keys, plan.view, plan.divisor, MultiCropConfig(), seed=seed + offset)
+            return MaskedViewSampler(dataset, keys, plan.view, plan.cfg.block_size, plan.cfg.mask_ratio,
+                                     seed=seed + offset)
+        return sampler(plan.stage_keys, 0), (sampler(plan.eval_keys, 1000) if plan.control else None)
+
     def run_pretext_stage(self, result_file: str, files: dict[str, str] | None = None) -> None:
-        """DINO on the fold's training cases (never its validation cases); writes ``result_file``.
+        """The pretext stage on the fold's training cases (never its validation cases; with ``pretext_control``
+        not the evaluation cases either); writes ``result_file`` (rank 0), then runs the target check when asked.
 
         Args:
-            files: where the state, plot and diagnostics go (default: the fold folder's ``tpp_*`` files).
+            files: where the state, plot, diagnostics, initial parameters, control state and check go (default:
+                :meth:`pretext_files`).
         """
-        files = files or {k: os.path.join(self.output_folder, v) for k, v in
-                          (("state", TPP_STATE), ("plot", TPP_PLOT), ("diagnostics", TPP_DIAGNOSTICS))}
-        schedule, dino, view, divisor, train_keys = self.pretext_setup()
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
-        sampler = MultiCropSampler(dataset, train_keys, view, divisor, MultiCropConfig(),
-                                   seed=12345 + (0 if self.fold == "all" else int(self.fold)))
+        files = files or self.pretext_files()
+        plan = self.pretext_setup()
         net = peft.unwrap(self.network)
+        self._keep_initial(files["initial"], files["state"])
+        source, _ = self.pretext_sources(plan)
         targets = peft.target_parameters(net)
-        reached = EncoderEmbedding(net, schedule.feature_stages).reached(targets)
-        overlap = sampler.global_overlap()
+        schedule = plan.schedule
+        if plan.pretext == "dino":
+            reached = EncoderEmbedding(net, schedule.feature_stages).reached(targets)
+            overlap = source.global_overlap()
+            what = (f"DINO pretext stage on {len(plan.stage_keys)} training cases: views {source.cfg.n_global} x "
+                    f"{list(source.global_size)} + {source.cfg.n_local} x {list(source.local_size)} from one region "
+                    f"per sample (two global views: mean IoU {overlap['mean_iou']:.2f}, disjoint "
+                    f"{100 * overlap['disjoint']:.0f} %); AdamW lr {plan.cfg.peak_lr(schedule.batch_size):g} -> "
+                    f"{plan.cfg.min_lr:g}, teacher temperature {plan.cfg.teacher_temp:g}; training "
+                    f"{sum(targets[n].numel() for n in reached)} of {sum(p.numel() for p in targets.values())} "
+                    f"target parameters (those in encoder stages <= {max(schedule.feature_stages)}) + DINO head; the "
+                    f"result is the {plan.cfg.keep}'s")
+        else:
+            what = (f"masked-reconstruction pretext stage on {len(plan.stage_keys)} training cases: views "
+                    f"{list(plan.view)}, {100 * plan.cfg.mask_ratio:.0f} % of {plan.cfg.block_size}-voxel blocks "
+                    f"masked; {plan.cfg.optimizer.upper()} lr {plan.cfg.lr:g} (polynomial decay); training "
+                    f"{sum(p.numel() for p in targets.values())} target parameters + the output layer")
         self.print_to_log_file(
-            f"TPP: DINO pretext stage on {len(train_keys)} training cases: {schedule.epochs} epochs x "
-            f"{schedule.iterations_per_epoch} iterations, batch {schedule.batch_size}, views "
-            f"{sampler.cfg.n_global} x {list(sampler.global_size)} + {sampler.cfg.n_local} x "
-            f"{list(sampler.local_size)} from one region per sample (two global views: mean IoU "
-            f"{overlap['mean_iou']:.2f}, disjoint {100 * overlap['disjoint']:.0f} %); AdamW lr {dino.lr:g} -> "
-            f"{dino.min_lr:g}, teacher temperature {dino.teacher_temp:g}; training "
-            f"{sum(targets[n].numel() for n in reached)} of {sum(p.numel() for p in targets.values())} target "
-            f"parameters (those in encoder stages <= {max(schedule.feature_stages)}) + DINO head, backbone frozen; "
-            f"the result is the {dino.keep}'s", also_print_to_console=True)
-        run_dino_stage(self.network, sampler.sample, schedule, dino, self.device, files["state"],
-                       log=lambda m: self.print_to_log_file(m, also_print_to_console=True),
-                       plot_file=files["plot"], diagnostics_file=files["diagnostics"],
-                       settings=_view_settings(view, divisor))
-        save_target_parameters(self.network, result_file, {"trainer_name": type(self).__name__,
-                                                           "fold": self.fold})
+            f"TPP: {what}; {schedule.epochs} epochs x {schedule.iterations_per_epoch} iterations, batch "
+            f"{schedule.batch_size}, {plan.workers} background worker(s); backbone frozen"
+            + (f"; evaluation cases for the target check: {', '.join(plan.eval_keys)}" if plan.control else ""),
+            also_print_to_console=True)
+        run_stage(plan.pretext, self.network, source, schedule, plan.cfg, self.device, files["state"],
+                  log=lambda m: self.print_to_log_file(m, also_print_to_console=True), plot_file=files["plot"],
+                  diagnostics_file=files["diagnostics"], settings=self._stage_settings_extra(plan),
+                  workers=plan.workers, compile=self._do_i_compile())
+        if is_main():
+            save_target_parameters(self.network, result_file, {"trainer_name": type(self).__name__,
+                                                               "fold": self.fold, "pretext": plan.pretext})
+        barrier()
         self.print_to_log_file(f"TPP: pretext stage finished; target parameters saved to {result_file}",
                                also_print_to_console=True)
+        if plan.control:
+            self.run_target_check(files)
+
+    def run_target_check(self, files: dict[str, str]) -> dict:
+        """The head-only control and ``tpp_target_check.json`` (:func:`nnunet_tpp.pretext.check.target_check`) for
+        the network's present target parameters (the stage's result)."""
+        plan = self.pretext_setup()
+        net = peft.unwrap(self.network)
+        initial = read_target_parameters(files["initial"])
+        check_file_identity(initial, net, files["initial"], "initial target parameters")
+        source, eval_source = self.pretext_sources(plan)
+        eval_batches = fixed_set(eval_source, int(self.recipe.pretext_eval_samples), plan.schedule.batch_size)
+        return target_check(plan.pretext, self.network, source, eval_batches, plan.schedule, plan.cfg, self.device,
+                            initial["target_parameters"], files["state"], files["control_state"], files["check"],
+                            log=lambda m: self.print_to_log_file(m, also_print_to_console=True),
+                            settings=self._stage_settings_extra(plan), workers=plan.workers,
+                            compile=self._do_i_compile())
+
+    def _keep_initial(self, path: str, state_file: str) -> None:
+        """Writes the target parameters as they are before the stage (their initialisation) to ``path``, once; a
+        resumed stage checks the file against the network instead (and refuses a state without it)."""
+        net = peft.unwrap(self.network)
+        if os.path.isfile(path):
+            check_file_identity(read_target_parameters(path), net, path, "initial target parameters")
+            return
+        if os.path.isfile(state_file):
+            raise TPPFoldError(f"{state_file} has no {path} beside it (the target parameters it started from); "
+                               f"remove {state_file} to start the pretext stage afresh")
+        if is_main():
+            save_target_parameters(net, path, {"trainer_name": type(self).__name__, "fold": self.fold,
+                                               "initial": True})
+        barrier()
+
+    @staticmethod
+    def _stage_settings_extra(plan: PretextPlan) -> dict:
+        return {**_view_settings(plan.pretext, plan.view, plan.divisor), "cases": sorted(plan.stage_keys)}
 
     def check_resumable_state(self, state_file: str) -> None:
         """Checks the pretext settings (:meth:`pretext_setup`) and refuses a pretext state that this run could not
         resume (other identity or settings), before the stage starts."""
-        schedule, dino, view, divisor, _ = self.pretext_setup()
+        plan = self.pretext_setup()
         if os.path.isfile(state_file):
+            name = "dino" if plan.pretext == "dino" else "masked"
             check_state(read_state(state_file), peft.unwrap(self.network), state_file,
-                        stage_settings(schedule, dino, _view_settings(view, divisor)))
+                        stage_settings(plan.schedule, plan.cfg, {**self._stage_settings_extra(plan),
+                                                                 "train_targets": True}, name))
 
 
-def _view_settings(view, divisor) -> dict:
+def _view_settings(pretext: str, view, divisor) -> dict:
+    if pretext != "dino":
+        return {"views": {"size": list(view)}}
     from nnunet_tpp.pretext.crops3d import view_sizes
     g, loc = view_sizes(view, divisor)
     return {"views": {"global": list(g), "local": list(loc)}}
+
+
+def _listed(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

@@ -29,7 +29,8 @@ def _doc(family: str, fields: dict, key: str) -> str:
     what = (backbone.label() if backbone.is_stunet or key in TRAINER_PRESETS else "the Primus the plans describe"
             if key == PLANS_BACKBONE else "the network of the plans (PlainConvUNet / ResidualEncoderUNet)")
     start = " (trained from scratch)" if family in FROM_SCRATCH else f" from {backbone.checkpoint_hint()}"
-    tpp = ", its target parameters first pre-trained with DINO on the fold's images (TPP)" if fields.get("tpp") else ""
+    tpp = (", its target parameters first pre-trained on the fold's images (TPP: masked reconstruction or DINO, "
+           "the recipe's pretext)") if fields.get("tpp") else ""
     return f"nnU-Net trainer: {what} with PEFT method {fields['method']!r}{start}{tpp}."
 
 

@@ -29,3 +29,19 @@ def test_schedules_change_only_the_decayed_group():
     decayed = {id(p) for p in optimizer.param_groups[0]["params"]}
     assert id(head.last_layer[0]) in decayed
     assert all(id(p) not in decayed for n, p in head.named_parameters() if n.endswith("bias"))
+
+
+def test_per_parameter_clipping_is_the_official_dinos_and_global_clipping_torchs():
+    """``per_parameter``: each gradient scaled to norm ``max_norm`` on its own when larger (DINO's
+    ``utils.clip_gradients``), the others untouched; ``global``: one norm over all (``clip_grad_norm_``)."""
+    from nnunet_tpp.pretext.optim import clip_gradients
+    big, small = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(3))
+    big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([0.6, 0.8, 0.0])  # norms 5 and 1
+    clip_gradients([big, small], 2.0, "per_parameter")
+    assert torch.allclose(big.grad.norm(), torch.tensor(2.0), atol=1e-5) and torch.equal(small.grad,
+                                                                                       torch.tensor([0.6, 0.8, 0.0]))
+    big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([0.6, 0.8, 0.0])
+    clip_gradients([big, small], 2.0, "global")
+    total = torch.cat([big.grad, small.grad]).norm()
+    assert torch.allclose(total, torch.tensor(2.0), atol=1e-5)
+    assert torch.allclose(small.grad.norm() / big.grad.norm(), torch.tensor(0.2), atol=1e-6)  # directions kept

@@ -1,58 +1,56 @@
-"""``nnunet-tpp tpp-probe``: a linear probe of pooled encoder features of views of the real CT before and after the
-pretext stage, for a frozen random and a frozen pre-trained backbone (tiny settings here; the README reports the
-STU-Net-S run)."""
+"""``nnunet-tpp tpp-probe --data``: a linear probe across cases of real MRI (CHAOS T2), trained on views of some
+cases and tested on others, per seed, for every arm (tiny settings here; the README reports the STU-Net-S run)."""
 import json
 
+import numpy as np
 import pytest
 
 from nnunet_tpp.cli import build_parser
 from nnunet_tpp.pretext.dino import PretextSettingsError
-from nnunet_tpp.pretext.probe import ProbeConfig, format_table, probe_views, run_probe
-from tests.conftest import CT_IMAGE, CT_LABELS, require
+from nnunet_tpp.pretext.probe import ARMS, ProbeConfig, format_table, probe_views, read_cases, run_probe
+from tests.conftest import SHARED, require
+
+CHAOS = SHARED / "data" / "mri3d" / "chaos_t2"
 
 
 def _cfg(tmp_path, **kw):
-    return ProbeConfig(image=str(require(CT_IMAGE)), labels=str(require(CT_LABELS)), out=str(tmp_path / "probe"),
-                       dims=[4, 8, 16, 16, 16, 16], upstream_steps=4, upstream_patch=32, upstream_cases=1, per_class=24,
-                       epochs=1, iterations=2, batch=2, out_dim=256, **kw)
+    return ProbeConfig(**{**dict(data=str(require(CHAOS)), out=str(tmp_path / "probe"), dims=[4, 8, 8, 8, 8, 8],
+                                 upstream_steps=2, upstream_patch=32, upstream_cases=1, per_class=2, view=(8, 32, 32),
+                                 seeds=2, epochs=1, iterations=1, batch=2, max_cases=4, test_share=0.5), **kw})
 
 
-def test_probe_reports_both_backbones_before_and_after_the_stage(tmp_path):
+def test_every_arm_is_scored_on_held_out_cases_per_seed(tmp_path):
     lines = []
     result = run_probe(_cfg(tmp_path), log=lines.append)
-    assert set(result["accuracy"]) == {"random init", "pre-trained"}
-    for acc in result["accuracy"].values():
-        assert set(acc) == {"plain", "init", "after", "after_student"} and all(0 <= v <= 1 for v in acc.values())
-    assert result["overlap"]["disjoint"] == 0.0
-    assert set(result["diagnostics"]["pre-trained"]) == {"epoch", "loss", "teacher_entropy", "batch_mean_entropy",
-                                                         "kl", "log_k"}
+    assert tuple(result["accuracy"]) == ARMS
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in result["accuracy"].values())
+    for split in result["splits"]:  # training and test cases never overlap
+        assert not set(split["train"]) & set(split["test"]) and len(split["test"]) == 2
+    # the head-only control cannot change the encoder: its probe is the one at the PEFT method's initialisation
+    assert result["accuracy"]["head-only control"] == result["accuracy"]["+ PEFT at init"]
     table = format_table(result)
-    assert "| random init |" in table and "| pre-trained |" in table and "after TPP" in table
-    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["accuracy"] == result["accuracy"]
-    assert (tmp_path / "probe" / "upstream_stunet.pth").exists()  # the small pre-trained backbone, reused next time
+    assert all(f"| {arm} |" in table for arm in ARMS) and "± " in table
+    assert json.loads((tmp_path / "probe" / "probe.json").read_text())["summary"] == result["summary"]
     assert any("upstream pre-training" in line for line in lines)
 
 
-def test_probe_views_are_balanced_and_split_by_z_slabs():
-    import numpy as np
-    import SimpleITK as sitk
-    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(require(CT_LABELS))))
-    hu = sitk.GetArrayFromImage(sitk.ReadImage(str(require(CT_IMAGE))))
-    centres, ys, train = probe_views(labels, hu, 32, 30, seed=0)
-    assert np.bincount(ys).tolist() == [30, 30, 30]
-    assert all(labels[tuple(c)] == y for c, y in zip(centres, ys))  # the label of a view is the organ at its centre
-    for c in (0, 1, 2):  # every label on both sides of the split
-        assert train[ys == c].any() and (~train[ys == c]).any()
+def test_views_are_centred_on_their_label_inside_the_volume():
+    images, labels = read_cases(str(require(CHAOS)), (7.7, 2.5, 2.5), max_cases=3)
+    name = sorted(images)[0]
+    centres, ys = probe_views(labels[name], images[name][0], (8, 32, 32), 5, np.random.default_rng(0))
+    assert set(ys.tolist()) == {0, 1, 2, 3, 4} and np.bincount(ys).max() <= 5
+    assert all(labels[name][tuple(c)] == y for c, y in zip(centres, ys))
+    shape = labels[name].shape
+    assert all(c[a] - v // 2 >= 0 and c[a] - v // 2 + v <= shape[a] for c in centres for a, v in enumerate((8, 32, 32)))
 
 
 def test_probe_is_a_command_and_refuses_bad_input_before_writing(tmp_path):
-    args = build_parser().parse_args(["tpp-probe", "--image", "a.nii.gz", "--labels", "b.nii.gz", "--view", "24"])
-    assert args.func.__name__ == "probe_main" and args.view == 24
+    args = build_parser().parse_args(["tpp-probe", "--data", "d", "--view", "8", "32", "32", "--seeds", "5"])
+    assert args.func.__name__ == "probe_main" and args.view == [8, 32, 32] and args.seeds == 5
     with pytest.raises(PretextSettingsError, match="does not fit the plan's pooling"):
-        run_probe(_cfg(tmp_path, view=24))
-    with pytest.raises(PretextSettingsError, match="must be > 0"):
-        run_probe(_cfg(tmp_path, lr=-1.0))
-    with pytest.raises(FileNotFoundError):
-        run_probe(ProbeConfig(image=str(tmp_path / "missing.nii.gz"), labels=str(require(CT_LABELS)),
-                              out=str(tmp_path / "probe")))
+        run_probe(_cfg(tmp_path, view=(8, 24, 32)))
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        run_probe(_cfg(tmp_path, data=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="larger than cases"):
+        run_probe(_cfg(tmp_path, view=(64, 32, 32), max_cases=3))
     assert not (tmp_path / "probe").exists()

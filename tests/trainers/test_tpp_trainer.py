@@ -123,24 +123,47 @@ class _Cases:
         return np.zeros((1, *self.shapes[key]), dtype=np.float32), None, None, {}
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"pretext_batch_size": 0}, "batch size must be >= 1"),
-    ({"pretext_view_size": [48, 48, 36]}, "does not fit the plan's pooling"),
-    ({"pretext_view_size": [64, 64, 64]}, "larger than 1 of the 2 training cases"),
-    ({"pretext_lr": 0.0}, "must be > 0"),
-    ({"pretext_lr": 1e-6, "pretext_min_lr": 1e-5}, "below the peak"),
-])
-def test_pretext_settings_are_checked_before_the_stage(fields, message):
+def _setup_trainer(**fields):
     trainer = _trainer("/nonexistent", _tiny())
     trainer.recipe = dataclasses.replace(resolve_recipe("TPPConvAdapterTrainer", "S"), **fields)
     trainer.configuration_manager = SimpleNamespace(patch_size=[64, 64, 64], pool_op_kernel_sizes=[[1, 1, 1]] + POOLS)
-    trainer.do_split = lambda: (["a", "b"], ["c"])
-    trainer.dataset_class = _Cases({"a": (80, 80, 80), "b": (56, 90, 90), "c": (8, 8, 8)})
+    trainer.do_split = lambda: (["a", "b", "d", "e", "f"], ["c"])
+    trainer.dataset_class = _Cases({"a": (80, 80, 80), "b": (56, 90, 90), "c": (8, 8, 8), "d": (70, 70, 70),
+                                    "e": (70, 70, 70), "f": (70, 70, 70)})
     trainer.preprocessed_dataset_folder = ""
+    trainer.fold = "all"
+    return trainer
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"pretext": "dino", "pretext_batch_size": 0}, "batch size must be >= 1"),
+    ({"pretext": "dino", "pretext_view_size": [48, 48, 36]}, "does not fit the plan's pooling"),
+    ({"pretext": "dino", "pretext_view_size": [64, 64, 64]}, "larger than 1 of the 5 training cases"),
+    ({"pretext": "dino", "pretext_lr": 0.0}, "must be > 0"),
+    ({"pretext": "dino", "pretext_lr": 1e-6, "pretext_min_lr": 1e-5}, "below the peak"),
+    ({"pretext": "mae", "pretext_lr": 0.0}, "must be > 0"),
+    ({"pretext": "mae", "pretext_view_size": [48, 48, 36]}, "does not fit the plan's pooling"),
+    ({"pretext": "mae", "pretext_mask_ratio": 0.01}, "masks none"),
+    ({"pretext": "mae", "pretext_optimizer": "adam"}, "optimizer must be one of"),
+])
+def test_pretext_settings_are_checked_before_the_stage(fields, message):
+    trainer = _setup_trainer(**fields)
     with pytest.raises(PretextSettingsError, match=message):
         trainer.check_resumable_state("/nonexistent/tpp_state.pth")
-    trainer.recipe = resolve_recipe("TPPConvAdapterTrainer", "S")
-    schedule, dino, view, divisor, keys = trainer.pretext_setup()  # the defaults fit (validation case not looked at)
-    assert view == (32, 32, 32) and divisor == [8, 8, 8] and keys == ["a", "b"]
-    assert schedule.batch_size == trainer.recipe.pretext_batch_size and dino.lr == trainer.recipe.pretext_lr
-    assert dino.keep == "teacher"
+
+
+def test_the_pretexts_defaults_fit_and_the_control_holds_out_evaluation_cases():
+    plan = _setup_trainer(pretext="dino").pretext_setup()  # (the validation case is not looked at)
+    assert plan.view == (32, 32, 32) and plan.divisor == [8, 8, 8] and plan.stage_keys == ["a", "b", "d", "e", "f"]
+    assert plan.schedule.batch_size == 8 and plan.cfg.lr == 5e-4 and plan.cfg.keep == "teacher"
+    assert plan.cfg.teacher_mode == "train" and plan.cfg.clip == "per_parameter" and not plan.control
+    plan = _setup_trainer(pretext="mae").pretext_setup()
+    assert plan.view == (64, 64, 64) and plan.schedule.batch_size == 2  # nnssl: the patch, batch 2
+    assert (plan.cfg.mask_ratio, plan.cfg.block_size) == (0.75, 16)
+    plan = _setup_trainer(pretext="mae", pretext_control=True).pretext_setup()
+    assert len(plan.eval_keys) == 1 and plan.control  # 20 % of 5 training cases, never the validation case
+    assert sorted(plan.eval_keys + plan.stage_keys) == ["a", "b", "d", "e", "f"]
+    trainer = _setup_trainer(pretext="mae", pretext_control=True)
+    trainer.do_split = lambda: (["a"], [])
+    with pytest.raises(PretextSettingsError, match="pretext_control needs at least 2 training cases"):
+        trainer.pretext_setup()
