@@ -89,7 +89,8 @@ class TrainerRecipe:
     def network_spec(self) -> dict[str, Any]:
         """What the network is built from (stored in the plans, so nnUNetv2_predict rebuilds it): the backbone,
         the PEFT method with its resolved options, and the memory paths."""
-        opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
+        opts = dataclasses.asdict(get_method(self.method).parse_options(
+            {**backbone_peft_defaults(self.size).get(self.method, {}), **self.options}))
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
         return {"size": self.size, "method": self.method, "options": opts,
                 "memory": {"lean_backward": self.lean_backward,
@@ -99,14 +100,25 @@ class TrainerRecipe:
 TPP_PREFIX = "TPP"
 
 
+def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
+    """The method options a backbone takes when the recipe gives none: a Primus (a transformer) those of the
+    transformer descriptions (LoRA on q and v, as the LoRA paper); an STU-Net / nnU-Net network none (the dataclasses'
+    own: LoRA on every block convolution)."""
+    from nnunet_tpp.models.primus import is_primus_backbone
+    from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
+    return PEFT_DEFAULTS if is_primus_backbone(key) else {}
+
+
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
     """The packaged families, plus a ``TPP<family>`` (DINO pretext first) for every family whose method adds
-    parameters: TPP wraps the registry, not one method."""
+    parameters to a CNN: TPP wraps the registry, not one method (a transformer-only family, ``AdapterTrainer``, has
+    no TPP variant yet)."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
-        if get_method(fields["method"]).adds_parameters:
+        method = get_method(fields["method"])
+        if method.adds_parameters and "STUNet" in method.models:  # TPP's DINO stage runs on CNN encoders
             families[TPP_PREFIX + family] = {**fields, "tpp": "dino"}
     return families
 
