@@ -162,7 +162,9 @@ def _families_running(method: str, tpp) -> str:
     families = _family_defaults()
     hits = sorted(f for f, d in families.items() if d["method"] == method and bool(d.get("tpp")) == bool(tpp))
     if hits:
-        return f"use {' or '.join(hits)} (with a backbone suffix: _S, _B, _L, _H or _nnUNet)"
+        suffixes = "_S, _B, _L, _H or _nnUNet" if "STUNet" in get_method(method).models else \
+            "_Primus_S ... _Primus_L, _PrimusV3_S ... _PrimusV3_L or _Primus"
+        return f"use {' or '.join(hits)} (with a backbone suffix: {suffixes})"
     known = ", ".join(sorted({d["method"] for d in families.values()}))
     return f"no nnU-Net trainer runs {method!r}; the trainers' methods are {known} (`nnunet-tpp trainers`)"
 
