@@ -129,7 +129,8 @@ class TrainerRecipe:
     def network_spec(self) -> dict[str, Any]:
         """What the network is built from (stored in the plans, so nnUNetv2_predict rebuilds it): the backbone,
         the PEFT method with its resolved options, and the memory paths."""
-        opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
+        opts = dataclasses.asdict(get_method(self.method).parse_options(
+            {**backbone_peft_defaults(self.size).get(self.method, {}), **self.options}))
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
         return {"size": self.size, "method": self.method, "options": opts,
                 "memory": {"lean_backward": self.lean_backward,
@@ -139,14 +140,25 @@ class TrainerRecipe:
 TPP_PREFIX = "TPP"
 
 
+def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
+    """The method options a backbone takes when the recipe gives none: a Primus (a transformer) those of the
+    transformer descriptions (LoRA on q and v, as the LoRA paper); an STU-Net / nnU-Net network none (the dataclasses'
+    own: LoRA on every block convolution)."""
+    from nnunet_tpp.models.primus import is_primus_backbone
+    from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
+    return PEFT_DEFAULTS if is_primus_backbone(key) else {}
+
+
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
     """The packaged families, plus a ``TPP<family>`` (a pretext stage first) for every family whose method adds
-    parameters: TPP wraps the registry, not one method."""
+    parameters to a CNN: TPP wraps the registry, not one method (a transformer-only family, ``AdapterTrainer``, has
+    no TPP variant yet)."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
-        if get_method(fields["method"]).adds_parameters:
+        method = get_method(fields["method"])
+        if method.adds_parameters and "STUNet" in method.models:  # the pretext stages run on CNN U-Nets
             families[TPP_PREFIX + family] = {**fields, "tpp": True}
     return families
 
@@ -190,7 +202,9 @@ def _families_running(method: str, tpp) -> str:
     families = _family_defaults()
     hits = sorted(f for f, d in families.items() if d["method"] == method and bool(d.get("tpp")) == bool(tpp))
     if hits:
-        return f"use {' or '.join(hits)} (with a backbone suffix: _S, _B, _L, _H or _nnUNet)"
+        suffixes = "_S, _B, _L, _H or _nnUNet" if "STUNet" in get_method(method).models else \
+            "_Primus_S ... _Primus_L, _PrimusV3_S ... _PrimusV3_L or _Primus"
+        return f"use {' or '.join(hits)} (with a backbone suffix: {suffixes})"
     known = ", ".join(sorted({d["method"] for d in families.values()}))
     return f"no nnU-Net trainer runs {method!r}; the trainers' methods are {known} (`nnunet-tpp trainers`)"
 
