@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_tpp import peft
-from nnunet_tpp.pretext.probe_settings import ProbeConfig, add_probe_parser, probe_main  # noqa: F401 (public here too)
+from nnunet_tpp.pretext.probe_settings import ProbeConfig
 
 POOLS = [[1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 1, 1]]  # divisor (4, 16, 16) along (z, y, x)
 ARMS = ("random init", "pre-trained", "+ PEFT at init", "+ TPP DINO", "+ TPP masked", "head-only control")
