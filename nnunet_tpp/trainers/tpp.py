@@ -34,6 +34,7 @@ from nnunet_tpp.pretext.dino import DINOConfig, PretextSettingsError
 from nnunet_tpp.pretext.distributed import barrier, is_main
 from nnunet_tpp.pretext.feed import default_workers, fixed_set
 from nnunet_tpp.pretext.masked import MaskedConfig
+from nnunet_tpp.pretext.masked_tokens import token_sites
 from nnunet_tpp.pretext.masked_views import MaskedViewSampler, check_mask_settings
 from nnunet_tpp.pretext.stage import (EncoderEmbedding, PretextSchedule, TargetParameterError, check_file_identity,
                                       check_state, load_target_parameters, read_state,
@@ -232,10 +233,20 @@ class TPPTrainer(PeftTrainer):
             return self._checked_pretext_setup
         r = self.recipe
         net = peft.unwrap(self.network)
-        pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
-        divisor = [int(v) for v in np.prod(np.array(pools), axis=0)]
         patch = tuple(int(p) for p in self.configuration_manager.patch_size)
         pretext = r.pretext
+        tokens = token_sites(net)
+        if tokens is not None:  # a token network (Primus) takes exactly the input it was built for
+            divisor = [tokens.patch] * len(patch)
+            if pretext == "dino":
+                raise PretextSettingsError(f"pretext: dino does not run on {type(net).__name__} yet (its views are "
+                                           f"smaller than the patch it was built for); use pretext: mae")
+            if r.pretext_view_size and tuple(int(v) for v in r.pretext_view_size) != patch:
+                raise PretextSettingsError(f"{type(net).__name__} takes only its patch {list(patch)}: remove "
+                                           f"pretext_view_size {list(r.pretext_view_size)} from the recipe")
+        else:
+            pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
+            divisor = [int(v) for v in np.prod(np.array(pools), axis=0)]
         if r.pretext_view_size:
             view = tuple(int(v) for v in r.pretext_view_size)
         else:
@@ -254,11 +265,16 @@ class TPPTrainer(PeftTrainer):
             cfg.validate(schedule.batch_size)
             EncoderEmbedding(net, schedule.feature_stages)  # stages the network has (raises PretextSettingsError)
         else:
-            cfg = MaskedConfig(mask_ratio=float(r.pretext_mask_ratio), block_size=int(r.pretext_mask_block),
-                               optimizer=str(r.pretext_optimizer),
-                               **({} if r.pretext_lr is None else {"lr": float(r.pretext_lr)}))
+            cfg = MaskedConfig.for_network(
+                net, mask_ratio=float(r.pretext_mask_ratio), lr=None if r.pretext_lr is None else float(r.pretext_lr),
+                block_size=None if r.pretext_mask_block is None else int(r.pretext_mask_block),
+                optimizer=None if r.pretext_optimizer is None else str(r.pretext_optimizer))
             cfg.validate()
             check_mask_settings(cfg.mask_ratio, cfg.block_size, view)
+            if tokens is not None and cfg.block_size % tokens.patch:
+                raise PretextSettingsError(f"pretext_mask_block {cfg.block_size} does not cover whole "
+                                           f"{tokens.patch}-voxel tokens of {type(net).__name__}: give a multiple "
+                                           f"of {tokens.patch} (or leave it out: one token, as nnssl)")
         train_keys, _ = self.do_split()
         stage_keys, eval_keys = list(train_keys), []
         if r.pretext_control:
@@ -322,10 +338,13 @@ class TPPTrainer(PeftTrainer):
                     f"target parameters (those in encoder stages <= {max(schedule.feature_stages)}) + DINO head; the "
                     f"result is the {plan.cfg.keep}'s")
         else:
+            tokens = token_sites(net) is not None
             what = (f"masked-reconstruction pretext stage on {len(plan.stage_keys)} training cases: views "
                     f"{list(plan.view)}, {100 * plan.cfg.mask_ratio:.0f} % of {plan.cfg.block_size}-voxel blocks "
-                    f"masked; {plan.cfg.optimizer.upper()} lr {plan.cfg.lr:g} (polynomial decay); training "
-                    f"{sum(p.numel() for p in targets.values())} target parameters + the output layer")
+                    f"masked{' (their tokens replaced by a learned mask token)' if tokens else ''}; "
+                    f"{plan.cfg.optimizer.upper()} lr {plan.cfg.lr:g} (polynomial decay); training "
+                    f"{sum(p.numel() for p in targets.values())} target parameters + the output layer"
+                    f"{' and the mask token' if tokens else ''}")
         self.print_to_log_file(
             f"TPP: {what}; {schedule.epochs} epochs x {schedule.iterations_per_epoch} iterations, batch "
             f"{schedule.batch_size}, {plan.workers} background worker(s); backbone frozen"
