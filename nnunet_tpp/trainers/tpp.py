@@ -291,7 +291,8 @@ class TPPTrainer(PeftTrainer):
         if check_cases and pretext == "dino":
             dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
             shapes = {k: tuple(dataset.load_case(k)[0].shape[1:]) for k in train_keys}
-        check_views(view, divisor, shapes, schedule.batch_size)
+        # (a token network's view is its patch, which it was built for: one token per axis is enough)
+        check_views(view, divisor if tokens is None else [1] * len(view), shapes, schedule.batch_size)
         workers = int(r.pretext_workers) if r.pretext_workers is not None else default_workers()
         setup = PretextPlan(pretext, schedule, cfg, view, divisor, stage_keys, eval_keys, workers)
         if check_cases:
