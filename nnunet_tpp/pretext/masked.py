@@ -42,7 +42,7 @@ from nnunet_tpp import peft
 from nnunet_tpp.pretext.dino import PretextSettingsError
 from nnunet_tpp.pretext.distributed import (all_reduce_sum, average_gradients, broadcast_module, is_main, shard,
                                              world)
-from nnunet_tpp.pretext.feed import stage_batches
+from nnunet_tpp.pretext.feed import stage_batches, step_random
 from nnunet_tpp.pretext.optim import CLIP_MODES, clip_gradients, weight_decay_groups
 from nnunet_tpp.pretext.plots import plot_masked, write_diagnostics
 from nnunet_tpp.pretext.targets import PretextSchedule, check_state, read_state, save_state, stage_settings
@@ -304,8 +304,7 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
                 for step, (views, masks) in zip(steps, stage_batches(source, steps, indices, workers)):
                     x = views.to(device, non_blocking=True)
                     m = masks.to(device, non_blocking=True)
-                    with torch.random.fork_rng(devices=[_cuda_index(device)] if cuda else []):
-                        torch.manual_seed(seed * 1_000_003 + step)  # stochastic depth: the same after a resume
+                    with step_random(seed, step, device):  # stochastic depth: the same after a resume
                         with torch.autocast(device.type, enabled=cuda):
                             prediction = run(x * m, m)
                         loss = masked_mse(prediction.float(), x, m)
@@ -344,10 +343,6 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
         return [row["loss"] for row in history]
     finally:
         peft.freeze(net)
-
-
-def _cuda_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _save(path, model: Reconstruction, optimizer, epoch, history, net, settings) -> None:

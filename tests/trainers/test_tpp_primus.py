@@ -1,6 +1,7 @@
 """TPP on Primus (``TPPLoRATrainer_Primus*``, ``TPPAdapterTrainer_Primus*``): the masked stage's defaults (nnssl's
-Primus recipe: the patch as the view, one-token mask blocks, AdamW 3e-4), settings refused before the stage, and the
-stage with ``pretext_control`` on real few-slice MRI writing ``tpp_target_check.json``."""
+Primus recipe: the patch as the view, one-token mask blocks, AdamW 3e-4), DINO on the mean patch token, settings
+refused before the stage, and either stage with ``pretext_control`` on real few-slice MRI writing
+``tpp_target_check.json``."""
 import dataclasses
 import json
 
@@ -52,7 +53,6 @@ def test_the_masked_stage_takes_nnssls_primus_recipe(folders, family):  # noqa: 
 
 
 @pytest.mark.parametrize("fields,message", [
-    ({"pretext": "dino"}, "does not run on Primus"),
     ({"pretext_view_size": [16, 32, 32]}, "takes only its patch"),
     ({"pretext_mask_block": 12}, "whole 8-voxel tokens"),
 ])
@@ -61,15 +61,26 @@ def test_settings_primus_cannot_take_are_refused_before_the_stage(folders, field
         _tpp(**fields).check_resumable_state("/nonexistent/tpp_state.pth")
 
 
-def test_the_stage_and_its_control_write_the_target_check(folders, tmp_path):  # noqa: F811
-    trainer = _tpp(folder=tmp_path, pretext_control=True, pretext_epochs=2, pretext_iterations_per_epoch=2,
-                   pretext_workers=0, pretext_eval_samples=2, pretext_lr=1e-3)
+def test_dino_takes_the_mean_patch_token_and_views_at_the_patch(folders):  # noqa: F811
+    from nnunet_tpp.pretext.token_embedding import TokenEmbedding
+    trainer = _tpp(pretext="dino")
+    plan = trainer.pretext_setup()
+    assert plan.view == PATCH and plan.divisor == [8, 8, 8]  # global views at the patch, local ones resized to it
+    embedding = trainer.pretext_embedding(plan)
+    assert isinstance(embedding, TokenEmbedding) and embedding.size == PATCH and embedding.dim == 192
+
+
+@pytest.mark.parametrize("pretext", ["mae", "dino"])
+def test_the_stage_and_its_control_write_the_target_check(folders, tmp_path, pretext):  # noqa: F811
+    trainer = _tpp(folder=tmp_path, pretext=pretext, pretext_control=True, pretext_epochs=2,
+                   pretext_iterations_per_epoch=2, pretext_workers=0, pretext_eval_samples=2, pretext_lr=1e-3,
+                   pretext_batch_size=2)
     net = peft.unwrap(trainer.network)
     peft.fingerprint_backbone(net)
     frozen = {n: p.detach().clone() for n, p in net.named_parameters() if n not in peft.target_parameters(net)}
     trainer.run_pretext_stage(str(tmp_path / "tpp_target_parameters.pth"))
     check = json.loads((tmp_path / "tpp_target_check.json").read_text())
-    assert check["pretext"] == "mae" and check["control_steps"] == 4 and check["relative_change"] > 0
+    assert check["pretext"] == pretext and check["control_steps"] == 4 and check["relative_change"] > 0
     assert all(check[k] > 0 for k in ("loss_trained", "loss_reset", "loss_control"))
     assert all(torch.equal(p, frozen[n]) for n, p in net.named_parameters() if n in frozen)
     assert (tmp_path / "tpp_progress.png").is_file() and (tmp_path / "tpp_initial_target_parameters.pth").is_file()
