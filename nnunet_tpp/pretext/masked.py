@@ -23,6 +23,11 @@ fed the decoder's highest-resolution features through a forward hook, deep super
 views are crops of the training cases of the plan's patch size (nnssl: its own 160^3 pre-training patch) with
 mirroring only (no rotation / scaling), and blocks at most the view per axis.
 
+On a 3-D token network (nnU-Net's Primus, found through its transformer description) the same stage runs nnssl's
+SimMIM recipe for Primus instead: :mod:`nnunet_tpp.pretext.masked_tokens` (mask token, token-sized blocks, AdamW;
+:meth:`MaskedConfig.for_network`). Each step's random state (stochastic depth) is fixed by the step
+(:func:`~nnunet_tpp.pretext.feed.step_random`), so a resumed stage equals an uninterrupted one.
+
 Under ``torch.distributed`` each rank reconstructs its share of the batch and gradients are averaged over ranks
 (what nnssl's DDP does), so the target parameters and the output layer stay identical on every rank; only rank 0
 writes files and logs.
