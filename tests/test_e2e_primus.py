@@ -149,6 +149,34 @@ def test_lora_fine_tunes_the_adopted_primus_and_predicts(adopted):
     assert trained >= start + MARGIN, (trained, start)
 
 
+TPP = "TPPLoRATrainer_Primus"
+
+
+def test_tpp_lora_pretrains_the_lora_factors_by_masked_reconstruction_then_fine_tunes(adopted):
+    """``TPPLoRATrainer_Primus`` with ``pretext_control``: 1 pretext epoch of 2 iterations (masked reconstruction,
+    nnssl's SimMIM on Primus) and its head-only control, then 1 supervised epoch of 2 iterations; the fold gets the
+    stage's files and ``tpp_target_check.json``, the frozen weights stay the nnssl file's."""
+    folders, raw, env, log, checkpoint = adopted
+    recipe = folders.root / "recipe_tpp.yaml"
+    recipe.write_text(f"initial_lr: {LORA_LR}\npretext_control: true\npretext_eval_samples: 2\n")
+    env = {**env, "NNUNET_TPP_RECIPE": str(recipe), "NNUNET_TPP_PRETEXT_EPOCHS": "1",
+           "NNUNET_TPP_PRETEXT_ITERS_PER_EPOCH": "2", "NNUNET_TPP_EPOCHS": "1", "NNUNET_TPP_ITERS_PER_EPOCH": "2"}
+    run_nnunet(["nnUNetv2_train", DATASET, "3d_fullres", "all", "-p", PLANS, "-tr", TPP, "-pretrained_weights",
+                checkpoint, "-device", "cpu"], env, log)
+    fold = folders.results / NAME / f"{TPP}__{PLANS}__3d_fullres" / "fold_all"
+    text = next(fold.glob("training_log_*.txt")).read_text()
+    assert "their tokens replaced by a learned mask token" in text and "ADAMW lr 0.0003" in text
+    check = json.loads((fold / "tpp_target_check.json").read_text())
+    assert check["pretext"] == "mae" and check["control_steps"] == 2 and check["relative_change"] > 0
+    assert all(check[k] > 0 for k in ("loss_trained", "loss_reset", "loss_control"))
+    pretrained = torch.load(fold / "tpp_target_parameters.pth", weights_only=True)
+    assert any("lora_B" in k for k in pretrained["target_parameters"])
+    source = torch.load(checkpoint, weights_only=True)["network_weights"]
+    final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    for key in ("eva.blocks.0.attn.k_proj.weight", "eva.blocks.3.mlp.fc2.weight"):
+        assert torch.equal(final[key], source[key])
+
+
 def test_a_primus_that_does_not_fit_the_plans_is_refused_before_anything_is_written(adopted):
     folders, raw, env, log, checkpoint = adopted
     with pytest.raises(NNUNetCommandError, match="use the trainer with suffix _Primus"):

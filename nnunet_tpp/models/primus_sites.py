@@ -7,7 +7,8 @@ Primus embeds a volume in 8x8x8 patches (``down_projection``), runs timm's EVA b
 an inner LayerNorm ``attn.norm`` before ``attn.proj`` when built with ``scale_attn_inner`` as nnU-Net's Primus
 trainers do; a **SwiGLU** MLP ``mlp.fc1_g`` / ``mlp.fc1_x`` -> SiLU gate -> ``mlp.norm`` -> ``mlp.fc2``; **rotary
 position embeddings** on q and k of the patch tokens, plus a learned absolute ``eva.pos_embed``), a final
-``eva.norm``, and decodes with transposed convolutions (``up_projection``, the task head). The token stream is
+``eva.norm``, and decodes with transposed convolutions (``up_projection``, the task head: the description's
+``token_head``, whose input is the token grid the masked-reconstruction pretext reads). The token stream is
 ``[registers, patches]``: no class token; nnU-Net builds Primus without register tokens (``num_register_tokens`` 0),
 and when it has some they are EVA's prefix tokens (no rotary rotation), as here.
 
@@ -95,4 +96,4 @@ def describe_primus(net: nn.Module) -> TransformerDescription:
         v_dims=(dim // heads,) * depth, patch_embed="down_projection", patch_embed_out=embed_out,
         outer_norms=("eva.norm",), prefix_tokens=int(net.eva.num_prefix_tokens), token_stream=True,
         patch_size=side, in_chans=channels, spatial_dims=3, prompt_fan_in=channels * side ** 3,
-        rotary_prefix=rotary)
+        rotary_prefix=rotary, token_head="up_projection")

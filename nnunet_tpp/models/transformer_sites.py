@@ -88,6 +88,10 @@ class TransformerDescription:
         rotary_prefix: modules (attention layers) whose ``num_prefix_tokens`` counts the leading tokens that their
             rotary position embedding leaves unrotated; a method that puts tokens without a position into the
             stream (VPT's prompts) adds its tokens to that count. Empty for transformers without rotary positions.
+        token_head: the module whose input is the final token grid ``(B, width, *grid)`` (channels first), e.g. a
+            decoder from tokens to voxels; with ``patch_embed`` returning that layout too, pretext stages swap
+            tokens after the embedding and read them before this module (:mod:`nnunet_tpp.pretext.masked_tokens`).
+            None: not known.
     """
 
     name: str
@@ -109,6 +113,7 @@ class TransformerDescription:
     spatial_dims: int = 2
     prompt_fan_in: int | None = None
     rotary_prefix: tuple[str, ...] = ()
+    token_head: str | None = None
 
     def block_part(self, index: int, part: str) -> str:
         """The name of ``part`` (relative to a block) of block ``index``."""

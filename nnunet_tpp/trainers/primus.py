@@ -31,7 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_tpp.models.lean import MemoryPaths
 from nnunet_tpp.models.primus import set_activation_checkpointing
 from nnunet_tpp.trainers.base import PLANS_KEY, build_network
-from nnunet_tpp.trainers.recipe import ENV_RECIPE, read_recipe_file, resolve_recipe
+from nnunet_tpp.trainers.recipe import ENV_RECIPE, PRIMUS_METHODS, read_recipe_file, resolve_recipe  # noqa: F401
 
 PRETRAINED_LR = 1e-4
 SCRATCH_LR = 3e-4
@@ -41,7 +41,6 @@ WARMUP_EPOCHS = 50
 GRAD_CLIP = 1.0
 ENV_WARMUP = "NNUNET_TPP_WARMUP_EPOCHS"
 CHECKPOINTING = "eva_checkpointing"
-PRIMUS_METHODS = ("full", "linear_probe", "lora", "adapter")
 
 
 def primus_network_spec(spec: dict) -> dict:

@@ -69,8 +69,9 @@ class TrainerRecipe:
         pretext_keep: (DINO) whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
         pretext_teacher_mode: (DINO) ``train`` (official) or ``eval``.
         pretext_clip: (DINO) gradient clipping ``per_parameter`` (official) or ``global``.
-        pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (16).
-        pretext_optimizer: (mae) ``sgd`` (nnssl) or ``adamw``.
+        pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (None:
+            16 on a CNN U-Net, one token (8) on Primus, as nnssl).
+        pretext_optimizer: (mae) ``sgd`` or ``adamw`` (None: nnssl's, SGD on a CNN U-Net, AdamW on Primus).
         lean_backward: the exact lean norm/activation memory path of :mod:`nnunet_tpp.models.lean` (norm +
             LeakyReLU (+ residual sum) keep only their output); it acts only where the backbone is frozen.
         activation_checkpointing: ``off``, ``on`` or ``auto`` (on when the estimated training peak does not fit
@@ -103,8 +104,8 @@ class TrainerRecipe:
     pretext_teacher_mode: str = "train"
     pretext_clip: str = "per_parameter"
     pretext_mask_ratio: float = 0.75
-    pretext_mask_block: int = 16
-    pretext_optimizer: str = "sgd"
+    pretext_mask_block: int | None = None
+    pretext_optimizer: str | None = None
     lean_backward: bool = True
     activation_checkpointing: str = "off"
 
@@ -138,6 +139,7 @@ class TrainerRecipe:
 
 
 TPP_PREFIX = "TPP"
+PRIMUS_METHODS = ("full", "linear_probe", "lora", "adapter")  # the methods with Primus trainers
 
 
 def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
@@ -152,13 +154,12 @@ def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
     """The packaged families, plus a ``TPP<family>`` (a pretext stage first) for every family whose method adds
-    parameters to a CNN: TPP wraps the registry, not one method (a transformer-only family, ``AdapterTrainer``, has
-    no TPP variant yet)."""
+    parameters to a CNN U-Net or to Primus (:data:`PRIMUS_METHODS`): TPP wraps the registry, not one method."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
         method = get_method(fields["method"])
-        if method.adds_parameters and "STUNet" in method.models:  # the pretext stages run on CNN U-Nets
+        if method.adds_parameters and ("STUNet" in method.models or fields["method"] in PRIMUS_METHODS):
             families[TPP_PREFIX + family] = {**fields, "tpp": True}
     return families
 

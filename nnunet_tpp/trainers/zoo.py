@@ -6,8 +6,10 @@
 ``LinearProbeTrainer_PrimusV3_S`` ... adapt nnU-Net's transformer Primus at the sizes nnU-Net's Primus trainers
 build, and ``..._Primus`` the Primus the plans describe (plans adopted from an nnssl checkpoint), with the
 optimisation of nnU-Net's Primus trainers (:mod:`nnunet_tpp.trainers.primus`); they exist for the families whose
-method runs on Primus (:data:`nnunet_tpp.trainers.primus.PRIMUS_METHODS`). A family whose method adapts transformers
-only (``AdapterTrainer``) has Primus trainers only. The classes are generated from the recipe table, so adding a
+method runs on Primus (:data:`nnunet_tpp.trainers.primus.PRIMUS_METHODS`), their TPP families included
+(``TPPLoRATrainer_Primus_M``, ``TPPAdapterTrainer_PrimusV3_S``: the masked-reconstruction stage on Primus,
+:mod:`nnunet_tpp.pretext.masked_tokens`). A family whose method adapts transformers only (``AdapterTrainer``,
+``TPPAdapterTrainer``) has Primus trainers only. The classes are generated from the recipe table, so adding a
 family is one line of YAML.
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _make_family(family: str) -> dict[str, type]:
         name = f"{family}_{key}"
         classes[name] = type(name, (base,), {"backbone": backbone_of(key), "__module__": __name__,
                                              "__doc__": _doc(family, fields, key)})
-    if fields["method"] in PRIMUS_METHODS and family not in FROM_SCRATCH and not fields.get("tpp"):
+    if fields["method"] in PRIMUS_METHODS and family not in FROM_SCRATCH:
         for key in PRIMUS_BACKBONES:
             name = f"{family}_{key}"
             classes[name] = type(name, (PrimusTrainerMixin, base), {"backbone": backbone_of(key),

@@ -169,7 +169,8 @@ def test_lora_and_adapter_trainers_adapt_the_eva_blocks_with_the_primus_optimisa
     for key in ("Primus_S", "Primus_B", "Primus_M", "Primus_L", "PrimusV3_S", "PrimusV3_M", "Primus"):
         assert TRAINERS[f"{family}_{key}"].backbone.is_primus
     assert family not in TRAINERS or family == "LoRATrainer"  # the adapter has no STU-Net trainers
-    assert "AdapterTrainer_B" not in TRAINERS and "TPPAdapterTrainer_Primus" not in TRAINERS
+    assert "AdapterTrainer_B" not in TRAINERS and "TPPAdapterTrainer_B" not in TRAINERS
+    assert TRAINERS["TPPAdapterTrainer_Primus"].backbone.is_primus  # TPP on Primus: tests/trainers/test_tpp_primus.py
     trainer = _trainer(f"{family}_Primus")
     net = trainer.network
     if family == "LoRATrainer":
