@@ -256,9 +256,11 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     if network == "plans" and not plans_file:
         raise BenchError("--network plans needs --plans FILE (an nnU-Net plans JSON)")
     keys = ["plans"] if network == "plans" else [str(s).upper() for s in ((sizes,) if isinstance(sizes, str) else sizes)]
-    if network == "primus":  # --size: Primus presets (S B M L, V3S ...) or EMBED:DEPTH:HEADS; full vs head-only
+    if network == "primus":  # --size: Primus presets (S B M L, V3S ...) or EMBED:DEPTH:HEADS; the Primus trainers'
+        from nnunet_tpp.trainers.primus import PRIMUS_METHODS  # methods (full, decoder probe, LoRA, Adapter)
         keys = [f"primus:{k}" for k in keys]
-        methods, memory_paths, pretext, latency = methods or ["linear_probe"], ("plain",), False, False
+        methods = methods or [m for m in PRIMUS_METHODS if m != REFERENCE]
+        memory_paths, pretext, latency = ("plain",), False, False
     patch = tuple(int(p) for p in (patch or DEFAULT_PATCH.get(device, DEFAULT_PATCH["cpu"])))
     variants = list(memory_paths)
     check_pools = plan_settings(plans_file, configuration)["pools"] if network == "plans" else pools
@@ -395,7 +397,8 @@ def add_bench_arguments(parser) -> None:
                         help="patch size (default: 64 64 64 on cpu, 128 128 128 on cuda; --plans: the plan's)")
     parser.add_argument("--batch", type=int, default=None, help="training batch size (default: 2; --plans: the plan's)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="PEFT methods (default: all registered for CNNs; full is always measured)")
+                        help="PEFT methods (default: all registered for CNNs; --network primus: linear_probe lora "
+                             "adapter, the Primus trainers' methods; full is always measured)")
     parser.add_argument("--memory-paths", nargs="+", default=["lean"], choices=tuple(VARIANTS), dest="memory_paths",
                         help="memory paths measured for each PEFT method (default: lean, the trainers' default)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")

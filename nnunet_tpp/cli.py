@@ -295,9 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train2d_parser(sub)
     from nnunet_tpp.vision2d.bench2d_cli import add_bench2d_parser
     add_bench2d_parser(sub)
-    from nnunet_tpp.vision2d.ssa_bench import add_ssa_bench_parser
+    from nnunet_tpp.vision2d.ssa_bench_cli import add_ssa_bench_parser
     add_ssa_bench_parser(sub)
-    from nnunet_tpp.pretext.probe import add_probe_parser
+    from nnunet_tpp.pretext.probe_cli import add_probe_parser
     add_probe_parser(sub)
     return parser
 

@@ -159,7 +159,7 @@ def assert_pretext_moved_its_target_parameters(result: dict, model_folder, train
     values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`nnunet_tpp.trainers.seeding.initial_network`):
     every tensor
     the DINO loss reaches (encoder stages up to the deepest pooled one) moved by more than float32 rounding of its
-    values; every other one is bit for bit its initial value (which shows the rebuilt values are the run's)."""
+    values (4 eps); every other one is bit for bit its initial value (which shows the rebuilt values are the run's)."""
     from nnunet_tpp.peft import target_parameters
     from nnunet_tpp.pretext.stage import EncoderEmbedding
     from nnunet_tpp.trainers.recipe import TrainerRecipe
@@ -172,6 +172,8 @@ def assert_pretext_moved_its_target_parameters(result: dict, model_folder, train
     for name, value in result["target_parameters"].items():
         if name in reached:
             change = (value - start[name]).abs().max().item()
-            assert change > 1e-5 * start[name].abs().max().item(), (name, change)  # float32 eps: 1.2e-7
+            # 4 float32 eps of the values: DINO keeps the EMA teacher (momentum 0.996), which moves by about
+            # (1 - 0.996) x lr = 2e-6 per Adam step of the student (measured 3.5e-6 after two steps)
+            assert change > 4 * torch.finfo(torch.float32).eps * start[name].abs().max().item(), (name, change)
         else:
             assert torch.equal(value, start[name]), name

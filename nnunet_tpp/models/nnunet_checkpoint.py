@@ -47,12 +47,16 @@ def _unique_keys(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _aliases(net: nn.Module) -> dict[str, list[str]]:
-    """``{first name: every state-dict name of the same tensor}``."""
+    """``{first name: every state-dict name of the same tensor}``; a layer that Hugging Face ``peft``'s LoRA wraps
+    (a transformer's ``q_proj`` ...) keeps its tensors under ``<layer>.base_layer.``, which also answers to the plain
+    network's ``<layer>.``."""
     first: dict[int, str] = {}
     names: dict[str, list[str]] = {}
     for key, value in net.state_dict(keep_vars=True).items():
         owner = first.setdefault(id(value), key)
         names.setdefault(owner, []).append(key)
+        if ".base_layer." in key:
+            names[owner].append(key.replace(".base_layer.", "."))
     return names
 
 

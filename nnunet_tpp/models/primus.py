@@ -10,7 +10,7 @@ This module says which Primus a trainer or a plan means (:class:`PrimusSpec`: th
 ``nnUNet_Primus_{S,B,M,L}_Trainer`` and ``nnUNet_PrimusV3{S,B,M,L}_Trainer``, and the architectures nnssl
 checkpoints name), builds it (:func:`build_primus`) and readies it for PEFT (:func:`prepare_primus`: the decoder is
 the task head, as nnU-Net master's pretrained trainer treats it as new). Where transformer PEFT methods attach is
-not said here (a transformer description does that).
+said by Primus's transformer description, :mod:`nnunet_tpp.models.primus_sites`.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunet_tpp.models.nnunet_networks import architecture_id
+from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
 
 PATCH_EMBED = (8, 8, 8)
 HEAD_PREFIXES = ("up_projection",)
@@ -166,13 +167,14 @@ def prepare_primus(net: nn.Module, spec: PrimusSpec, patch) -> nn.Module:
 
     Sets ``head_prefixes`` (``up_projection``: the decoder trains with the heads; nnssl checkpoints hold no
     decoder), ``label_layer_prefixes`` (the decoder's last layer, whose shape follows the label set: skipped when
-    loading an nnU-Net checkpoint of another task), ``patch_embed_size``, ``patch_size``, ``primus_spec`` and
-    ``architecture_id``.
+    loading an nnU-Net checkpoint of another task), ``peft_defaults`` (a transformer's: LoRA on q and v),
+    ``patch_embed_size``, ``patch_size``, ``primus_spec`` and ``architecture_id``.
 
     Returns:
         ``net``.
     """
     net.head_prefixes = HEAD_PREFIXES
+    net.peft_defaults = PEFT_DEFAULTS
     net.label_layer_prefixes = (f"up_projection.decode.{len(net.up_projection.decode) - 1}",)
     net.patch_embed_size = tuple(spec.patch_embed_size)
     net.patch_size = tuple(int(p) for p in patch)

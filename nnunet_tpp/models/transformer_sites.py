@@ -12,10 +12,10 @@ the description names, so no method knows one backbone's attributes or copies it
   (``attn.norm``) and whose fused ``attn.qkv`` holds per head ``[q (key_dim), k (key_dim), v (d)]``, an MLP with its
   own norm (``mlp.norm``); no prefix tokens and no single token stream (windows, stages of other widths).
 
-Another transformer (for example Primus, ``dynamic_network_architectures.architectures.primus``: ``eva.blocks.N``
-with separate ``attn.q_proj`` / ``k_proj`` / ``v_proj``, a SwiGLU MLP ``mlp.fc1_g`` / ``mlp.fc1_x`` -> ``mlp.fc2``
-with ``mlp.norm``, rotary positions) needs one describer, registered with :func:`register_transformer` under its
-class's qualified name (so nothing is imported before such a model exists).
+Another transformer needs one describer, registered with :func:`register_transformer` under its class's qualified
+name (so nothing is imported before such a model exists): nnU-Net's 3-D Primus is described in
+:mod:`nnunet_tpp.models.primus_sites` (``eva.blocks.N`` with separate ``attn.q_proj`` / ``k_proj`` / ``v_proj``, a
+SwiGLU MLP, rotary positions).
 """
 from __future__ import annotations
 
@@ -82,6 +82,16 @@ class TransformerDescription:
         patch_size, in_chans: the patch side and the image channels.
         token_state: the attribute holding the ``masked`` / ``mask_token`` / ``keep`` arguments during a forward pass
             (masked-token and kept-patch training), or None.
+        spatial_dims: 2 (images) or 3 (volumes: ``patch_size`` is then the side of a cubic patch).
+        prompt_fan_in: the fan-in of VPT's Xavier-style prompt initialisation, or None for the official
+            ``3 x patch_size^2`` (an RGB patch).
+        rotary_prefix: modules (attention layers) whose ``num_prefix_tokens`` counts the leading tokens that their
+            rotary position embedding leaves unrotated; a method that puts tokens without a position into the
+            stream (VPT's prompts) adds its tokens to that count. Empty for transformers without rotary positions.
+        token_head: the module whose input is the final token grid ``(B, width, *grid)`` (channels first), e.g. a
+            decoder from tokens to voxels; with ``patch_embed`` returning that layout too, pretext stages swap
+            tokens after the embedding and read them before this module (:mod:`nnunet_tpp.pretext.masked_tokens`).
+            None: not known.
     """
 
     name: str
@@ -100,6 +110,10 @@ class TransformerDescription:
     patch_size: int
     in_chans: int
     token_state: str | None = None
+    spatial_dims: int = 2
+    prompt_fan_in: int | None = None
+    rotary_prefix: tuple[str, ...] = ()
+    token_head: str | None = None
 
     def block_part(self, index: int, part: str) -> str:
         """The name of ``part`` (relative to a block) of block ``index``."""

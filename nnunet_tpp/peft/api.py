@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS as TRANSFORMER_PEFT_DEFAULTS, description_of
 from nnunet_tpp.peft.fingerprint import backbone_fingerprint, check_identity
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method
 
@@ -69,7 +70,8 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
         method: a name from :func:`nnunet_tpp.peft.methods`.
         **options: the method's options (see its options dataclass); unknown ones raise. Options not given
             come from ``model.peft_defaults[method]`` when the model has such defaults (a ViT's LoRA adapts
-            q and v, an STU-Net's LoRA its convolutions), else from the dataclass.
+            q and v, an STU-Net's LoRA its convolutions); a described transformer without such defaults (a bare
+            Primus) gets the transformers' defaults (LoRA on q and v); else the dataclass's.
     Returns:
         ``model``, with ``model.peft_config`` set.
     """
@@ -78,7 +80,10 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
     if getattr(model, "peft_config", None) is not None:
         raise PeftError(f"this model already has PEFT method {model.peft_config.method!r}; build a fresh model")
     entry = get_method(method)
-    options = {**getattr(model, "peft_defaults", {}).get(method, {}), **options}
+    defaults = getattr(model, "peft_defaults", None)
+    if defaults is None:
+        defaults = TRANSFORMER_PEFT_DEFAULTS if description_of(model) is not None else {}
+    options = {**defaults.get(method, {}), **options}
     opts = entry.parse_options(options)
     entry.inject(model, opts)
     model.peft_config = PeftConfig(method, dataclasses.asdict(opts), trained_modules=entry.trained_modules(model, opts),

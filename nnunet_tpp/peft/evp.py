@@ -162,7 +162,14 @@ class EVPMethod(PeftMethod):
 
     def inject(self, model: nn.Module, opts: EVPOptions) -> None:
         """Adds an :class:`EVPTuner` (``tuner``) to every transformer and hooks it to the patch embedding and blocks."""
-        for _, net, d in transformers(model, self.name, token_stream=True):
+        found = transformers(model, self.name, token_stream=True)
+        volumes = [d.name for _, _, d in found if d.spatial_dims != 2]
+        if volumes:
+            raise PeftError(f"evp works on 2-D images (its handcrafted features are a 2-D FFT's high frequencies, "
+                            f"patch-embedded by a 2-D convolution), and {volumes[0]} is a {found[0][2].spatial_dims}-D "
+                            f"transformer: use lora, adapter, adaptformer, ssf, vpt, dtl, apla, partial, bitfit, "
+                            f"linear_probe or full on it")
+        for _, net, d in found:
             state = getattr(net, d.token_state) if d.token_state else None
             tuner = EVPTuner(d.widths[0], len(d.blocks), d.in_chans, d.patch_size, int(opts.scale_factor),
                              float(opts.mask_rate), opts.embedding_input, d.prefix_tokens, state)

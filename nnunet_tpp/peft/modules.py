@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from nnunet_tpp.models.sites import BLOCK, SHORTCUT, UPSAMPLE, ConvSite, NoDescriptionError, describe
+from nnunet_tpp.models import primus_sites  # noqa: F401  (registers Primus's transformer description)
 from nnunet_tpp.models.transformer_sites import TransformerDescription, find_transformers
 from nnunet_tpp.peft.registry import PeftError
 
@@ -150,7 +151,8 @@ def transformers(model: nn.Module, method: str, token_stream: bool = False
     """
     found = list(find_transformers(model))
     if not found:
-        raise PeftError(f"PEFT method {method!r} adapts Vision Transformers (timm's ViT, LiteMedSAM's TinyViT), and "
+        raise PeftError(f"PEFT method {method!r} adapts Vision Transformers (timm's ViT, LiteMedSAM's TinyViT, "
+                        f"nnU-Net's Primus), and "
                         f"{type(model).__name__} has none inside; for convolutional networks (STU-Net) use "
                         f"conv_adapter, lora (convolutions), bitfit, linear_probe or full")
     for _, _, description in found:

@@ -10,7 +10,9 @@ beta ~ N(0, 0.02). Each adapted layer keeps its class, parameters and names and 
 (its class becomes a subclass whose forward scales and shifts the output of the original forward).
 
 Mergeable: a scale and shift after a linear map fold into it, ``W' = diag(gamma) W``, ``b' = gamma b + beta``
-(norm affine parameters and convolutions the same way).
+(norm affine parameters and convolutions the same way). A place that is no single layer (PrimusV3's patch
+embedding: its conv stem's output is a sum of four convolutions) gets the scale and shift on the module's output all
+the same; such a model cannot merge (:meth:`SSFMethod.merge` says so before folding anything).
 """
 from __future__ import annotations
 
@@ -53,13 +55,17 @@ class _SSF:
         return out * self.ssf_scale.view(shape) + self.ssf_shift.view(shape)
 
 
-def add_ssf(module: nn.Module, std: float) -> None:
-    """Gives ``module`` (a linear layer, a norm or a convolution with a per-channel weight) its scale and shift."""
+def add_ssf(module: nn.Module, std: float, channels: int | None = None) -> None:
+    """Gives ``module`` (a linear layer, a norm or a convolution with a per-channel weight; or, with ``channels``,
+    any module whose output has those channels in dimension 1, which then cannot fold) its scale and shift."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, nn.Parameter):
-        raise PeftError(f"ssf: a {type(module).__name__} without an affine weight cannot carry a foldable scale and "
-                        f"shift")
-    channels = weight.shape[0]
+        if channels is None:
+            raise PeftError(f"ssf: a {type(module).__name__} without an affine weight cannot carry a foldable scale "
+                            f"and shift")
+        weight = next(module.parameters())
+    else:
+        channels = weight.shape[0]
     swap_class(module, _SSF)
     module.ssf_channel_dim = -1 if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
     module.ssf_scale = nn.Parameter(torch.empty(channels, device=weight.device, dtype=weight.dtype))
@@ -105,14 +111,22 @@ class SSFMethod(PeftMethod):
         """Adds a scale and shift to every place of every transformer's description."""
         for _, net, description in transformers(model, self.name):
             for name in ssf_places(description):
-                add_ssf(net.get_submodule(name), float(opts.init_std))
+                add_ssf(net.get_submodule(name), float(opts.init_std),
+                        description.widths[0] if name == description.patch_embed_out else None)
 
     def is_target(self, name: str) -> bool:
         """The scales and shifts."""
         return name.endswith(".ssf_scale") or name.endswith(".ssf_shift")
 
     def merge(self, model: nn.Module, opts) -> None:
-        """Folds every scale and shift into the layer before it."""
+        """Folds every scale and shift into the layer before it; raises :class:`PeftError` (nothing folded) when one
+        follows a module that is no single layer."""
+        loose = [n for n, m in model.named_modules()
+                 if isinstance(m, _SSF) and not isinstance(m._parameters.get("weight"), nn.Parameter)]
+        if loose:
+            raise PeftError(f"ssf cannot be merged into this model: the scale and shift after {loose[0]} (a "
+                            f"{type(model.get_submodule(loose[0])).__name__}, e.g. PrimusV3's conv stem, whose output "
+                            f"is a sum of convolutions) fold into no single layer; run it unmerged")
         for module in list(model.modules()):
             if isinstance(module, _SSF):
                 fold_ssf(module)

@@ -11,6 +11,12 @@ earlier blocks still carry them between the prefix and the patch tokens). The pr
 submodule ``tuner``; forward pre-hooks on the described blocks insert / replace them, a forward hook on the last
 block removes them. Not mergeable.
 
+Under rotary position embeddings (nnU-Net's Primus: EVA blocks), the prompts are not rotated: they join the
+transformer's unrotated prefix tokens (the description's ``rotary_prefix`` attention layers count them in
+``num_prefix_tokens``), the counterpart of the official prompts, which are concatenated after the position
+embedding was added and so carry no position. On a 3-D transformer the initialisation bound uses the description's
+``prompt_fan_in`` (Primus: channels x 8^3) in place of the official RGB patch's 3 p^2.
+
 Defaults: **10 deep prompts** (VPT-Deep), dropout 0. This differs from the official default configuration
 (``src/configs/config.py`` with ``configs/base-prompt.yaml``: ``NUM_TOKENS`` 5, ``DEEP`` False, i.e. VPT-Shallow
 with 5 prompts, ``DROPOUT`` 0.0); the paper tunes the prompt length per dataset (1 to 200) and reports
@@ -58,9 +64,9 @@ class VPTOptions:
 class VPTTuner(nn.Module):
     """The prompt tokens of one transformer: ``prompts`` is (layers, length, D), layers = depth (deep) or 1."""
 
-    def __init__(self, layers: int, length: int, dim: int, patch_size: int, dropout: float, prefix: int):
+    def __init__(self, layers: int, length: int, dim: int, fan_in: int, dropout: float, prefix: int):
         super().__init__()
-        bound = math.sqrt(6.0 / (3 * patch_size * patch_size + dim))
+        bound = math.sqrt(6.0 / (fan_in + dim))
         self.prompts = nn.Parameter(torch.empty(layers, length, dim).uniform_(-bound, bound))
         self.dropout = nn.Dropout(dropout)
         self.length, self.prefix = length, prefix
@@ -99,8 +105,12 @@ class VPTMethod(PeftMethod):
         """Adds a :class:`VPTTuner` (``tuner``) to every transformer and hooks it to the blocks."""
         for _, net, description in transformers(model, self.name, token_stream=True):
             depth = len(description.blocks)
-            tuner = VPTTuner(depth if opts.deep else 1, int(opts.length), description.widths[0],
-                             description.patch_size, float(opts.dropout), description.prefix_tokens)
+            fan_in = description.prompt_fan_in or 3 * description.patch_size ** 2
+            tuner = VPTTuner(depth if opts.deep else 1, int(opts.length), description.widths[0], fan_in,
+                             float(opts.dropout), description.prefix_tokens)
+            for name in description.rotary_prefix:  # prompts carry no position: leave them unrotated
+                attention = net.get_submodule(name)
+                attention.num_prefix_tokens = int(attention.num_prefix_tokens) + int(opts.length)
             like = next(net.parameters())
             attach(net, "tuner", tuner.to(like.device, like.dtype), self.name)
             blocks = [net.get_submodule(name) for name in description.blocks]

@@ -2,8 +2,8 @@
 have learned it? Written by the stage itself (``pretext_control: true``) as ``tpp_target_check.json``.
 
 After the full stage (target parameters and head train) the same stage is run again from the same initial target
-parameters with those *frozen*: only the head (DINO's projection head, or the masked reconstruction's output layer)
-trains, with the same steps, learning rates and views (the *head-only control*). Then one fixed evaluation set --
+parameters with those *frozen*: only the head (DINO's projection head, or the masked reconstruction's output layer,
+with its mask token on Primus) trains, with the same steps, learning rates and views (the *head-only control*). Then one fixed evaluation set --
 views (and masks) of training cases the stages did not draw -- gives three losses:
 
 * ``loss_trained``: the full stage's network and head (its result);

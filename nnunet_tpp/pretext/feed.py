@@ -117,3 +117,14 @@ def calibration_batches(sample, count: int, batch_size: int, rank: int, world_si
     while seen < max(1, count):
         yield sample(batch_size)
         seen += batch_size
+
+
+@contextlib.contextmanager
+def step_random(seed: int, step: int, device: torch.device):
+    """Torch's random state (CPU, and ``device``'s on CUDA) set from ``(seed, step)`` for the block and restored
+    after it: a training step's randomness (stochastic depth) is the same in a resumed stage."""
+    cuda = device.type == "cuda"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed) * 1_000_003 + int(step))
+        yield

@@ -23,6 +23,11 @@ fed the decoder's highest-resolution features through a forward hook, deep super
 views are crops of the training cases of the plan's patch size (nnssl: its own 160^3 pre-training patch) with
 mirroring only (no rotation / scaling), and blocks at most the view per axis.
 
+On a 3-D token network (nnU-Net's Primus, found through its transformer description) the same stage runs nnssl's
+SimMIM recipe for Primus instead: :mod:`nnunet_tpp.pretext.masked_tokens` (mask token, token-sized blocks, AdamW;
+:meth:`MaskedConfig.for_network`). Each step's random state (stochastic depth) is fixed by the step
+(:func:`~nnunet_tpp.pretext.feed.step_random`), so a resumed stage equals an uninterrupted one.
+
 Under ``torch.distributed`` each rank reconstructs its share of the batch and gradients are averaged over ranks
 (what nnssl's DDP does), so the target parameters and the output layer stay identical on every rank; only rank 0
 writes files and logs.
@@ -42,7 +47,7 @@ from nnunet_tpp import peft
 from nnunet_tpp.pretext.dino import PretextSettingsError
 from nnunet_tpp.pretext.distributed import (all_reduce_sum, average_gradients, broadcast_module, is_main, shard,
                                              world)
-from nnunet_tpp.pretext.feed import stage_batches
+from nnunet_tpp.pretext.feed import stage_batches, step_random
 from nnunet_tpp.pretext.optim import CLIP_MODES, clip_gradients, weight_decay_groups
 from nnunet_tpp.pretext.plots import plot_masked, write_diagnostics
 from nnunet_tpp.pretext.targets import PretextSchedule, check_state, read_state, save_state, stage_settings
@@ -66,6 +71,16 @@ class MaskedConfig:
             or per parameter.
         normalize_output_input: an instance norm (affine) before the output convolution (not in nnssl, whose
             ResEnc decoder ends in conv-norm-nonlinearity; see :class:`Reconstruction`).
+        betas: AdamW's (nnssl's Primus trainers 0.9 / 0.98).
+        decay_all: AdamW's weight decay on every trained parameter (nnssl's Primus trainers) instead of all but
+            biases and 1-D parameters.
+        warmup_share: the share of the stage's epochs (rounded down) over which the learning rate first rises
+            linearly (nnssl's Primus trainers: 50 of 1000 epochs); the polynomial decay follows.
+        token_output: on a token network (Primus): the output layer, ``patch_decode`` (nnssl) or ``linear``
+            (:mod:`nnunet_tpp.pretext.masked_tokens`).
+
+    :meth:`for_network` gives a network's defaults: the above for a CNN U-Net (nnssl's ``BaseMAETrainer``), nnssl's
+    ``SimMIMEvaTrainer`` for a token network (Primus).
     """
 
     mask_ratio: float = 0.75
@@ -78,6 +93,23 @@ class MaskedConfig:
     grad_clip: float = 12.0
     clip: str = "global"
     normalize_output_input: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    decay_all: bool = False
+    warmup_share: float = 0.0
+    token_output: str = "patch_decode"
+
+    @classmethod
+    def for_network(cls, network: nn.Module, **overrides) -> "MaskedConfig":
+        """The defaults for ``network`` with ``overrides`` (fields) applied: a token network (Primus,
+        :func:`~nnunet_tpp.pretext.masked_tokens.token_sites`) gets nnssl's ``SimMIMEvaTrainer`` recipe (mask blocks
+        of one token, AdamW lr 3e-4, betas 0.9 / 0.98, weight decay 5e-2 on every parameter, 5 % linear warm-up,
+        gradient norm clipped at 1); any other network the class defaults (``BaseMAETrainer``)."""
+        from nnunet_tpp.pretext.masked_tokens import token_sites
+        sites = token_sites(peft.unwrap(network))
+        base = {} if sites is None else {"block_size": sites.patch, "optimizer": "adamw", "lr": 3e-4,
+                                         "weight_decay": 5e-2, "betas": (0.9, 0.98), "decay_all": True,
+                                         "warmup_share": 0.05, "grad_clip": 1.0}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def validate(self) -> None:
         """Raises :class:`PretextSettingsError` for settings that cannot train."""
@@ -90,10 +122,21 @@ class MaskedConfig:
             raise PretextSettingsError(f"clip must be one of {', '.join(CLIP_MODES)}, got {self.clip!r}")
         if not 0 < self.mask_ratio < 1 or self.block_size < 1 or not self.grad_clip > 0:
             raise PretextSettingsError("need 0 < mask_ratio < 1, block_size >= 1 and grad_clip > 0")
+        if not 0 <= self.warmup_share < 1:
+            raise PretextSettingsError(f"warmup_share must lie in [0, 1), got {self.warmup_share}")
+        from nnunet_tpp.pretext.masked_tokens import TOKEN_OUTPUTS
+        if self.token_output not in TOKEN_OUTPUTS:
+            raise PretextSettingsError(f"token_output must be one of {', '.join(TOKEN_OUTPUTS)}, "
+                                       f"got {self.token_output!r}")
 
     def lr_at(self, epoch: int, epochs: int) -> float:
-        """nnU-Net's polynomial decay at ``epoch`` (from 0) of ``epochs``."""
-        return self.lr * (1 - epoch / epochs) ** self.poly_exponent
+        """The learning rate of ``epoch`` (from 0) of ``epochs``: over the first ``int(warmup_share * epochs)``
+        epochs ``lr * (epoch + 1) / warm-up`` (nnssl's ``Lin_incr_LRScheduler``), then nnU-Net's polynomial decay
+        over the rest (``PolyLRScheduler_offset``)."""
+        warm = int(self.warmup_share * epochs)
+        if epoch < warm:
+            return self.lr * (epoch + 1) / warm
+        return self.lr * (1 - (epoch - warm) / (epochs - warm)) ** self.poly_exponent
 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -159,16 +202,30 @@ class Reconstruction(nn.Module):
             if supervised is not None:
                 decoder.deep_supervision = supervised
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The reconstruction of ``x`` (call inside :meth:`attached`)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The reconstruction of ``x`` (call inside :meth:`attached`; the mask, already applied to ``x``, is not
+        needed)."""
         return self.network(x)
+
+
+def reconstruction(network: nn.Module, cfg: MaskedConfig) -> nn.Module:
+    """The reconstruction model of ``network``: :class:`~nnunet_tpp.pretext.masked_tokens.TokenReconstruction` for
+    a token network (Primus), :class:`Reconstruction` for a CNN U-Net. Its own parameters (output layer, mask
+    token) are those outside ``network.``."""
+    from nnunet_tpp.pretext.masked_tokens import TokenReconstruction, token_sites
+    sites = token_sites(network)
+    if sites is not None:
+        return TokenReconstruction(network, sites, cfg.token_output)
+    return Reconstruction(network, cfg.normalize_output_input)
 
 
 def _optimizer(cfg: MaskedConfig, named: list) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD([p for _, p in named], cfg.lr, momentum=cfg.momentum, nesterov=True,
                                weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(weight_decay_groups(named, cfg.weight_decay), lr=cfg.lr)
+    groups = ([{"params": [p for _, p in named], "weight_decay": cfg.weight_decay}] if cfg.decay_all else
+              weight_decay_groups(named, cfg.weight_decay))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
 def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg: MaskedConfig, device: torch.device,
@@ -223,7 +280,7 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = Reconstruction(net, cfg.normalize_output_input).to(device)
+            model = reconstruction(net, cfg).to(device)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         optimizer = _optimizer(cfg, named)
@@ -249,18 +306,19 @@ def run_masked_stage(network: nn.Module, source, schedule: PretextSchedule, cfg:
                     group["lr"] = lr
                 sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, predicting-0 loss, steps
                 steps = range(epoch * ipe, (epoch + 1) * ipe)
-                for views, masks in stage_batches(source, steps, indices, workers):
+                for step, (views, masks) in zip(steps, stage_batches(source, steps, indices, workers)):
                     x = views.to(device, non_blocking=True)
                     m = masks.to(device, non_blocking=True)
-                    with torch.autocast(device.type, enabled=cuda):
-                        prediction = run(x * m)
-                    loss = masked_mse(prediction.float(), x, m)
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
+                    with step_random(seed, step, device):  # stochastic depth: the same after a resume
+                        with torch.autocast(device.type, enabled=cuda):
+                            prediction = run(x * m, m)
+                        loss = masked_mse(prediction.float(), x, m)
+                        optimizer.zero_grad(set_to_none=True)
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                            scaler.unscale_(optimizer)
+                        else:
+                            loss.backward()
                     average_gradients(params)
                     clip_gradients(params, cfg.grad_clip, cfg.clip)
                     if scaler is not None:
@@ -312,16 +370,19 @@ def masked_eval_loss(network: nn.Module, state: dict, batches: list, device: tor
         Squared error over all masked voxels of all batches, divided by their number.
     """
     net = peft.unwrap(network)
-    model = Reconstruction(net, (cfg or MaskedConfig()).normalize_output_input).to(device)
-    model.output.load_state_dict({k[len("output."):]: v for k, v in state["student"].items()
-                                  if k.startswith("output.")})
+    model = reconstruction(net, cfg or MaskedConfig.for_network(net)).to(device)
+    own = {k: v for k, v in state["student"].items() if not k.startswith("network.")}
+    missing = {k for k, _ in model.named_parameters() if not k.startswith("network.")} - set(own)
+    if missing:
+        raise KeyError(f"the stage state lacks {sorted(missing)}")
+    model.load_state_dict(own, strict=False)
     model.eval()
     total, count = 0.0, 0.0
     with model.attached():
         for views, masks in batches:
             x, m = views.to(device), masks.to(device)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
-                prediction = model(x * m)
+                prediction = model(x * m, m)
             hidden = float((1 - m).sum())
             total += float(masked_mse(prediction.float(), x, m)) * hidden
             count += hidden

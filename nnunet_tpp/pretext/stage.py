@@ -48,7 +48,7 @@ from nnunet_tpp.pretext.dino import (CollapseMeter, DINOConfig, DINOHead, DINOLo
                                      cosine_schedule, ema_update, teacher_temperature)
 from nnunet_tpp.pretext.distributed import (all_reduce_sum, average_gradients, broadcast_module, is_main, shard,
                                              world)
-from nnunet_tpp.pretext.feed import calibration_batches, stage_batches
+from nnunet_tpp.pretext.feed import calibration_batches, stage_batches, step_random
 from nnunet_tpp.pretext.optim import clip_gradients, set_weight_decay, weight_decay_groups
 from nnunet_tpp.pretext.plots import plot_losses, plot_progress, write_diagnostics  # noqa: F401  (re-exported)
 from nnunet_tpp.pretext.targets import (STATE_FORMAT, STATE_WHAT, TARGET_FORMAT,  # noqa: F401  (re-exported)
@@ -138,10 +138,24 @@ def set_teacher_mode(teacher: nn.Module, mode: str) -> nn.Module:
     return teacher
 
 
+def network_embedding(net: nn.Module, stages: tuple[int, ...], size=None) -> nn.Module:
+    """DINO's embedding of ``net``: the mean of the patch tokens of a token network (Primus,
+    :class:`~nnunet_tpp.pretext.token_embedding.TokenEmbedding`; ``size``: the input it was built for, required),
+    else the pooled encoder ``stages`` of a CNN U-Net (:class:`EncoderEmbedding`)."""
+    from nnunet_tpp.pretext.masked_tokens import token_sites
+    from nnunet_tpp.pretext.token_embedding import TokenEmbedding
+    sites = token_sites(net)
+    if sites is None:
+        return EncoderEmbedding(net, stages)
+    if size is None:
+        raise PretextSettingsError(f"DINO on {type(net).__name__} needs the input size it was built for (its patch)")
+    return TokenEmbedding(net, sites, size)
+
+
 def build_student(net: nn.Module, cfg: DINOConfig, schedule: PretextSchedule,
                   embedding: nn.Module | None = None) -> DINOStudent:
     """The stage's student: ``embedding`` (default: the pooled encoder stages of ``net``) and a fresh DINO head."""
-    embedding = embedding if embedding is not None else EncoderEmbedding(net, schedule.feature_stages)
+    embedding = embedding if embedding is not None else network_embedding(net, schedule.feature_stages)
     head = DINOHead(embedding.dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_input_norm,
                     cfg.norm_momentum)
     return DINOStudent(embedding, head)
@@ -244,17 +258,18 @@ def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: D
                 n_global, n_views = len(globals_), len(globals_) + len(locals_)
                 g = torch.cat(globals_).to(device, non_blocking=True)
                 loc = torch.cat(locals_).to(device, non_blocking=True) if locals_ else None
-                with torch.autocast(device.type, enabled=cuda):
-                    with torch.no_grad():
-                        teacher_out = run_teacher(g).float().chunk(n_global)
-                    student_out = run_student(g, loc).float().chunk(n_views)
-                    loss = loss_fn(list(student_out), list(teacher_out), temp)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
+                with step_random(seed, step, device):  # stochastic depth (Primus): the same after a resume
+                    with torch.autocast(device.type, enabled=cuda):
+                        with torch.no_grad():
+                            teacher_out = run_teacher(g).float().chunk(n_global)
+                        student_out = run_student(g, loc).float().chunk(n_views)
+                        loss = loss_fn(list(student_out), list(teacher_out), temp)
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
                 average_gradients(params)
                 clip_gradients(params, schedule.grad_clip, cfg.clip)
                 if epoch < cfg.freeze_last_layer:

@@ -15,8 +15,10 @@ optimisation of nnU-Net's Primus trainers:
   (:func:`nnunet_tpp.models.primus.set_activation_checkpointing`); the CNN memory paths (lean norm/activation) have
   nothing to act on in a transformer.
 
-Which methods exist on Primus is :data:`PRIMUS_METHODS` (full fine-tuning and the decoder-only probe now; the
-transformer PEFT methods join once a transformer description says where they attach).
+Which methods have Primus trainers is :data:`PRIMUS_METHODS`: full fine-tuning, the decoder-only probe, LoRA (q and
+v of every EVA block, :func:`nnunet_tpp.trainers.recipe.backbone_peft_defaults`) and Houlsby adapters
+(``AdapterTrainer_Primus_*``; where each method attaches on Primus: :mod:`nnunet_tpp.models.primus_sites`). They all
+take the optimisation above: nnU-Net's pretrained Primus trainer has no PEFT variant to copy other defaults from.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunet_tpp.models.lean import MemoryPaths
 from nnunet_tpp.models.primus import set_activation_checkpointing
 from nnunet_tpp.trainers.base import PLANS_KEY, build_network
-from nnunet_tpp.trainers.recipe import ENV_RECIPE, read_recipe_file, resolve_recipe
+from nnunet_tpp.trainers.recipe import ENV_RECIPE, PRIMUS_METHODS, read_recipe_file, resolve_recipe  # noqa: F401
 
 PRETRAINED_LR = 1e-4
 SCRATCH_LR = 3e-4
@@ -39,7 +41,6 @@ WARMUP_EPOCHS = 50
 GRAD_CLIP = 1.0
 ENV_WARMUP = "NNUNET_TPP_WARMUP_EPOCHS"
 CHECKPOINTING = "eva_checkpointing"
-PRIMUS_METHODS = ("full", "linear_probe")
 
 
 def primus_network_spec(spec: dict) -> dict:

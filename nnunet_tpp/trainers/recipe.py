@@ -69,8 +69,9 @@ class TrainerRecipe:
         pretext_keep: (DINO) whose target parameters the stage leaves: ``teacher`` (default) or ``student``.
         pretext_teacher_mode: (DINO) ``train`` (official) or ``eval``.
         pretext_clip: (DINO) gradient clipping ``per_parameter`` (official) or ``global``.
-        pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (16).
-        pretext_optimizer: (mae) ``sgd`` (nnssl) or ``adamw``.
+        pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (None:
+            16 on a CNN U-Net, one token (8) on Primus, as nnssl).
+        pretext_optimizer: (mae) ``sgd`` or ``adamw`` (None: nnssl's, SGD on a CNN U-Net, AdamW on Primus).
         lean_backward: the exact lean norm/activation memory path of :mod:`nnunet_tpp.models.lean` (norm +
             LeakyReLU (+ residual sum) keep only their output); it acts only where the backbone is frozen.
         activation_checkpointing: ``off``, ``on`` or ``auto`` (on when the estimated training peak does not fit
@@ -103,8 +104,8 @@ class TrainerRecipe:
     pretext_teacher_mode: str = "train"
     pretext_clip: str = "per_parameter"
     pretext_mask_ratio: float = 0.75
-    pretext_mask_block: int = 16
-    pretext_optimizer: str = "sgd"
+    pretext_mask_block: int | None = None
+    pretext_optimizer: str | None = None
     lean_backward: bool = True
     activation_checkpointing: str = "off"
 
@@ -129,7 +130,8 @@ class TrainerRecipe:
     def network_spec(self) -> dict[str, Any]:
         """What the network is built from (stored in the plans, so nnUNetv2_predict rebuilds it): the backbone,
         the PEFT method with its resolved options, and the memory paths."""
-        opts = dataclasses.asdict(get_method(self.method).parse_options(self.options))
+        opts = dataclasses.asdict(get_method(self.method).parse_options(
+            {**backbone_peft_defaults(self.size).get(self.method, {}), **self.options}))
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
         return {"size": self.size, "method": self.method, "options": opts,
                 "memory": {"lean_backward": self.lean_backward,
@@ -137,16 +139,27 @@ class TrainerRecipe:
 
 
 TPP_PREFIX = "TPP"
+PRIMUS_METHODS = ("full", "linear_probe", "lora", "adapter")  # the methods with Primus trainers
+
+
+def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
+    """The method options a backbone takes when the recipe gives none: a Primus (a transformer) those of the
+    transformer descriptions (LoRA on q and v, as the LoRA paper); an STU-Net / nnU-Net network none (the dataclasses'
+    own: LoRA on every block convolution)."""
+    from nnunet_tpp.models.primus import is_primus_backbone
+    from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
+    return PEFT_DEFAULTS if is_primus_backbone(key) else {}
 
 
 @lru_cache(maxsize=1)
 def _family_defaults() -> dict[str, dict[str, Any]]:
     """The packaged families, plus a ``TPP<family>`` (a pretext stage first) for every family whose method adds
-    parameters: TPP wraps the registry, not one method."""
+    parameters to a CNN U-Net or to Primus (:data:`PRIMUS_METHODS`): TPP wraps the registry, not one method."""
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
-        if get_method(fields["method"]).adds_parameters:
+        method = get_method(fields["method"])
+        if method.adds_parameters and ("STUNet" in method.models or fields["method"] in PRIMUS_METHODS):
             families[TPP_PREFIX + family] = {**fields, "tpp": True}
     return families
 
@@ -190,7 +203,9 @@ def _families_running(method: str, tpp) -> str:
     families = _family_defaults()
     hits = sorted(f for f, d in families.items() if d["method"] == method and bool(d.get("tpp")) == bool(tpp))
     if hits:
-        return f"use {' or '.join(hits)} (with a backbone suffix: _S, _B, _L, _H or _nnUNet)"
+        suffixes = "_S, _B, _L, _H or _nnUNet" if "STUNet" in get_method(method).models else \
+            "_Primus_S ... _Primus_L, _PrimusV3_S ... _PrimusV3_L or _Primus"
+        return f"use {' or '.join(hits)} (with a backbone suffix: {suffixes})"
     known = ", ".join(sorted({d["method"] for d in families.values()}))
     return f"no nnU-Net trainer runs {method!r}; the trainers' methods are {known} (`nnunet-tpp trainers`)"
 

@@ -34,9 +34,10 @@ from nnunet_tpp.pretext.dino import DINOConfig, PretextSettingsError
 from nnunet_tpp.pretext.distributed import barrier, is_main
 from nnunet_tpp.pretext.feed import default_workers, fixed_set
 from nnunet_tpp.pretext.masked import MaskedConfig
+from nnunet_tpp.pretext.masked_tokens import token_sites
 from nnunet_tpp.pretext.masked_views import MaskedViewSampler, check_mask_settings
-from nnunet_tpp.pretext.stage import (EncoderEmbedding, PretextSchedule, TargetParameterError, check_file_identity,
-                                      check_state, load_target_parameters, read_state,
+from nnunet_tpp.pretext.stage import (PretextSchedule, TargetParameterError, check_file_identity, check_state,
+                                      load_target_parameters, network_embedding, read_state,
                                       read_target_parameters, save_target_parameters, stage_settings)
 from nnunet_tpp.trainers.base import ENV_TARGET_PARAMETERS, PeftTrainer
 
@@ -232,14 +233,21 @@ class TPPTrainer(PeftTrainer):
             return self._checked_pretext_setup
         r = self.recipe
         net = peft.unwrap(self.network)
-        pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
-        divisor = [int(v) for v in np.prod(np.array(pools), axis=0)]
         patch = tuple(int(p) for p in self.configuration_manager.patch_size)
         pretext = r.pretext
+        tokens = token_sites(net)
+        if tokens is not None:  # a token network (Primus) takes exactly the input it was built for
+            divisor = [tokens.patch] * len(patch)
+            if r.pretext_view_size and tuple(int(v) for v in r.pretext_view_size) != patch:
+                raise PretextSettingsError(f"{type(net).__name__} takes only its patch {list(patch)}: remove "
+                                           f"pretext_view_size {list(r.pretext_view_size)} from the recipe")
+        else:
+            pools = getattr(net, "pool_op_kernel_sizes", None) or self.configuration_manager.pool_op_kernel_sizes
+            divisor = [int(v) for v in np.prod(np.array(pools), axis=0)]
         if r.pretext_view_size:
             view = tuple(int(v) for v in r.pretext_view_size)
         else:
-            view = default_view_size(patch, divisor) if pretext == "dino" else patch
+            view = default_view_size(patch, divisor) if pretext == "dino" and tokens is None else patch
         batch = int(r.pretext_batch_size) if r.pretext_batch_size is not None else DEFAULT_BATCH[pretext]
         schedule = PretextSchedule(epochs=int(r.pretext_epochs),
                                    iterations_per_epoch=int(r.pretext_iterations_per_epoch),
@@ -252,13 +260,18 @@ class TPPTrainer(PeftTrainer):
                              warmup_teacher_temp=temp, teacher_mode=str(r.pretext_teacher_mode),
                              clip=str(r.pretext_clip), **({} if r.pretext_lr is None else {"lr": float(r.pretext_lr)}))
             cfg.validate(schedule.batch_size)
-            EncoderEmbedding(net, schedule.feature_stages)  # stages the network has (raises PretextSettingsError)
+            network_embedding(net, schedule.feature_stages, view)  # stages it has (raises PretextSettingsError)
         else:
-            cfg = MaskedConfig(mask_ratio=float(r.pretext_mask_ratio), block_size=int(r.pretext_mask_block),
-                               optimizer=str(r.pretext_optimizer),
-                               **({} if r.pretext_lr is None else {"lr": float(r.pretext_lr)}))
+            cfg = MaskedConfig.for_network(
+                net, mask_ratio=float(r.pretext_mask_ratio), lr=None if r.pretext_lr is None else float(r.pretext_lr),
+                block_size=None if r.pretext_mask_block is None else int(r.pretext_mask_block),
+                optimizer=None if r.pretext_optimizer is None else str(r.pretext_optimizer))
             cfg.validate()
             check_mask_settings(cfg.mask_ratio, cfg.block_size, view)
+            if tokens is not None and cfg.block_size % tokens.patch:
+                raise PretextSettingsError(f"pretext_mask_block {cfg.block_size} does not cover whole "
+                                           f"{tokens.patch}-voxel tokens of {type(net).__name__}: give a multiple "
+                                           f"of {tokens.patch} (or leave it out: one token, as nnssl)")
         train_keys, _ = self.do_split()
         stage_keys, eval_keys = list(train_keys), []
         if r.pretext_control:
@@ -275,7 +288,8 @@ class TPPTrainer(PeftTrainer):
         if check_cases and pretext == "dino":
             dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
             shapes = {k: tuple(dataset.load_case(k)[0].shape[1:]) for k in train_keys}
-        check_views(view, divisor, shapes, schedule.batch_size)
+        # (a token network's view is its patch, which it was built for: one token per axis is enough)
+        check_views(view, divisor if tokens is None else [1] * len(view), shapes, schedule.batch_size)
         workers = int(r.pretext_workers) if r.pretext_workers is not None else default_workers()
         setup = PretextPlan(pretext, schedule, cfg, view, divisor, stage_keys, eval_keys, workers)
         if check_cases:
@@ -311,7 +325,7 @@ class TPPTrainer(PeftTrainer):
         targets = peft.target_parameters(net)
         schedule = plan.schedule
         if plan.pretext == "dino":
-            reached = EncoderEmbedding(net, schedule.feature_stages).reached(targets)
+            reached = self.pretext_embedding(plan).reached(targets)
             overlap = source.global_overlap()
             what = (f"DINO pretext stage on {len(plan.stage_keys)} training cases: views {source.cfg.n_global} x "
                     f"{list(source.global_size)} + {source.cfg.n_local} x {list(source.local_size)} from one region "
@@ -319,13 +333,18 @@ class TPPTrainer(PeftTrainer):
                     f"{100 * overlap['disjoint']:.0f} %); AdamW lr {plan.cfg.peak_lr(schedule.batch_size):g} -> "
                     f"{plan.cfg.min_lr:g}, teacher temperature {plan.cfg.teacher_temp:g}; training "
                     f"{sum(targets[n].numel() for n in reached)} of {sum(p.numel() for p in targets.values())} "
-                    f"target parameters (those in encoder stages <= {max(schedule.feature_stages)}) + DINO head; the "
-                    f"result is the {plan.cfg.keep}'s")
+                    + ("target parameters + DINO head on the mean patch token (views resized to the patch "
+                       f"{list(plan.view)})" if token_sites(net) is not None else
+                       f"target parameters (those in encoder stages <= {max(schedule.feature_stages)}) + DINO head")
+                    + f"; the result is the {plan.cfg.keep}'s")
         else:
+            tokens = token_sites(net) is not None
             what = (f"masked-reconstruction pretext stage on {len(plan.stage_keys)} training cases: views "
                     f"{list(plan.view)}, {100 * plan.cfg.mask_ratio:.0f} % of {plan.cfg.block_size}-voxel blocks "
-                    f"masked; {plan.cfg.optimizer.upper()} lr {plan.cfg.lr:g} (polynomial decay); training "
-                    f"{sum(p.numel() for p in targets.values())} target parameters + the output layer")
+                    f"masked{' (their tokens replaced by a learned mask token)' if tokens else ''}; "
+                    f"{plan.cfg.optimizer.upper()} lr {plan.cfg.lr:g} (polynomial decay); training "
+                    f"{sum(p.numel() for p in targets.values())} target parameters + the output layer"
+                    f"{' and the mask token' if tokens else ''}")
         self.print_to_log_file(
             f"TPP: {what}; {schedule.epochs} epochs x {schedule.iterations_per_epoch} iterations, batch "
             f"{schedule.batch_size}, {plan.workers} background worker(s); backbone frozen"
@@ -334,7 +353,7 @@ class TPPTrainer(PeftTrainer):
         run_stage(plan.pretext, self.network, source, schedule, plan.cfg, self.device, files["state"],
                   log=lambda m: self.print_to_log_file(m, also_print_to_console=True), plot_file=files["plot"],
                   diagnostics_file=files["diagnostics"], settings=self._stage_settings_extra(plan),
-                  workers=plan.workers, compile=self._do_i_compile())
+                  workers=plan.workers, compile=self._do_i_compile(), **self._embedding_kwargs(plan))
         if is_main():
             save_target_parameters(self.network, result_file, {"trainer_name": type(self).__name__,
                                                                "fold": self.fold, "pretext": plan.pretext})
@@ -357,7 +376,18 @@ class TPPTrainer(PeftTrainer):
                             initial["target_parameters"], files["state"], files["control_state"], files["check"],
                             log=lambda m: self.print_to_log_file(m, also_print_to_console=True),
                             settings=self._stage_settings_extra(plan), workers=plan.workers,
-                            compile=self._do_i_compile())
+                            compile=self._do_i_compile(), **self._embedding_kwargs(plan))
+
+    def pretext_embedding(self, plan: PretextPlan):
+        """DINO's embedding of this network (:func:`nnunet_tpp.pretext.stage.network_embedding`): pooled encoder
+        stages of a CNN U-Net, the mean patch token of Primus (views resized to its patch)."""
+        return network_embedding(peft.unwrap(self.network), plan.schedule.feature_stages, plan.view)
+
+    def _embedding_kwargs(self, plan: PretextPlan) -> dict:
+        """``{"embedding": ...}`` for DINO on a token network (Primus), else nothing (the stage's default)."""
+        if plan.pretext != "dino" or token_sites(peft.unwrap(self.network)) is None:
+            return {}
+        return {"embedding": self.pretext_embedding(plan)}
 
     def _keep_initial(self, path: str, state_file: str) -> None:
         """Writes the target parameters as they are before the stage (their initialisation) to ``path``, once; a

@@ -6,13 +6,17 @@
 ``LinearProbeTrainer_PrimusV3_S`` ... adapt nnU-Net's transformer Primus at the sizes nnU-Net's Primus trainers
 build, and ``..._Primus`` the Primus the plans describe (plans adopted from an nnssl checkpoint), with the
 optimisation of nnU-Net's Primus trainers (:mod:`nnunet_tpp.trainers.primus`); they exist for the families whose
-method runs on Primus (:data:`nnunet_tpp.trainers.primus.PRIMUS_METHODS`). The classes are generated from the
-recipe table, so adding a family is one line of YAML.
+method runs on Primus (:data:`nnunet_tpp.trainers.primus.PRIMUS_METHODS`), their TPP families included
+(``TPPLoRATrainer_Primus_M``, ``TPPAdapterTrainer_PrimusV3_S``: the masked-reconstruction stage on Primus,
+:mod:`nnunet_tpp.pretext.masked_tokens`). A family whose method adapts transformers only (``AdapterTrainer``,
+``TPPAdapterTrainer``) has Primus trainers only. The classes are generated from the recipe table, so adding a
+family is one line of YAML.
 """
 from __future__ import annotations
 
 from nnunet_tpp.models.primus import PLANS_BACKBONE, TRAINER_PRESETS
 from nnunet_tpp.models.stunet import SIZES
+from nnunet_tpp.peft import get_method
 from nnunet_tpp.trainers.backbones import DEFAULT_STUNET_SIZE, NNUNET, backbone_of
 from nnunet_tpp.trainers.base import PeftTrainer
 from nnunet_tpp.trainers.primus import PRIMUS_METHODS, PrimusTrainerMixin
@@ -40,14 +44,15 @@ def _make_family(family: str) -> dict[str, type]:
     attrs = {"family": family, "expects_pretrained": family not in FROM_SCRATCH, "__module__": __name__}
     base = type(family, (parent,), {**attrs, "backbone": backbone_of(DEFAULT_STUNET_SIZE),
                                     "__doc__": _doc(family, fields, DEFAULT_STUNET_SIZE)})
-    classes = {family: base}
-    for key in BACKBONES:
+    cnn = "STUNet" in get_method(fields["method"]).models
+    classes = {family: base} if cnn else {}
+    for key in BACKBONES if cnn else ():
         if key == NNUNET and family in FROM_SCRATCH:
             continue
         name = f"{family}_{key}"
         classes[name] = type(name, (base,), {"backbone": backbone_of(key), "__module__": __name__,
                                              "__doc__": _doc(family, fields, key)})
-    if fields["method"] in PRIMUS_METHODS and family not in FROM_SCRATCH and not fields.get("tpp"):
+    if fields["method"] in PRIMUS_METHODS and family not in FROM_SCRATCH:
         for key in PRIMUS_BACKBONES:
             name = f"{family}_{key}"
             classes[name] = type(name, (PrimusTrainerMixin, base), {"backbone": backbone_of(key),

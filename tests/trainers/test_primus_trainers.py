@@ -158,3 +158,42 @@ def test_bad_patches_and_checkpoints_are_refused_before_training(folders, tmp_pa
         TRAINERS["FullFinetuneTrainer_Primus_S"].check_before_training(_plans(), "3d_fullres", DATASET)
     assert not (tmp_path / "nnUNet_results").exists()
     assert json.loads(json.dumps(_plans()))  # the plans stay plain data
+
+
+@pytest.mark.parametrize("family", ["LoRATrainer", "AdapterTrainer"])
+def test_lora_and_adapter_trainers_adapt_the_eva_blocks_with_the_primus_optimisation(folders, tmp_path, family):
+    """``LoRATrainer_Primus*`` / ``AdapterTrainer_Primus*``: LoRA on q and v (as the LoRA paper), Houlsby adapters
+    after attention and MLP; AdamW 1e-4 with weight decay 5e-2 on the trainable parameters only once the nnssl
+    checkpoint is loaded (the method's new weights start fresh, the decoder is new); frozen weights stay put."""
+    from peft.tuners.lora import Linear as PeftLinear
+    for key in ("Primus_S", "Primus_B", "Primus_M", "Primus_L", "PrimusV3_S", "PrimusV3_M", "Primus"):
+        assert TRAINERS[f"{family}_{key}"].backbone.is_primus
+    assert family not in TRAINERS or family == "LoRATrainer"  # the adapter has no STU-Net trainers
+    assert "AdapterTrainer_B" not in TRAINERS and "TPPAdapterTrainer_B" not in TRAINERS
+    assert TRAINERS["TPPAdapterTrainer_Primus"].backbone.is_primus  # TPP on Primus: tests/trainers/test_tpp_primus.py
+    trainer = _trainer(f"{family}_Primus")
+    net = trainer.network
+    if family == "LoRATrainer":
+        assert trainer.plans_manager.plans["configurations"]["3d_fullres"]["nnunet_tpp"]["options"]["targets"] == [
+            "q", "v"]
+        assert isinstance(net.eva.blocks[0].attn.q_proj, PeftLinear) and isinstance(
+            net.eva.blocks[0].attn.v_proj, PeftLinear) and type(net.eva.blocks[0].attn.k_proj) is torch.nn.Linear
+    else:
+        assert hasattr(net.eva.blocks[0], "adapter_attn") and hasattr(net.eva.blocks[0], "adapter_mlp")
+    path, _ = primus_checkpoint(tmp_path / "checkpoint_final.pth", 192, 2, 4, patch=(16, 16, 16))
+    trainer.load_pretrained_backbone(str(path), record=False)
+    source = torch.load(path, weights_only=True)["network_weights"]
+    key = "eva.blocks.0.attn.k_proj.weight"
+    assert torch.equal(dict(net.named_parameters())[key], source[key])
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trained == set(__import__("nnunet_tpp").peft.trained_parameter_names(net))
+    assert trainer.initial_lr == 1e-4 and trainer.optimizer.param_groups[0]["weight_decay"] == 5e-2
+    assert sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"]) == sum(
+        p.numel() for n, p in net.named_parameters() if n in trained)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    _epoch(trainer, 0)
+    _epoch(trainer, 1)
+    after = dict(net.named_parameters())
+    assert all(torch.equal(after[n], v) for n, v in before.items() if n not in trained)
+    moved = [n for n in trained if ("lora_B" in n or "adapter_attn.up.weight" in n)]
+    assert moved and all(not torch.equal(after[n], before[n]) for n in moved)
