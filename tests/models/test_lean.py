@@ -214,11 +214,16 @@ def test_under_bfloat16_autocast_a_lean_block_rounds_like_the_plain_one(micro_st
             assert err["lean"][i] <= 1.1 * err["plain"][i] + 2 ** -9, (dtype, err)
 
 
-@pytest.mark.xfail(strict=False, reason="KNOWN BUG (open, issue 19): nondeterministic; run alone the test fails about half the time on the same code (16 runs over 16 commits, README-only ones flipping too): the lean norm/act path under bfloat16 autocast then gives an adapter gradient up to 1.5e14 times off the float64 reference, which points at uninitialised memory in the lean backward; not fixed yet")
 def test_under_bfloat16_autocast_the_lean_paths_train_the_adapters_like_the_plain_path(micro_stunet):
     """STU-Net + Conv-Adapter, every lever, under CPU bfloat16 autocast: the adapters' and heads' gradients are as
     close to the float64 gradients as the plain path's are (all gradients together, relative L2 error; measured
-    2.62 % lean norm/act, 2.64 % with every lever and checkpointing, 2.82 % plain; bound 1.25x plain's)."""
+    2.62 % lean norm/act, 2.64 % with every lever and checkpointing, 2.82 % plain; bound 1.25x plain's).
+
+    oneDNN is switched off for this test: on CPUs without native bfloat16 (this AMD EPYC, AVX-512 but no
+    avx512_bf16) torch 2.14.1's oneDNN 3.12 returns a bfloat16 conv3d *weight* gradient that is garbage for small
+    inputs (1e30-1e36, different from call to call; e.g. 2 x 32 x 2 x 4 x 4, 3x3x3, any layout, with or without
+    autocast, plain or lean path alike; the same class as pytorch/pytorch#163347). That is what made this test fail
+    at random before; ATen's own kernels compute the same convolutions correctly. No trainer autocasts on the CPU."""
     from nnunet_tpp.models.stunet import STUNet
     torch.manual_seed(0)
     net = STUNet(1, 3, [1] * 6, [8, 16, 16, 16, 16, 16], [[2, 2, 2]] * 4 + [[1, 1, 1]], fast_cpu_kernels=True)
@@ -235,9 +240,11 @@ def test_under_bfloat16_autocast_the_lean_paths_train_the_adapters_like_the_plai
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     reference = grads(copy.deepcopy(net).double(), x.double(), False)
-    plain_error = _rel_norm(grads(net, x, True), reference)
-    assert plain_error > 1e-3  # bfloat16 rounding is visible
-    for label in ("lean norm/act", "both + checkpointing"):  # ("both" differs from the latter by its recomputation)
-        lean = copy.deepcopy(net)
-        apply_memory_paths(lean, PATHS[label])
-        assert _rel_norm(grads(lean, x, True), reference) <= 1.25 * plain_error, label
+    with torch.backends.mkldnn.flags(enabled=False):
+        plain_error = _rel_norm(grads(net, x, True), reference)
+        assert plain_error > 1e-3  # bfloat16 rounding is visible
+        for label in ("lean norm/act", "both + checkpointing"):  # ("both" differs from the latter by its recomputation)
+            lean = copy.deepcopy(net)
+            apply_memory_paths(lean, PATHS[label])
+            for _ in range(2):  # twice: a kernel reading uninitialised memory would not give the same answer
+                assert _rel_norm(grads(lean, x, True), reference) <= 1.25 * plain_error, label
