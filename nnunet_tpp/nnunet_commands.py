@@ -39,11 +39,16 @@ class NNUNetFolders:
         return self.root / "nnUNet_results"
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The process environment with nnU-Net's folder variables (and ``extra``) set."""
+        """The process environment with nnU-Net's folder variables (and ``extra``) set; nnU-Net's worker counts
+        default to 1 (data augmentation) and the machine's cores, at most nnU-Net's 8 (validation and export)
+        where the caller has not set them."""
         env = dict(os.environ)
         env.update(nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                    nnUNet_results=str(self.results))
         env.setdefault("nnUNet_n_proc_DA", "1")  # 0 crashes nnU-Net's planning
+        # nnU-Net's validation and export spawn a pool of 8 processes (each imports torch) unless told otherwise;
+        # on a 2-core machine that pool alone cost ~70 s of the demo's 107 s fine-tuning step
+        env.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
         env.update(extra)
         return env
 

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# nnU-Net reads its pool sizes when first imported: the validation pool of in-process trainers (and of the nnU-Net
+# commands the tests start) gets this machine's cores, not nnU-Net's default of 8 spawned processes
+os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NNUNET_TPP_SHARED", REPO.parent / "shared"))
 CT_IMAGE = SHARED / "data" / "ct" / "abdomen_ct_001.nii.gz"

@@ -28,7 +28,6 @@ def test_demo_runs_end_to_end_and_reports(tmp_path, capsys):
         assert summary["learnt"][label] == above
         assert rows[label].endswith("| yes |" if above else f"| {NOT_LEARNT} |")
     assert ("Not learnt by this schedule (1 epochs x 2 iterations): " in out) == (not all(summary["learnt"].values()))
-    assert not summary["learnt"]["lesion"]  # two iterations do not learn the phantom's small lesions
     assert (work / "predictions_untrained" / "test100.nii.gz").exists()
     assert 0 < float(summary["trainable_percent"]) < 5
     assert (work / "predictions" / "test100.nii.gz").exists()
