@@ -165,7 +165,7 @@ def _measure_rounds(runnable: list[tuple[str, dict]], rounds: int, table: dict) 
 
 
 def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_estimate: bool = False,
-                    measure_latency: bool = True, rounds: int = 1) -> dict:
+                    measure_latency: bool = True, rounds: int = 1, pretext_objective: str = "mae") -> dict:
     """All rows (``rounds`` interleaved rounds), the pretext step and the latencies for one backbone."""
     from nnunet_tpp.bench_stats import round_ratios, spread, summarise, verdict
     table, runnable = {}, []
@@ -209,7 +209,8 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_e
     pretext = None
     adapter = table.get("conv_adapter", {})
     if measure_pretext and adapter and not adapter.get("out_of_memory"):
-        pretext = _measure("pretext", {**base, "method": "conv_adapter", "memory": VARIANTS[variants[0]]})
+        pretext = _measure("pretext", {**base, "method": "conv_adapter", "memory": VARIANTS[variants[0]],
+                                       "objective": pretext_objective})
         pretext["supervised_volumes_per_s"] = int(base["batch"]) / adapter["step_time_s"]
         pretext["supervised_peak_memory_mib"] = adapter["peak_memory_mib"]
     result = {"methods": table, "pretext": pretext, "latency": None}
@@ -223,7 +224,7 @@ def _bench_backbone(base: dict, names, variants, measure_pretext: bool, ignore_e
 def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", steps=3, warmup=1, json_out=None,
               threads=None, pools=None, network="stunet", plans_file=None, configuration="3d_fullres",
               memory_paths=("lean",), channels=1, ignore_estimate=False, pretext=True, latency=True,
-              rounds=DEFAULT_ROUNDS) -> dict:
+              rounds=DEFAULT_ROUNDS, pretext_objective="mae") -> dict:
     """Runs the benchmark, prints the markdown report to stdout and optionally writes JSON.
 
     Args:
@@ -245,6 +246,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         ignore_estimate: run a method even when its estimated peak does not fit (an actual out-of-memory end is
             still a row marked out of memory).
         pretext, latency: also measure the TPP pretext step (STU-Net) and the LoRA latencies.
+        pretext_objective: the pretext measured: ``mae`` (masked reconstruction, the 3-D recipe's default) or
+            ``dino``.
     Returns:
         ``{"machine", "rounds", "methods": {row: {"step_time_ratio", "step_time_ratio_range", "time_verdict",
         "peak_memory_ratio", "peak_memory_ratio_range", "memory_verdict", "trainable_ratio", "step_time_s",
@@ -253,6 +256,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     """
     if network not in ("stunet", "plans", "primus"):
         raise BenchError(f"--network must be stunet, plans or primus, got {network!r}")
+    if pretext_objective not in ("mae", "dino"):
+        raise BenchError(f"the pretext objective must be mae or dino, got {pretext_objective!r}")
     if network == "plans" and not plans_file:
         raise BenchError("--network plans needs --plans FILE (an nnU-Net plans JSON)")
     keys = ["plans"] if network == "plans" else [str(s).upper() for s in ((sizes,) if isinstance(sizes, str) else sizes)]
@@ -282,7 +287,8 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
         else:
             base.update(network="stunet", size=key, pools=pools, label=f"STU-Net-{key}")
         measured = _bench_backbone(base, names, variants, measure_pretext=pretext and network == "stunet",
-                                   ignore_estimate=ignore_estimate, measure_latency=latency, rounds=int(rounds))
+                                   ignore_estimate=ignore_estimate, measure_latency=latency, rounds=int(rounds),
+                                   pretext_objective=pretext_objective)
         per_backbone[key] = {
             "machine": machine, "torch": torch.__version__, "device": device, "network": base["label"],
             "patch": list(patch), "batch": int(batch), "steps": int(steps), "warmup": int(warmup),
@@ -359,9 +365,12 @@ def format_report(result: dict) -> str:
                       f"| {LATENCY_METHOD} merged | {lat['merged_s']:.4f} | {lat['merged_vs_plain']:.3f}x |"]
         if r.get("pretext"):
             p = r["pretext"]
-            lines += ["", "TPP with conv_adapter: DINO pretext step (2 global + 4 local views per volume) vs the "
-                      "supervised step:", "", "| stage | volumes/s | peak memory (MiB) |", "|---|---|---|",
-                      f"| pretext (DINO) | {p['volumes_per_s']:.2f} | {p['peak_memory_mib']:.0f} |",
+            dino = p.get("objective") == "dino"
+            views = "2 global + 4 local views" if dino else "one view at the patch size, 75 % of its blocks masked,"
+            name = "DINO" if dino else "masked reconstruction"
+            lines += ["", f"TPP with conv_adapter: {name} pretext step ({views} per volume) vs the supervised step:",
+                      "", "| stage | volumes/s | peak memory (MiB) |", "|---|---|---|",
+                      f"| pretext ({name}) | {p['volumes_per_s']:.2f} | {p['peak_memory_mib']:.0f} |",
                       f"| supervised fine-tuning | {p['supervised_volumes_per_s']:.2f} "
                       f"| {p['supervised_peak_memory_mib']:.0f} |"]
         lines.append("")
@@ -416,6 +425,8 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--ignore-estimate", dest="ignore_estimate", action="store_true",
                         help="measure methods whose estimated peak does not fit the device too")
     parser.add_argument("--no-pretext", dest="pretext", action="store_false", help="skip the TPP pretext step")
+    parser.add_argument("--pretext-objective", choices=("mae", "dino"), default="mae",
+                        help="the pretext step measured (default mae: masked reconstruction, the 3-D default)")
     parser.add_argument("--no-latency", dest="latency", action="store_false", help="skip the LoRA latencies")
 
 
@@ -429,7 +440,7 @@ def bench_main(args) -> int:
                   pools=plan.get("pools") if args.network == "stunet" else None, network=args.network,
                   plans_file=args.plans, configuration=args.configuration, memory_paths=args.memory_paths,
                   channels=args.channels, ignore_estimate=args.ignore_estimate, pretext=args.pretext,
-                  latency=args.latency, rounds=args.rounds)
+                  latency=args.latency, rounds=args.rounds, pretext_objective=args.pretext_objective)
     except ValueError as exc:  # BenchError, PeftError
         print(f"nnunet-tpp bench: error: {exc}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@ compare time only, in alternating rounds).
 * ``training``: a method's training step (nnU-Net's SGD, deep-supervision cross-entropy), time and peak memory;
 * ``latency``: inference latency (batch 1, no grad) of LoRA unmerged and merged against the plain network, timed
   in alternating rounds in one process;
-* ``pretext``: the TPP pretext (DINO) step of ``conv_adapter``.
+* ``pretext``: the TPP pretext step of ``conv_adapter``: masked reconstruction (``mae``, the 3-D default) or
+  DINO.
 
 Every network is the same seeded random one: STU-Net of a size, or the network an nnU-Net plan describes.
 """
@@ -246,43 +247,62 @@ def measure_latency(cfg: dict) -> dict:
 
 
 def measure_pretext(cfg: dict) -> dict:
-    """Times TPP pretext (DINO) steps of ``conv_adapter`` on random views (2 global at the patch size, 4 local at
-    half of it) and measures memory like :func:`measure_training`.
+    """Times TPP pretext steps of ``conv_adapter`` on random views and measures memory like
+    :func:`measure_training`. ``cfg["objective"]``: ``mae`` (default, the 3-D recipe's default: one view at the patch
+    size per volume, 75 % of its 16-voxel blocks masked, nnssl's recipe) or ``dino`` (2 global views at the patch
+    size and 4 local at half of it per volume).
 
     Returns:
-        ``{"step_time_s", "volumes_per_s", "peak_memory_mib", "peak_reserved_mib"}`` (one volume = one sample's set
-        of views; reserved: CUDA only, None on CPU).
+        ``{"objective", "step_time_s", "volumes_per_s", "peak_memory_mib", "peak_reserved_mib"}`` (one volume = one
+        sample's set of views; reserved: CUDA only, None on CPU).
     """
     import tempfile
     import numpy as np
     import torch
-    from nnunet_tpp.pretext.crops3d import view_sizes
-    from nnunet_tpp.pretext.dino import DINOConfig
-    from nnunet_tpp.pretext.stage import PretextSchedule, run_dino_stage
+    from nnunet_tpp.pretext.stage import PretextSchedule
 
     device = _setup(cfg)
     net = build(cfg, "conv_adapter").to(device)
-    pools = cfg.get("pools") or [[2, 2, 2]] * 4 + [[1, 1, 2]]
-    global_size, local_size = view_sizes(cfg["patch"], np.prod(np.array(pools), axis=0))
+    objective, channels = cfg.get("objective", "mae"), int(cfg.get("channels", 1))
     gen = torch.Generator().manual_seed(SEED + 3)
-
-    def sample(batch: int):
-        return ([torch.randn((batch, 1, *global_size), generator=gen) for _ in range(2)],
-                [torch.randn((batch, 1, *local_size), generator=gen) for _ in range(4)])
-
-    stamps: list[float] = []
     warmup, steps = int(cfg["warmup"]), int(cfg["steps"])
-    with tempfile.TemporaryDirectory() as tmp:
+    schedule = PretextSchedule(epochs=warmup + steps, iterations_per_epoch=1, batch_size=int(cfg["batch"]))
+    stamps: list[float] = []
+
+    def log(message: str) -> None:  # one message per epoch of one step: the step's end
         _sync(device)
         stamps.append(time.perf_counter())
-        run_dino_stage(net, sample, PretextSchedule(epochs=warmup + steps, iterations_per_epoch=1,
-                                                    batch_size=int(cfg["batch"])),
-                       DINOConfig(), device, os.path.join(tmp, "state.pth"),
-                       log=lambda message: (_sync(device), stamps.append(time.perf_counter())))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = os.path.join(tmp, "state.pth")
+        if objective == "dino":
+            from nnunet_tpp.pretext.crops3d import view_sizes
+            from nnunet_tpp.pretext.dino import DINOConfig
+            from nnunet_tpp.pretext.stage import run_dino_stage
+            pools = cfg.get("pools") or [[2, 2, 2]] * 4 + [[1, 1, 2]]
+            global_size, local_size = view_sizes(cfg["patch"], np.prod(np.array(pools), axis=0))
+
+            def sample(batch: int):
+                return ([torch.randn((batch, channels, *global_size), generator=gen) for _ in range(2)],
+                        [torch.randn((batch, channels, *local_size), generator=gen) for _ in range(4)])
+            _sync(device)
+            stamps.append(time.perf_counter())
+            run_dino_stage(net, sample, schedule, DINOConfig(), device, state, log=log)
+        else:
+            from nnunet_tpp.pretext.masked import MaskedConfig, run_masked_stage
+            from nnunet_tpp.pretext.masked_views import block_mask
+            masked, rng = MaskedConfig(), np.random.default_rng(SEED + 3)
+
+            def sample(batch: int):
+                masks = [block_mask(cfg["patch"], masked.block_size, masked.mask_ratio, rng) for _ in range(batch)]
+                return torch.randn((batch, channels, *cfg["patch"]), generator=gen), torch.stack(masks)
+            _sync(device)
+            stamps.append(time.perf_counter())
+            run_masked_stage(net, sample, schedule, masked, device, state, log=log)
     step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
-    _log(f"TPP pretext: {steps} steps, {step:.3f} s each")
-    return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": _peak_mib(device),
-            "peak_reserved_mib": _peak_reserved_mib(device)}
+    _log(f"TPP pretext ({objective}): {steps} steps, {step:.3f} s each")
+    return {"objective": objective, "step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step,
+            "peak_memory_mib": _peak_mib(device), "peak_reserved_mib": _peak_reserved_mib(device)}
 
 
 MEASUREMENTS = {"training": measure_training, "latency": measure_latency, "pretext": measure_pretext}

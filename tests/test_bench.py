@@ -1,6 +1,7 @@
 """``nnunet_tpp.bench`` on a tiny configuration: checks the structure of the result and how the rounds are run and
 combined, never the timings."""
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def test_json_structure(tiny):
     assert written["latency"]["merge_max_abs_diff"] < 1e-3
     pretext = written["pretext"]  # TPP pretext throughput next to the supervised stage's
     assert pretext["volumes_per_s"] > 0 and pretext["supervised_volumes_per_s"] > 0 and pretext["peak_memory_mib"] > 0
+    assert pretext["objective"] == "mae"  # the 3-D recipe's default pretext
 
 
 def test_report_printed(tiny, capsys):
@@ -51,7 +53,27 @@ def test_report_printed(tiny, capsys):
     assert all(f"| {m} |" in text for m in METHODS)
     assert "| conv_adapter | lean |" in text and "| full | plain |" in text
     assert "lora merged" in text
-    assert "| pretext (DINO) |" in text and "| supervised fine-tuning |" in text
+    assert "| pretext (masked reconstruction) |" in text and "| supervised fine-tuning |" in text
+
+
+@pytest.mark.parametrize("objective", ["mae", "dino"])
+def test_the_pretext_measurement_runs_the_stage_it_names(objective, monkeypatch):
+    """The worker's pretext step, in this process on the smoke-run STU-Net: each objective's own stage runs
+    (its log line, its views), one timed step after one warm-up step."""
+    from nnunet_tpp import bench_workers
+    from nnunet_tpp.pretext import masked, stage
+    ran = []
+    for module, name in ((masked, "run_masked_stage"), (stage, "run_dino_stage")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: ran.append(_name) or _real(*a, **k))
+    from nnunet_tpp.pretext import dino  # a small projection head: the stage's cost here is its 4096-way head
+    monkeypatch.setattr(dino, "DINOConfig", functools.partial(dino.DINOConfig, out_dim=64, hidden_dim=64,
+                                                              bottleneck_dim=32))
+    cfg = {"network": "stunet", "size": bench_workers.TINY, "patch": [16, 16, 16], "batch": 1, "device": "cpu",
+           "steps": 1, "warmup": 1, "threads": None, "memory": {}, "objective": objective}
+    result = bench_workers.measure_pretext(cfg)
+    assert ran == ["run_dino_stage" if objective == "dino" else "run_masked_stage"]
+    assert result["objective"] == objective and result["step_time_s"] > 0 and result["volumes_per_s"] > 0
 
 
 def test_unknown_method_lists_known_ones(capsys):

@@ -9,7 +9,7 @@ from nnunet_tpp.bench import BenchError, run_bench
 def test_primus_rows_count_what_the_trainers_train(capsys):
     from nnunet_tpp import peft
     from nnunet_tpp.models.primus import bench_network
-    result = run_bench(sizes=["192:4:4"], patch=(16, 16, 16), batch=1, steps=1, warmup=0, threads=1,
+    result = run_bench(sizes=["192:4:4"], patch=(16, 16, 16), batch=1, steps=1, warmup=0, threads=1, rounds=1,
                        network="primus")
     rows = result["methods"]
     assert set(rows) == {"full", "linear_probe", "lora", "adapter"} and "Primus 192:4:4" in capsys.readouterr().out

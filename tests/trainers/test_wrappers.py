@@ -91,6 +91,8 @@ def test_memory_paths_train_under_ddp_and_compile_with_the_plain_gradients(proce
     assert got.keys() == eager.keys()
     for name in eager:
         assert torch.allclose(got[name], eager[name], rtol=1e-5, atol=1e-7), name
+    if checkpointing == "off":  # compiled without checkpointing (fullgraph, autocast): tests/models/test_inductor.py
+        return
     # Inductor, as nnU-Net compiles (before wrapping DDP). Compared in float64: in float32 a bias gradient (a sum
     # over every voxel) that nearly cancels differs by reordering alone by more than any fixed share of its size;
     # float32 under autocast against a float64 reference is tests/models/test_inductor.py's job.
