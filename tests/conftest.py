@@ -8,12 +8,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-import torch
-
 # nnU-Net reads its pool sizes when first imported: the validation pool of in-process trainers (and of the nnU-Net
 # commands the tests start) gets this machine's cores, not nnU-Net's default of 8 spawned processes
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: each worker gets its share of the cores
+    _SHARE = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "nnUNet_def_n_proc"):
+        os.environ.setdefault(_variable, _SHARE)
 os.environ.setdefault("nnUNet_def_n_proc", str(min(8, os.cpu_count() or 1)))
+
+import pytest  # noqa: E402  (after the thread settings, which torch reads when imported)
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NNUNET_TPP_SHARED", REPO.parent / "shared"))
 CT_IMAGE = SHARED / "data" / "ct" / "abdomen_ct_001.nii.gz"
@@ -108,21 +115,39 @@ class LAWorkspace:
 
 @pytest.fixture(scope="session")
 def la_nnunet(tmp_path_factory) -> LAWorkspace:
-    """:func:`make_la_workspace`, once per test session."""
-    return make_la_workspace(tmp_path_factory.mktemp("la2018"))
+    """:func:`make_la_workspace`, once per test session: under pytest-xdist the first worker that needs it builds it
+    in the session's shared temporary folder (under a file lock) and the others read it (the tests only read it)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return make_la_workspace(tmp_path_factory.mktemp("la2018"))
+    from filelock import FileLock
+    root = tmp_path_factory.getbasetemp().parent / "la2018"  # basetemp is <session>/popen-gwN
+    with FileLock(f"{root}.lock"):
+        if (root / "built").exists():
+            return make_la_workspace(root, build=False)
+        if root.exists():  # a worker that died while building
+            import shutil
+            shutil.rmtree(root)
+        root.mkdir()
+        workspace = make_la_workspace(root)
+        (root / "built").touch()
+        return workspace
 
 
-def make_la_workspace(root: Path) -> LAWorkspace:
+def make_la_workspace(root: Path, build: bool = True) -> LAWorkspace:
     """The left atrium (LA 2018, real MRI, 1.25 mm) in nnU-Net: 12 training cases and 6 held-out test cases,
     ``nnUNetv2_plan_and_preprocess`` at 2.5 mm (``-overwrite_target_spacing``), in the folder ``root``.
 
     The plan's 3d_fullres configuration is then edited to a 32^3 patch with four 2x2x2 poolings (nnU-Net planned
     24 x 40 x 48 with three, leaving STU-Net's two deepest stages unpooled at 256-512 channels): STU-Net reads its
     pool sizes from the plan, and a step of STU-Net-S on 2 CPU cores takes about a second. The cases are cropped
-    around the atrium (about 22 x 36 x 48 voxels at 2.5 mm), so the patch covers most of a case."""
+    around the atrium (about 22 x 36 x 48 voxels at 2.5 mm), so the patch covers most of a case. ``build=False``:
+    the workspace an earlier call built in ``root``, nothing run."""
     from nnunet_tpp.data.nnunet_raw import Case, write_raw_dataset
     from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
     folders = NNUNetFolders(root)
+    if not build:
+        return LAWorkspace(folders, folders.env(), folders.raw / f"Dataset{LA_DATASET}_LA" / "imagesTs",
+                           root / "test_labels", root / "log.txt")
     folders.make()
     names = sorted(p.name[:-len(".nii.gz")] for p in require(LA2018).glob("la_*.nii.gz")
                    if not p.name.endswith("_labels.nii.gz"))
