@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_tpp.models.lean import residual_join
+from nnunet_tpp.models.lean_autograd import residual_join
 from nnunet_tpp.models.sites import BLOCK, HEAD, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites
 
 NUM_POOLS = 5
@@ -56,7 +56,7 @@ class InstanceNorm(nn.InstanceNorm3d):
 class ResidualBlock(nn.Module):
     """conv-IN-LeakyReLU-conv-IN, plus a (1x1x1 conv) shortcut, then LeakyReLU."""
 
-    lean_residual_join = True  # its end goes through nnunet_tpp.models.lean.residual_join
+    lean_residual_join = True  # its end goes through nnunet_tpp.models.lean_autograd.residual_join
 
     def __init__(self, in_ch: int, out_ch: int, stride: Sequence[int] | int = 1, shortcut_conv: bool = False):
         super().__init__()
