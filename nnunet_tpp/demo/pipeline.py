@@ -181,7 +181,7 @@ def check_demo(cfg: DemoConfig) -> CheckedDemo:
 
 def _check_pretrained(path: Path, trainer: str, size: str, trainers: dict) -> None:
     """Refuses a ``--pretrained`` file that is not an STU-Net checkpoint of the trainer's size."""
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     from nnunet_tpp.models.stunet_checkpoint import CheckpointError, describe_stunet, extract_state_dict, \
         read_checkpoint
     try:

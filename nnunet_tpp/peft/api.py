@@ -246,7 +246,7 @@ def load(model: nn.Module, path: str | os.PathLike, allow_other_backbone: bool =
     Returns:
         The file's metadata (everything but the weights).
     """
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     try:
         payload = file_kinds.load_expected(os.fspath(path), file_kinds.ADAPTER, role="adapter weights")
     except file_kinds.FileKindError as e:

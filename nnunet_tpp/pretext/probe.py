@@ -189,7 +189,7 @@ def upstream_pretrain(cfg: ProbeConfig, path: Path, log: Callable[[str], None]) 
 def _pretrained(cfg: ProbeConfig, checkpoint: Path):
     net = _stunet(cfg, cfg.seed)
     if cfg.dims:  # (tests) an unpublished width: the checkpoint's own tensors, strictly
-        from nnunet_tpp import file_kinds
+        from nnunet_tpp.models import file_kinds
         net.load_state_dict(file_kinds.load_torch_file(checkpoint, "an STU-Net checkpoint")["network_weights"])
     else:
         from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint

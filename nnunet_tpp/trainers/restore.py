@@ -9,7 +9,8 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_tpp import file_kinds, peft
+from nnunet_tpp import peft
+from nnunet_tpp.models import file_kinds
 from nnunet_tpp.trainers.base import PEFT_WEIGHTS_FILE
 
 
