@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+from nnunet_tpp.measuring import synchronize
+
 NUM_CLASSES = 3
 SEED = 1234
 LATENCY_METHOD = "lora"
@@ -71,12 +73,6 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
         if cfg.get("network") != "primus" and memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
             apply_memory_paths(net, MemoryPaths.from_settings({"lean_backward": False, **memory}))
     return net
-
-
-def _sync(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _setup(cfg: dict):
@@ -168,10 +164,10 @@ def measure_training(cfg: dict) -> dict:
 
         name, times, warmups, losses = f"{cfg.get('label', cfg['method'])}", [], [], []
         for i in range(int(cfg["warmup"]) + int(cfg["steps"])):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             losses.append(step())
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - start
             warm = i < int(cfg["warmup"])
             (warmups if warm else times).append(seconds)
@@ -217,10 +213,10 @@ def measure_latency(cfg: dict) -> dict:
     rounds = max(5, int(cfg["steps"]))
 
     def timed(net) -> float:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         net(x)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     def alternate(net, label: str) -> tuple[list[float], list[float]]:
@@ -273,12 +269,12 @@ def measure_pretext(cfg: dict) -> dict:
     stamps: list[float] = []
     warmup, steps = int(cfg["warmup"]), int(cfg["steps"])
     with tempfile.TemporaryDirectory() as tmp:
-        _sync(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
         run_dino_stage(net, sample, PretextSchedule(epochs=warmup + steps, iterations_per_epoch=1,
                                                     batch_size=int(cfg["batch"])),
                        DINOConfig(), device, os.path.join(tmp, "state.pth"),
-                       log=lambda message: (_sync(device), stamps.append(time.perf_counter())))
+                       log=lambda message: (synchronize(device), stamps.append(time.perf_counter())))
     step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])
     _log(f"TPP pretext: {steps} steps, {step:.3f} s each")
     return {"step_time_s": step, "volumes_per_s": int(cfg["batch"]) / step, "peak_memory_mib": _peak_mib(device),
