@@ -42,8 +42,8 @@ from nnunet_tpp.pretext.crops2d import random_views, view_sizes
 from nnunet_tpp.pretext.optim import set_weight_decay, weight_decay_groups
 from nnunet_tpp.pretext.stage import teacher_of
 from nnunet_tpp.vision2d.metrics import peak_memory_mb
-from nnunet_tpp.vision2d.ssa_settings import (KEEP, SSA_PEFT_DEFAULTS, SSAError, SSASettings,  # noqa: F401 (re-exported)
-                                              check_method, check_ssa_run, ssa_settings)
+from nnunet_tpp.vision2d.ssa_settings import (KEEP, SSA_PEFT_DEFAULTS, SSAError, SSASettings,  # noqa: F401
+                                              check_method, check_ssa_run, ssa_settings)  # (also re-exported)
 
 STATE_FILE, BACKBONE_FILE, PLOT_FILE = "ssa_state.pth", "ssa_backbone.pth", "ssa_progress.png"
 FORMAT = "nnunet_tpp.ssa/1"

@@ -19,7 +19,8 @@ import torch
 
 from nnunet_tpp.measuring import load_average, machine_description, short_count, synchronize
 from nnunet_tpp.pretext.dino import ema_update
-from nnunet_tpp.vision2d.ssa import SSAError, SSASettings, build_ssa, check_method, ssa_settings, ssa_step
+from nnunet_tpp.vision2d.ssa import build_ssa, ssa_step
+from nnunet_tpp.vision2d.ssa_settings import SSAError, SSASettings, check_method, ssa_settings
 
 REFERENCE = "full"
 DEFAULT_METHODS = ("full", "apla", "lora", "ssf")

@@ -66,7 +66,7 @@ def pretrain_mae_upstream(data: str | Path, out_file: str | Path, arch: str = "v
     from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
     from nnunet_tpp.pretext.optim import weight_decay_groups
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
-    from nnunet_tpp.vision2d.train import resolve_device
+    from nnunet_tpp.vision2d.checks import resolve_device
 
     out_file = Path(out_file)
     data = Path(data)
