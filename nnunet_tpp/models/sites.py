@@ -28,7 +28,12 @@ _DESCRIBERS: dict[type, Callable[[nn.Module], NetworkSites]] = dict(NNUNET_DESCR
 
 
 def register_describer(cls: type) -> Callable:
-    """Decorator: ``@register_describer(PlainConvUNet)`` over ``fn(model) -> NetworkSites``."""
+    """Decorator for a network class we cannot give a ``peft_sites()`` method: ``@register_describer(SomeUNet)``
+    over ``fn(model) -> NetworkSites`` makes :func:`describe` use ``fn`` for ``SomeUNet`` and its subclasses.
+
+    Returns:
+        The decorator, which returns ``fn`` unchanged.
+    """
     def wrap(fn: Callable[[nn.Module], NetworkSites]) -> Callable[[nn.Module], NetworkSites]:
         _DESCRIBERS[cls] = fn
         return fn
