@@ -41,7 +41,7 @@ def read_nnssl_checkpoint(path: str | os.PathLike):
     Raises:
         AdoptPlansError: not a readable checkpoint, or no complete adaptation plan.
     """
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     from nnunet_tpp.models.nnssl_checkpoint import AdaptationPlanError, read_adaptation_plan
     from nnunet_tpp.models.stunet_checkpoint import CheckpointError, read_checkpoint
     try:
@@ -222,7 +222,7 @@ def is_nnssl_file(source: str | os.PathLike) -> bool:
     path = Path(source)
     if not path.is_file():
         return False
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     try:
         obj, _ = file_kinds.read(path, mmap=True)
     except Exception:

@@ -41,7 +41,7 @@ def read_source(source: str | os.PathLike) -> SourceModel:
     path = Path(source)
     if path.is_file():
         from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
-        from nnunet_tpp import file_kinds
+        from nnunet_tpp.models import file_kinds
         checkpoint = read_checkpoint(path, mmap=True, expected=file_kinds.NNUNET_CHECKPOINT)
         args = checkpoint.get("init_args")
         if "nnssl_adaptation_plan" in checkpoint:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+
+from nnunet_tpp.measuring import load_average, machine_description, short_count
 
 DEFAULT_PATCH = {"cpu": (64, 64, 64), "cuda": (128, 128, 128)}
 REFERENCE = "full"
@@ -81,22 +82,6 @@ def _fits(cfg: dict) -> tuple[bool, float, float]:
         estimate += RUNTIME_MIB
     available = available_bytes(torch.device(cfg["device"])) / MiB
     return estimate <= HEADROOM * available, estimate, available
-
-
-def machine_description(device: str = "cpu", threads: int | None = None) -> str:
-    """One line: CPU model, cores, torch threads (``threads`` or torch's default), GPU (on cuda), torch version."""
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores, {threads or torch.get_num_threads()} torch threads"
-    if device == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return f"{text}, torch {torch.__version__}"
 
 
 def _check(backbones, patch, batch, methods, device, steps, warmup, pools, variants, rounds=1) -> list[str]:
@@ -272,7 +257,7 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     names = _check(keys, patch, int(batch), methods, device, int(steps), int(warmup), check_pools, variants,
                    int(rounds))
     import torch
-    machine, load_before = machine_description(device, threads), _load()
+    machine, load_before = machine_description(device, threads), load_average()
     per_backbone = {}
     for key in keys:
         base = {"patch": list(patch), "batch": int(batch), "device": device, "steps": int(steps),
@@ -295,21 +280,13 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
             "rounds": int(rounds),
             "memory_kind": "peak RSS of the process" if device == "cpu" else
             "torch.cuda.max_memory_allocated (max_memory_reserved) of the process",
-            "load_average": [load_before, _load()], **measured}
+            "load_average": [load_before, load_average()], **measured}
     result = {**next(iter(per_backbone.values())), "sizes": per_backbone}
     print(format_report(result), flush=True)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-def _load() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
 def _ratio_cell(m: dict, key: str) -> str:
@@ -328,7 +305,7 @@ def _row(name: str, m: dict) -> str:
     memory = f"{m['peak_memory_mib']:.0f}"
     if m.get("peak_reserved_mib") is not None:
         memory += f" (reserved {m['peak_reserved_mib']:.0f})"
-    return (f"| {name} | {m['memory_paths']} | {_count(m['trainable'])} ({100 * m['trainable_ratio']:.2f}%) "
+    return (f"| {name} | {m['memory_paths']} | {short_count(m['trainable'])} ({100 * m['trainable_ratio']:.2f}%) "
             f"| {m['step_time_s']:.3f} | {_ratio_cell(m, 'step_time_ratio')} | {m.get('time_verdict', '–')} "
             f"| {memory} | {_ratio_cell(m, 'peak_memory_ratio')} | {m['baseline_memory_mib']:.0f} |")
 

@@ -20,6 +20,8 @@ import statistics
 import sys
 import time
 
+from nnunet_tpp.measuring import synchronize
+
 NUM_CLASSES = 3
 SEED = 1234
 LATENCY_METHOD = "lora"
@@ -72,12 +74,6 @@ def build(cfg: dict, method: str | None, deep_supervision: bool = True):
         if cfg.get("network") != "primus" and memory.get("lean_backward") or memory.get("activation_checkpointing", "off") != "off":
             apply_memory_paths(net, MemoryPaths.from_settings({"lean_backward": False, **memory}))
     return net
-
-
-def _sync(device) -> None:
-    import torch
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _setup(cfg: dict):
@@ -169,10 +165,10 @@ def measure_training(cfg: dict) -> dict:
 
         name, times, warmups, losses = f"{cfg.get('label', cfg['method'])}", [], [], []
         for i in range(int(cfg["warmup"]) + int(cfg["steps"])):
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             losses.append(step())
-            _sync(device)
+            synchronize(device)
             seconds = time.perf_counter() - start
             warm = i < int(cfg["warmup"])
             (warmups if warm else times).append(seconds)
@@ -218,10 +214,10 @@ def measure_latency(cfg: dict) -> dict:
     rounds = max(5, int(cfg["steps"]))
 
     def timed(net) -> float:
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         net(x)
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     def alternate(net, label: str) -> tuple[list[float], list[float]]:
@@ -270,7 +266,7 @@ def measure_pretext(cfg: dict) -> dict:
     stamps: list[float] = []
 
     def log(message: str) -> None:  # one message per epoch of one step: the step's end
-        _sync(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,7 +281,7 @@ def measure_pretext(cfg: dict) -> dict:
             def sample(batch: int):
                 return ([torch.randn((batch, channels, *global_size), generator=gen) for _ in range(2)],
                         [torch.randn((batch, channels, *local_size), generator=gen) for _ in range(4)])
-            _sync(device)
+            synchronize(device)
             stamps.append(time.perf_counter())
             run_dino_stage(net, sample, schedule, DINOConfig(), device, state, log=log)
         else:
@@ -296,7 +292,7 @@ def measure_pretext(cfg: dict) -> dict:
             def sample(batch: int):
                 masks = [block_mask(cfg["patch"], masked.block_size, masked.mask_ratio, rng) for _ in range(batch)]
                 return torch.randn((batch, channels, *cfg["patch"]), generator=gen), torch.stack(masks)
-            _sync(device)
+            synchronize(device)
             stamps.append(time.perf_counter())
             run_masked_stage(net, sample, schedule, masked, device, state, log=log)
     step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])][warmup:])

@@ -144,7 +144,8 @@ def run_gpu_check(device: str = "cuda", tiny: bool = False, size: str = DEFAULT_
     """
     check_settings(device, tiny)
     import torch
-    from nnunet_tpp.bench import VARIANTS, machine_description, measure_in_child
+    from nnunet_tpp.bench import VARIANTS, measure_in_child
+    from nnunet_tpp.measuring import machine_description
     from nnunet_tpp.bench_workers import TINY, TINY_POOLS
     from nnunet_tpp.models.stunet import SIZES
     if not tiny and size.upper() not in SIZES:

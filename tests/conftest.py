@@ -184,14 +184,14 @@ def sitk_copy_label(src: Path, dst: Path) -> None:
 
 def assert_pretext_moved_its_target_parameters(result: dict, model_folder, trainer_name: str, seed: int) -> None:
     """The pretext stage's target parameters (``result``, a target-parameter file's content) against their initial
-    values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`nnunet_tpp.trainers.seeding.initial_network`):
+    values in the run (``NNUNET_TPP_SEED=seed``, rebuilt by :func:`nnunet_tpp.trainers.restore.initial_network`):
     every tensor
     the DINO loss reaches (encoder stages up to the deepest pooled one) moved by more than float32 rounding of its
     values (4 eps); every other one is bit for bit its initial value (which shows the rebuilt values are the run's)."""
     from nnunet_tpp.peft import target_parameters
     from nnunet_tpp.pretext.stage import EncoderEmbedding
     from nnunet_tpp.trainers.recipe import TrainerRecipe
-    from nnunet_tpp.trainers.seeding import initial_network
+    from nnunet_tpp.trainers.restore import initial_network
     initial = initial_network(model_folder, trainer_name, seed)
     start = {name: p.detach() for name, p in target_parameters(initial).items()}
     assert set(result["target_parameters"]) == set(start)

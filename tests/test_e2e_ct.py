@@ -21,7 +21,7 @@ from nnunet_tpp.evaluation import evaluate_folder, geometry_mismatches
 from nnunet_tpp.models.stunet import build_stunet
 from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
 from nnunet_tpp.nnunet_commands import NNUNetCommandError, NNUNetFolders, run_nnunet
-from nnunet_tpp.trainers.seeding import initial_network
+from nnunet_tpp.trainers.restore import initial_network
 from tests.conftest import CT_IMAGE, CT_LABELS, assert_pretext_moved_its_target_parameters, require, write_v1_checkpoint
 
 pytestmark = pytest.mark.e2e

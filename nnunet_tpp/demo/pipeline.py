@@ -18,7 +18,7 @@ import yaml
 
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
     dataset_folder_name, write_raw_dataset
-from nnunet_tpp.demo.phantom import LABELS, write_phantom_case
+from nnunet_tpp.data.phantom import LABELS, write_phantom_case
 from nnunet_tpp.demo.report import chance_dice, learnt, result_table
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
@@ -181,7 +181,7 @@ def check_demo(cfg: DemoConfig) -> CheckedDemo:
 
 def _check_pretrained(path: Path, trainer: str, size: str, trainers: dict) -> None:
     """Refuses a ``--pretrained`` file that is not an STU-Net checkpoint of the trainer's size."""
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     from nnunet_tpp.models.stunet_checkpoint import CheckpointError, describe_stunet, extract_state_dict, \
         read_checkpoint
     try:

@@ -152,7 +152,7 @@ def load_nnunet_checkpoint(model: nn.Module, path: str | os.PathLike, new_keys: 
             checkpoint without a complete adaptation plan, or any missing, unexpected or mis-shaped tensor (all
             listed). The model is unchanged then.
     """
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     path = os.fspath(path)
     checkpoint = read_checkpoint(path, mmap=check_only, expected=file_kinds.NNUNET_CHECKPOINT)
     state, fmt = extract_state_dict(checkpoint)

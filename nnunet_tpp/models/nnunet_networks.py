@@ -2,9 +2,9 @@
 ``ResidualEncoderUNet`` of the ResEnc M/L/XL presets) as PEFT backbones.
 
 nnU-Net builds them from the plans (``get_network_from_plans``); this module adds what PEFT needs and the classes
-do not say themselves: where methods attach (:func:`describe_unet`, registered with
-:func:`nnunet_tpp.models.sites.register_describer`), which modules are the task heads (``decoder.seg_layers``), an
-architecture id for adapter files, and a residual block whose end can take the lean memory path.
+do not say themselves: where methods attach (:func:`describe_unet`, which :func:`nnunet_tpp.models.sites.describe`
+finds in :data:`NNUNET_DESCRIBERS`), which modules are the task heads (``decoder.seg_layers``), an architecture id
+for adapter files, and a residual block whose end can take the lean memory path.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD, 
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
 from torch import nn
 
-from nnunet_tpp.models.lean import residual_join
-from nnunet_tpp.models.sites import BLOCK, HEAD, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites, register_describer
+from nnunet_tpp.models.lean_autograd import residual_join
+from nnunet_tpp.models.site_types import BLOCK, HEAD, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites
 
 HEAD_PREFIXES = ("decoder.seg_layers",)
 
@@ -75,8 +75,6 @@ def _describe_stage(name: str, stage: nn.Module, convs: list[ConvSite], blocks: 
             _describe_stage(f"{name}.{i}", part, convs, blocks)
 
 
-@register_describer(PlainConvUNet)
-@register_describer(ResidualEncoderUNet)
 def describe_unet(net: nn.Module) -> NetworkSites:
     """Sites of a dynamic_network_architectures U-Net: the encoder's stem and stages (plain conv stages or
     residual blocks), the decoder's stages, its transposed-conv upsampling and its segmentation layers."""
@@ -95,9 +93,14 @@ def describe_unet(net: nn.Module) -> NetworkSites:
     return NetworkSites(tuple(convs), tuple(blocks), tuple(f"encoder.stages.{i}" for i in range(len(net.encoder.stages))))
 
 
+#: The describer of each nnU-Net network class (what :func:`nnunet_tpp.models.sites.describe` looks up).
+NNUNET_DESCRIBERS = {PlainConvUNet: describe_unet, ResidualEncoderUNet: describe_unet}
+
+
 class LeanTailBasicBlockD(BasicBlockD):
     """nnU-Net's ``BasicBlockD`` whose end (norm, residual sum, nonlinearity) goes through
-    :func:`nnunet_tpp.models.lean.residual_join`: the same computation, and a lean backward when memory paths are on.
+    :func:`nnunet_tpp.models.lean_autograd.residual_join`: the same computation, and a lean backward when memory
+    paths are on.
     Only for blocks without stochastic depth and squeeze-excitation."""
 
     lean_residual_join = True

@@ -6,75 +6,34 @@ to, the normalisation and nonlinearity that follow it, and the blocks that can b
 checkpointing). PEFT methods (``conv_adapter``, ``lora``, ``bitfit``) and the memory paths select from this
 description, so they never name one backbone's attributes, and a new architecture needs one small describer.
 
-A model provides its description through a ``peft_sites()`` method (STU-Net) or through a describer function
-registered for its class with :func:`register_describer` (nnU-Net's own networks, which are not ours to edit).
+A model provides its description through a ``peft_sites()`` method (STU-Net) or through a describer function for
+its class: nnU-Net's own networks, which are not ours to edit, have theirs in
+:data:`nnunet_tpp.models.nnunet_networks.NNUNET_DESCRIBERS`; others are added with :func:`register_describer`. The
+description's data types are in :mod:`nnunet_tpp.models.site_types` (re-exported here).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import nn
 
-BLOCK, SHORTCUT, UPSAMPLE, HEAD = "block", "shortcut", "upsample", "head"
-ROLES = (BLOCK, SHORTCUT, UPSAMPLE, HEAD)
+from nnunet_tpp.models.nnunet_networks import NNUNET_DESCRIBERS
+from nnunet_tpp.models.site_types import BLOCK, HEAD, ROLES, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites
 
+__all__ = ["BLOCK", "HEAD", "ROLES", "SHORTCUT", "UPSAMPLE", "ConvSite", "NetworkSites", "NoDescriptionError",
+           "cancelled_biases", "cancels_channel_bias", "describe", "encoder_channels", "encoder_outputs",
+           "parent_and_attr", "register_describer", "replace_module"]
 
-@dataclass(frozen=True)
-class ConvSite:
-    """One convolution of a network.
-
-    Attributes:
-        name: qualified module name of the ``nn.Conv*`` / ``nn.ConvTranspose*``.
-        role: ``block`` (a convolution in a block's main path), ``shortcut`` (a block's projection),
-            ``upsample`` (a decoder upsampling convolution) or ``head`` (a segmentation output).
-        block: qualified name of the enclosing block (None for upsampling layers and heads).
-        index: position among the block's main-path convolutions with a kernel larger than 1 (the block's
-            first k x k convolution has index 0; 1 x 1 convolutions of a bottleneck have index -1).
-        norm: qualified name of the normalisation applied directly to this convolution's output, or None.
-        act: qualified name of the nonlinearity applied directly to that normalisation's output, or None (e.g.
-            when the residual sum comes first).
-    """
-
-    name: str
-    role: str
-    block: str | None = None
-    index: int = -1
-    norm: str | None = None
-    act: str | None = None
-
-
-@dataclass(frozen=True)
-class NetworkSites:
-    """The description of one network.
-
-    Attributes:
-        convs: every convolution, in forward order.
-        blocks: qualified names of the blocks (residual blocks, plain conv stages) in forward order: the units
-            that activation checkpointing may recompute.
-        encoder_stages: qualified names of the encoder's stages, highest resolution first (their outputs are what
-            the TPP pretext stage pools).
-    """
-
-    convs: tuple[ConvSite, ...]
-    blocks: tuple[str, ...] = ()
-    encoder_stages: tuple[str, ...] = ()
-
-    def select(self, role: str | None = None, block_index: int | None = None) -> list[ConvSite]:
-        """The sites of ``role`` (all roles when None), only the block's ``block_index``-th k x k conv when given."""
-        return [s for s in self.convs if (role is None or s.role == role)
-                and (block_index is None or s.index == block_index)]
-
-    def by_name(self) -> dict[str, ConvSite]:
-        """``{conv name: site}``."""
-        return {s.name: s for s in self.convs}
-
-
-_DESCRIBERS: dict[type, Callable[[nn.Module], NetworkSites]] = {}
+_DESCRIBERS: dict[type, Callable[[nn.Module], NetworkSites]] = dict(NNUNET_DESCRIBERS)
 
 
 def register_describer(cls: type) -> Callable:
-    """Decorator: ``@register_describer(PlainConvUNet)`` over ``fn(model) -> NetworkSites``."""
+    """Decorator for a network class we cannot give a ``peft_sites()`` method: ``@register_describer(SomeUNet)``
+    over ``fn(model) -> NetworkSites`` makes :func:`describe` use ``fn`` for ``SomeUNet`` and its subclasses.
+
+    Returns:
+        The decorator, which returns ``fn`` unchanged.
+    """
     def wrap(fn: Callable[[nn.Module], NetworkSites]) -> Callable[[nn.Module], NetworkSites]:
         _DESCRIBERS[cls] = fn
         return fn
@@ -97,19 +56,10 @@ def describe(model: nn.Module) -> NetworkSites:
     for cls in type(model).__mro__:
         if cls in _DESCRIBERS:
             return _DESCRIBERS[cls](model)
-    _load_known_describers()
-    for cls in type(model).__mro__:
-        if cls in _DESCRIBERS:
-            return _DESCRIBERS[cls](model)
     raise NoDescriptionError(
         f"{type(model).__name__} does not describe its blocks and convolutions, so convolutional PEFT methods "
         f"cannot attach to it; give it a peft_sites() method or register a describer "
         f"(nnunet_tpp.models.sites.register_describer)")
-
-
-def _load_known_describers() -> None:
-    """Imports the modules that register describers for networks we do not own (nnU-Net's)."""
-    from nnunet_tpp.models import nnunet_networks  # noqa: F401  (registers on import)
 
 
 def encoder_outputs(model: nn.Module, x):

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_tpp.models.lean import residual_join
+from nnunet_tpp.models.lean_autograd import residual_join
 from nnunet_tpp.models.sites import BLOCK, HEAD, SHORTCUT, UPSAMPLE, ConvSite, NetworkSites
 
 NUM_POOLS = 5
@@ -32,12 +32,28 @@ class STUNetSize:
         return [self.base_width * m for m in (1, 2, 4, 8, 16, 16)]
 
 
+#: A key every STU-Net state dict has (the first convolution of the encoder).
+STUNET_MARKER = "conv_blocks_context.0.0.conv1.weight"
+
 SIZES: dict[str, STUNetSize] = {
     "S": STUNetSize("S", 16, 1),
     "B": STUNetSize("B", 32, 1),
     "L": STUNetSize("L", 64, 2),
     "H": STUNetSize("H", 96, 3),
 }
+
+
+def describe_stunet(state_dict: dict[str, torch.Tensor]) -> str:
+    """Names the STU-Net size of a state dict (e.g. ``"STU-Net-B"``), or describes what it is instead."""
+    if STUNET_MARKER not in state_dict:
+        sample = ", ".join(sorted(state_dict)[:3])
+        return f"not an STU-Net (keys like {sample})"
+    width = state_dict[STUNET_MARKER].shape[0]
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("conv_blocks_context.0.")})
+    for spec in SIZES.values():
+        if spec.base_width == width and spec.depth == depth:
+            return f"STU-Net-{spec.name}"
+    return f"an STU-Net of unpublished size (width {width}, depth {depth})"
 
 
 class InstanceNorm(nn.InstanceNorm3d):
@@ -56,7 +72,7 @@ class InstanceNorm(nn.InstanceNorm3d):
 class ResidualBlock(nn.Module):
     """conv-IN-LeakyReLU-conv-IN, plus a (1x1x1 conv) shortcut, then LeakyReLU."""
 
-    lean_residual_join = True  # its end goes through nnunet_tpp.models.lean.residual_join
+    lean_residual_join = True  # its end goes through nnunet_tpp.models.lean_autograd.residual_join
 
     def __init__(self, in_ch: int, out_ch: int, stride: Sequence[int] | int = 1, shortcut_conv: bool = False):
         super().__init__()

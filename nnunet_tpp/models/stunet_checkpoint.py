@@ -9,29 +9,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
-from nnunet_tpp.models.stunet import SIZES, STUNet
+from nnunet_tpp.models import file_kinds
+from nnunet_tpp.models.checkpoint_errors import CheckpointError
+from nnunet_tpp.models.stunet import STUNet, describe_stunet
 
 _PREFIXES = ("module.", "_orig_mod.")
-_STUNET_MARKER = "conv_blocks_context.0.0.conv1.weight"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used for the requested network."""
-
-
-def _numpy_allow_list() -> list:
-    """The numpy objects that nnU-Net v1 checkpoints pickle (scalars and small arrays in ``plot_stuff``),
-    under both the numpy 1 and numpy 2 module paths."""
-    core = np._core if hasattr(np, "_core") else np.core
-    allowed = [np.dtype, np.ndarray, core.multiarray.scalar, core.multiarray._reconstruct]
-    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "bool", "uint8")]
-    aliases = [(core.multiarray.scalar, "numpy.core.multiarray.scalar"),
-               (core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct")]
-    return allowed + aliases
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False, expected: str | None = None) -> dict:
@@ -41,16 +26,15 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False, expected: str |
         path: a ``.model`` / ``.pth`` / ``.pt`` file.
         mmap: memory-map the tensors of a ZIP-format file instead of reading them (for checks of names and
             shapes; the legacy format is read whole).
-        expected: the kind of file wanted, for the message (:mod:`nnunet_tpp.file_kinds`; default an STU-Net
+        expected: the kind of file wanted, for the message (:mod:`nnunet_tpp.models.file_kinds`; default an STU-Net
             checkpoint).
     Returns:
         The unpickled dictionary (tensors on the CPU).
     Raises:
         CheckpointError: the file is missing, not a torch checkpoint, contains objects outside the allow-list,
             or is a file of another kind that nnunet_tpp writes (an adapter file, a target-parameter file, a
-            pretext state), named as such with what to pass instead (see :mod:`nnunet_tpp.file_kinds`).
+            pretext state), named as such with what to pass instead (see :mod:`nnunet_tpp.models.file_kinds`).
     """
-    from nnunet_tpp import file_kinds  # imports this module: import here, not at the top
     obj, kind = file_kinds.read(path, mmap=mmap)
     if obj is None or not isinstance(obj, dict) or kind.kind in file_kinds.NNUNET_TPP_KINDS:
         raise CheckpointError(file_kinds.wrong_kind_message(kind, expected or file_kinds.STUNET))
@@ -78,19 +62,6 @@ def extract_state_dict(checkpoint: dict) -> tuple[dict[str, torch.Tensor], str]:
             key = key.split(".", 1)[1]
         clean[key] = value
     return clean, fmt
-
-
-def describe_stunet(state_dict: dict[str, torch.Tensor]) -> str:
-    """Names the STU-Net size of a state dict (e.g. ``"STU-Net-B"``), or describes what it is instead."""
-    if _STUNET_MARKER not in state_dict:
-        sample = ", ".join(sorted(state_dict)[:3])
-        return f"not an STU-Net (keys like {sample})"
-    width = state_dict[_STUNET_MARKER].shape[0]
-    depth = len({k.split(".")[2] for k in state_dict if k.startswith("conv_blocks_context.0.")})
-    for spec in SIZES.values():
-        if spec.base_width == width and spec.depth == depth:
-            return f"STU-Net-{spec.name}"
-    return f"an STU-Net of unpublished size (width {width}, depth {depth})"
 
 
 @dataclass

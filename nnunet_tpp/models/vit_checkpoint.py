@@ -35,7 +35,8 @@ import torch
 
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from nnunet_tpp.models.stunet_checkpoint import CheckpointError, _numpy_allow_list
+from nnunet_tpp.models.file_kinds import numpy_allow_list
+from nnunet_tpp.models.checkpoint_errors import CheckpointError, ViTCheckpointError  # noqa: F401
 from nnunet_tpp.models.vit import (PRETRAININGS, RESAMPLING, PosResampling, ViTConfig, VisionTransformer,
                                    config_dict, resample_patch_pos_embed)
 from nnunet_tpp.models.vit_medcoss import MEDCOSS_PRETRAIN_GRID, convert_medcoss, medcoss_config  # noqa: F401
@@ -48,10 +49,6 @@ _PREFIXES = ("module.", "_orig_mod.", "backbone.")
 _HEADS = ("head.", "heads.", "head_dist.", "fc_norm.", "pre_logits.", "dino_head.", "ibot_head.")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.(.+)$")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
-
-class ViTCheckpointError(CheckpointError):
-    """A file that is not a usable ViT checkpoint, or one that does not fit the model (a ValueError)."""
-
 
 @dataclass
 class LoadReport:
@@ -121,7 +118,7 @@ def _read(path: str) -> dict:
         raise ViTCheckpointError(f"checkpoint file not found: {path!r}. Pass the path of a ViT checkpoint "
                                  f"(timm / MAE / DINO / DINOv2 / MedCoSS).")
     try:
-        with torch.serialization.safe_globals(_numpy_allow_list() + [argparse.Namespace]):
+        with torch.serialization.safe_globals(numpy_allow_list() + [argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         detail = next((line.strip() for line in str(e).splitlines() if "unsupported global" in line.lower()), None)

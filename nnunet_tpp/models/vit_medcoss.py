@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import re
 
+from nnunet_tpp.models.checkpoint_errors import ViTCheckpointError
 from nnunet_tpp.models.vit import ViTConfig, vit_config
 
 MEDCOSS_PRETRAIN_GRID = 14  # main_pretrain_medcoss.py builds the model with now_2D_input_size=(224, 224), patch 16
@@ -62,7 +63,6 @@ def convert_medcoss(state: dict, notes: list[str], grid: int, head_prefixes: tup
         ``(backbone tensors, head keys, other tensors)``. Raises ``ViTCheckpointError`` for a position table
         that cannot be the pre-training grid.
     """
-    from nnunet_tpp.models.vit_checkpoint import ViTCheckpointError
     backbone, heads, extra = {}, [], {}
     for key, value in state.items():
         m = _MEDCOSS_LAYER.match(key)

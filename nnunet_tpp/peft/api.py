@@ -9,57 +9,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS as TRANSFORMER_PEFT_DEFAULTS, description_of
+from nnunet_tpp.peft.applied import (PeftConfig, is_head, method_and_options, peft_config,  # noqa: F401 (re-exported)
+                                     target_parameters, unwrap)
 from nnunet_tpp.peft.fingerprint import backbone_fingerprint, check_identity
 from nnunet_tpp.peft.registry import PeftError, PeftMethod, get_method
 
 FILE_FORMAT = "nnunet_tpp.peft/1"
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    """The method applied to a model and its resolved options."""
-
-    method: str
-    options: dict[str, Any]
-    merged: bool = False
-    trained_modules: tuple[str, ...] = ()
-    never_trained: tuple[str, ...] = ()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Returns the network inside DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _config(model: nn.Module) -> PeftConfig:
-    cfg = getattr(unwrap(model), "peft_config", None)
-    if cfg is None:
-        raise PeftError(f"no PEFT method has been applied to this {type(unwrap(model)).__name__}; "
-                        f"call nnunet_tpp.peft.apply(model, method) first")
-    return cfg
-
-
-def _method_and_options(model: nn.Module) -> tuple[PeftMethod, Any]:
-    cfg = _config(model)
-    method = get_method(cfg.method)
-    return method, method.parse_options(cfg.options)
-
-
-def is_head(model: nn.Module, name: str) -> bool:
-    """True when parameter ``name`` belongs to one of the model's task heads."""
-    return any(name == p or name.startswith(p + ".") for p in getattr(unwrap(model), "head_prefixes", ()))
 
 
 def apply(model: nn.Module, method: str, **options) -> nn.Module:
@@ -94,37 +54,27 @@ def apply(model: nn.Module, method: str, **options) -> nn.Module:
 def _trains(method: PeftMethod, net: nn.Module, name: str) -> bool:
     """Whether parameter ``name`` trains: the method's own, the heads', or inside a module the method trains
     (never one the method marked as unable to learn)."""
-    if name in _config(net).never_trained:
+    if name in peft_config(net).never_trained:
         return False
     if method.trains(name) or is_head(net, name):
         return True
-    return any(name.startswith(prefix + ".") for prefix in _config(net).trained_modules)
+    return any(name.startswith(prefix + ".") for prefix in peft_config(net).trained_modules)
 
 
 def freeze(model: nn.Module) -> nn.Module:
     """Sets ``requires_grad`` as the applied method wants: its trained parameters and the heads train,
     everything else is frozen (also to restore the freezing after a stage that trained a subset)."""
-    method, _ = _method_and_options(model)
+    method, _ = method_and_options(model)
     net = unwrap(model)
     for name, param in net.named_parameters():
         param.requires_grad_(_trains(method, net, name))
     return model
 
 
-def target_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The parameters the method added (Conv-Adapter / LoRA weights): what TPP pre-trains.
-
-    Returns:
-        ``{name: parameter}`` in module order; empty for methods that add nothing.
-    """
-    method, _ = _method_and_options(model)
-    return {n: p for n, p in unwrap(model).named_parameters() if method.is_target(n)}
-
-
 def trained_parameter_names(model: nn.Module) -> list[str]:
     """Names of everything the method trains: its target parameters, its other trainable parameters and
     the heads (what an adapter-only checkpoint holds)."""
-    method, _ = _method_and_options(model)
+    method, _ = method_and_options(model)
     net = unwrap(model)
     return [n for n, _ in net.named_parameters() if _trains(method, net, n)]
 
@@ -150,7 +100,7 @@ class TrainableSummary:
 def trainable_summary(model: nn.Module) -> TrainableSummary:
     """Counts trainable, total, target and head parameters of a PEFT model. The total is the adapted
     network's size: trainable copies of existing weights (APLA rows) are not counted twice."""
-    method, _ = _method_and_options(model)
+    method, _ = method_and_options(model)
     net = unwrap(model)
     params = dict(net.named_parameters())
     trainable = set(trained_parameter_names(net))
@@ -179,7 +129,7 @@ def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: 
         The names that were loaded.
     """
     net = unwrap(model)
-    method, _ = _method_and_options(net)
+    method, _ = method_and_options(net)
     expected = set(trained_parameter_names(net))
     params = dict(net.named_parameters())
     weights = current_names(net, weights)
@@ -201,7 +151,7 @@ def load_state_dict(model: nn.Module, weights: dict[str, torch.Tensor], strict: 
 def current_names(model: nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``weights`` (adapter / target-parameter tensors by name) with the names of files written by earlier versions
     mapped to the names ``model`` holds them under (e.g. Hugging Face ``peft``'s ``lora_A.default``)."""
-    method, _ = _method_and_options(model)
+    method, _ = method_and_options(model)
     names = {n for n, _ in unwrap(model).named_parameters()}
     return {method.current_name(n, names): w for n, w in weights.items()}
 
@@ -213,8 +163,8 @@ def merge(model: nn.Module) -> nn.Module:
         ``model``, now free of PEFT layers. Raises :class:`PeftError` for methods that cannot merge.
     """
     net = unwrap(model)
-    cfg = _config(net)
-    method, opts = _method_and_options(net)
+    cfg = peft_config(net)
+    method, opts = method_and_options(net)
     method.merge(net, opts)
     net.peft_config = dataclasses.replace(cfg, merged=True)
     return model
@@ -229,7 +179,7 @@ def save(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -
 def identity(model: nn.Module) -> dict:
     """What a weights file must match to be loaded into ``model``: method, options, architecture and, when the
     backbone was fingerprinted (:func:`nnunet_tpp.peft.identity.fingerprint_backbone`), ``backbone``."""
-    cfg = _config(model)
+    cfg = peft_config(model)
     ours = {"method": cfg.method, "options": cfg.options, "architecture": architecture_name(model)}
     fingerprint = backbone_fingerprint(model)
     if fingerprint is not None:
@@ -246,7 +196,7 @@ def load(model: nn.Module, path: str | os.PathLike, allow_other_backbone: bool =
     Returns:
         The file's metadata (everything but the weights).
     """
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     try:
         payload = file_kinds.load_expected(os.fspath(path), file_kinds.ADAPTER, role="adapter weights")
     except file_kinds.FileKindError as e:

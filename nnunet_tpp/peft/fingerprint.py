@@ -13,13 +13,13 @@ import hashlib
 import torch
 from torch import nn
 
+from nnunet_tpp.peft.applied import is_head, target_parameters, unwrap
 from nnunet_tpp.peft.registry import PeftError, get_method
 
 FINGERPRINT_ATTRIBUTE = "backbone_fingerprint"
 
 
 def _backbone_tensors(model: nn.Module):
-    from nnunet_tpp.peft.api import is_head, target_parameters, unwrap
     net = unwrap(model)
     targets = set(target_parameters(net)) if getattr(net, "peft_config", None) is not None else set()
     seen = set()
@@ -33,7 +33,6 @@ def _backbone_tensors(model: nn.Module):
 def fingerprint_backbone(model: nn.Module) -> str:
     """Hashes the backbone tensors of ``model`` now (names, shapes, dtypes and values; independent of memory layout
     and device), records the result on the model and returns it (``blake2b:<32 hex digits>``)."""
-    from nnunet_tpp.peft.api import unwrap
     digest = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, tensor in sorted(_backbone_tensors(model), key=lambda item: item[0]):
@@ -48,7 +47,6 @@ def fingerprint_backbone(model: nn.Module) -> str:
 def backbone_fingerprint(model: nn.Module) -> str | None:
     """The fingerprint recorded by :func:`fingerprint_backbone` (None when the backbone was never fingerprinted,
     e.g. a network built for prediction)."""
-    from nnunet_tpp.peft.api import unwrap
     return getattr(unwrap(model), FINGERPRINT_ATTRIBUTE, None)
 
 

@@ -14,7 +14,7 @@ per-channel max and mean of ``feature_stages``). The arms, per seed:
 * ``random init``: a randomly initialised STU-Net;
 * ``pre-trained``: the pre-trained backbone (``backbone``: a published STU-Net checkpoint; without one a stand-in is
   made here: STU-Net trained for ``upstream_steps`` supervised steps on procedurally generated phantoms,
-  :mod:`nnunet_tpp.demo.phantom`, other images than the data);
+  :mod:`nnunet_tpp.data.phantom`, other images than the data);
 * ``+ PEFT at init``: the pre-trained backbone with the PEFT method at its initialisation;
 * ``+ TPP DINO`` / ``+ TPP masked``: after the pretext stage (``epochs`` x ``iterations``, batch ``batch``) on the
   training cases only, from that same initialisation;
@@ -146,7 +146,7 @@ def upstream_pretrain(cfg: ProbeConfig, path: Path, log: Callable[[str], None]) 
     """A small pre-trained STU-Net: ``upstream_steps`` supervised steps (Adam 1e-3, cross-entropy, batch 2,
     ``upstream_patch``^3 patches, half of them centred on an organ) on ``upstream_cases`` phantoms (labels
     background / liver / kidney / lesion, z-scored), saved as an nnU-Net v2 ``.pth`` (``network_weights``)."""
-    from nnunet_tpp.demo.phantom import make_phantom
+    from nnunet_tpp.data.phantom import make_phantom
     if path.exists():
         log(f"tpp-probe: reusing the upstream pre-trained backbone {path}")
         return path
@@ -189,7 +189,7 @@ def upstream_pretrain(cfg: ProbeConfig, path: Path, log: Callable[[str], None]) 
 def _pretrained(cfg: ProbeConfig, checkpoint: Path):
     net = _stunet(cfg, cfg.seed)
     if cfg.dims:  # (tests) an unpublished width: the checkpoint's own tensors, strictly
-        from nnunet_tpp import file_kinds
+        from nnunet_tpp.models import file_kinds
         net.load_state_dict(file_kinds.load_torch_file(checkpoint, "an STU-Net checkpoint")["network_weights"])
     else:
         from nnunet_tpp.models.stunet_checkpoint import load_stunet_checkpoint

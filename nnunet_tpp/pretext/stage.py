@@ -115,9 +115,13 @@ class DINOStudent(nn.Module):
         return self.head(self.features(global_views, local_views), groups)
 
 
-def _teacher_of(student: nn.Module) -> nn.Module:
-    """A copy of the student for the EMA teacher that shares (does not copy) every frozen tensor and the running
-    statistics of the head's input (the student updates them, the teacher uses the same)."""
+def teacher_of(student: nn.Module) -> nn.Module:
+    """The EMA teacher of ``student``: a copy that shares (does not copy) every frozen tensor and the running
+    statistics of the head's input (the student updates them, the teacher uses the same).
+
+    Returns:
+        The teacher, in eval mode, with no parameter requiring a gradient.
+    """
     shared = {id(p): p for p in student.parameters() if not p.requires_grad}
     for module in student.modules():
         if isinstance(module, RunningStandardization):
@@ -217,7 +221,7 @@ def run_dino_stage(network: nn.Module, sample, schedule: PretextSchedule, cfg: D
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             student = build_student(net, cfg, schedule, embedding).to(device)
-        teacher = _teacher_of(student)
+        teacher = teacher_of(student)
         loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum).to(device)
         named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
         params = [p for _, p in named]

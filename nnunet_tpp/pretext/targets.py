@@ -55,7 +55,7 @@ def save_target_parameters(network: nn.Module, path: str, extra: dict | None = N
 
 def read_target_parameters(path: str) -> dict:
     """The content of a target-parameter file (refusing any other kind of file, safely)."""
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     try:
         payload = file_kinds.load_expected(path, file_kinds.TARGET_PARAMETERS, role="NNUNET_TPP_TARGET_PARAMETERS")
     except file_kinds.FileKindError as e:
@@ -109,7 +109,7 @@ STATE_WHAT = "the pretext stage's resumable state (tpp_state.pth)"
 
 def read_state(state_file: str, device: torch.device | str = "cpu") -> dict:
     """The content of a pretext state file (safely; refusing other files and states of earlier versions)."""
-    from nnunet_tpp import file_kinds
+    from nnunet_tpp.models import file_kinds
     try:
         state = file_kinds.load_torch_file(state_file, STATE_WHAT, map_location=device)
     except file_kinds.FileKindError as e:

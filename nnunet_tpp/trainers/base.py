@@ -162,7 +162,7 @@ class PeftTrainer(nnUNetTrainer):
             cls.backbone.load(meta, pretrained_weights, set(peft.target_parameters(meta)), check_only=True)
         given = os.environ.get(ENV_TARGET_PARAMETERS)
         if given:
-            from nnunet_tpp import file_kinds
+            from nnunet_tpp.models import file_kinds
             from nnunet_tpp.pretext.stage import TargetParameterError
             try:
                 payload = file_kinds.load_expected(given, file_kinds.TARGET_PARAMETERS, role=ENV_TARGET_PARAMETERS,
@@ -320,7 +320,7 @@ class PeftTrainer(nnUNetTrainer):
         allow-list (nnU-Net's own loader unpickles arbitrarily)."""
         checkpoint = filename_or_checkpoint
         if isinstance(checkpoint, str):
-            from nnunet_tpp import file_kinds
+            from nnunet_tpp.models import file_kinds
             from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
             checkpoint = read_checkpoint(checkpoint, expected=file_kinds.NNUNET_CHECKPOINT)
         if not self.was_initialized:

@@ -152,9 +152,14 @@ def backbone_peft_defaults(key: str) -> dict[str, dict[str, Any]]:
 
 
 @lru_cache(maxsize=1)
-def _family_defaults() -> dict[str, dict[str, Any]]:
-    """The packaged families, plus a ``TPP<family>`` (a pretext stage first) for every family whose method adds
-    parameters to a CNN U-Net or to Primus (:data:`PRIMUS_METHODS`): TPP wraps the registry, not one method."""
+def recipe_families() -> dict[str, dict[str, Any]]:
+    """The packaged families (``recipes.yaml``), plus a ``TPP<family>`` (a pretext stage first) for every family
+    whose method adds parameters to a CNN U-Net or to Primus (:data:`PRIMUS_METHODS`): TPP wraps the registry, not
+    one method.
+
+    Returns:
+        ``{family: its recipe fields}``, read once and cached: do not modify it.
+    """
     text = resources.files("nnunet_tpp.trainers").joinpath("recipes.yaml").read_text()
     families = yaml.safe_load(text)
     for family, fields in list(families.items()):
@@ -166,7 +171,7 @@ def _family_defaults() -> dict[str, dict[str, Any]]:
 
 def family_defaults(family: str) -> dict[str, Any]:
     """The packaged defaults of a trainer family (e.g. ``ConvAdapterTrainer``)."""
-    return dict(_family_defaults()[family])
+    return dict(recipe_families()[family])
 
 
 def read_recipe_file(path: str) -> dict[str, Any]:
@@ -200,7 +205,7 @@ def _env_int(name: str) -> int | None:
 
 def _families_running(method: str, tpp) -> str:
     """Advice naming the trainer families that run ``method`` (with or without TPP), or saying none does."""
-    families = _family_defaults()
+    families = recipe_families()
     hits = sorted(f for f, d in families.items() if d["method"] == method and bool(d.get("tpp")) == bool(tpp))
     if hits:
         suffixes = "_S, _B, _L, _H or _nnUNet" if "STUNet" in get_method(method).models else \
@@ -214,7 +219,7 @@ def _tpp_variant(family: str, want_tpp: bool) -> str:
     """Advice naming the TPP (or plain) variant of ``family``, or saying it has none."""
     base = family[len(TPP_PREFIX):] if family.startswith(TPP_PREFIX) else family
     other = TPP_PREFIX + base if want_tpp else base
-    if other != family and other in _family_defaults():
+    if other != family and other in recipe_families():
         return f"use {other} instead (same backbone suffix), or remove tpp from the recipe"
     return (f"{family} has no TPP variant: its method adds no parameters to pre-train; remove tpp from the recipe"
             if want_tpp else "remove tpp from the recipe")

@@ -9,8 +9,11 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_tpp import file_kinds, peft
+from nnunet_tpp import peft
+from nnunet_tpp.models import file_kinds
 from nnunet_tpp.trainers.base import PEFT_WEIGHTS_FILE
+from nnunet_tpp.trainers.seeding import INIT_PHASE, seed_generators
+from nnunet_tpp.trainers.zoo import TRAINERS
 
 
 def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
@@ -26,7 +29,6 @@ def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
     Returns:
         The written checkpoint path. Everything is checked before the file is written.
     """
-    from nnunet_tpp.trainers.zoo import TRAINERS
 
     model_folder = Path(model_folder)
     fold_dir = model_folder / f"fold_{fold}"
@@ -74,7 +76,7 @@ def write_initial_checkpoint(model_folder: Path, fold: str, seed: int, pretraine
     """Writes the network a seeded run started from as an nnU-Net checkpoint beside its ``checkpoint_final.pth``,
     so ``nnUNetv2_predict -chk checkpoint_name`` shows what the untrained network predicts: the run's backbone
     (``pretrained``) with the PEFT parameters and heads it was initialised with
-    (:func:`nnunet_tpp.trainers.seeding.initial_network`).
+    (:func:`initial_network`).
 
     Args:
         model_folder: ``.../Trainer__Plans__configuration`` of a finished run made with ``NNUNET_TPP_SEED=seed``.
@@ -87,8 +89,6 @@ def write_initial_checkpoint(model_folder: Path, fold: str, seed: int, pretraine
         run's (then it is not the run's starting point: another seed or backbone).
     """
     from nnunet_tpp.models.stunet_checkpoint import read_checkpoint
-    from nnunet_tpp.trainers.seeding import initial_network
-    from nnunet_tpp.trainers.zoo import TRAINERS
 
     fold_dir = Path(model_folder) / f"fold_{fold}"
     out = fold_dir / checkpoint_name
@@ -106,3 +106,25 @@ def write_initial_checkpoint(model_folder: Path, fold: str, seed: int, pretraine
                          f"trained: its frozen weights differ (another seed or backbone?)")
     peft.atomic_torch_save({**final, "network_weights": weights}, out)
     return out
+
+
+def initial_network(model_folder, trainer_name: str, seed: int, configuration: str = "3d_fullres"):
+    """The network a run of ``trainer_name`` with ``NNUNET_TPP_SEED=seed`` started from, before its pre-trained
+    weights were loaded: the trainer seeds the generators right before nnU-Net builds the network, which draws
+    nothing else first, so building it again after the same seeding gives the same values.
+
+    Args:
+        model_folder: the run's ``Trainer__Plans__configuration`` folder (its ``plans.json`` and ``dataset.json``).
+        trainer_name: one of our trainers (:data:`nnunet_tpp.trainers.zoo.TRAINERS`).
+        seed: the run's ``NNUNET_TPP_SEED``.
+    Returns:
+        The network (on the CPU); its new parameters (PEFT, heads) hold the run's initial values, its backbone is
+        random (load the run's ``-pretrained_weights`` for the rest).
+    """
+    manager = PlansManager(json.loads((Path(model_folder) / "plans.json").read_text()))
+    dataset_json = json.loads((Path(model_folder) / "dataset.json").read_text())
+    config = manager.get_configuration(configuration)
+    seed_generators(seed, INIT_PHASE)
+    return TRAINERS[trainer_name].build_network_architecture(
+        manager, config, determine_num_input_channels(manager, config, dataset_json),
+        manager.get_label_manager(dataset_json).num_segmentation_heads, True)

@@ -67,32 +67,3 @@ def data_workers() -> int:
     batches are drawn in the training process, where the seed reaches them."""
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
     return int(get_allowed_n_proc_DA())
-
-
-def initial_network(model_folder, trainer_name: str, seed: int, configuration: str = "3d_fullres"):
-    """The network a run of ``trainer_name`` with ``NNUNET_TPP_SEED=seed`` started from, before its pre-trained
-    weights were loaded: the trainer seeds the generators right before nnU-Net builds the network, which draws
-    nothing else first, so building it again after the same seeding gives the same values.
-
-    Args:
-        model_folder: the run's ``Trainer__Plans__configuration`` folder (its ``plans.json`` and ``dataset.json``).
-        trainer_name: one of our trainers (:data:`nnunet_tpp.trainers.zoo.TRAINERS`).
-        seed: the run's ``NNUNET_TPP_SEED``.
-    Returns:
-        The network (on the CPU); its new parameters (PEFT, heads) hold the run's initial values, its backbone is
-        random (load the run's ``-pretrained_weights`` for the rest).
-    """
-    import json
-    from pathlib import Path
-
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_tpp.trainers.zoo import TRAINERS
-    manager = PlansManager(json.loads((Path(model_folder) / "plans.json").read_text()))
-    dataset_json = json.loads((Path(model_folder) / "dataset.json").read_text())
-    config = manager.get_configuration(configuration)
-    seed_generators(seed, INIT_PHASE)
-    return TRAINERS[trainer_name].build_network_architecture(
-        manager, config, determine_num_input_channels(manager, config, dataset_json),
-        manager.get_label_manager(dataset_json).num_segmentation_heads, True)

@@ -20,7 +20,7 @@ from nnunet_tpp.peft import get_method
 from nnunet_tpp.trainers.backbones import DEFAULT_STUNET_SIZE, NNUNET, backbone_of
 from nnunet_tpp.trainers.base import PeftTrainer
 from nnunet_tpp.trainers.primus import PRIMUS_METHODS, PrimusTrainerMixin
-from nnunet_tpp.trainers.recipe import _family_defaults
+from nnunet_tpp.trainers.recipe import recipe_families
 from nnunet_tpp.trainers.tpp import TPPTrainer
 
 FROM_SCRATCH = {"STUNetTrainer"}  # STU-Net trained from scratch: no nnU-Net variant (that is nnUNetTrainer)
@@ -39,7 +39,7 @@ def _doc(family: str, fields: dict, key: str) -> str:
 
 
 def _make_family(family: str) -> dict[str, type]:
-    fields = _family_defaults()[family]
+    fields = recipe_families()[family]
     parent = TPPTrainer if fields.get("tpp") else PeftTrainer
     attrs = {"family": family, "expects_pretrained": family not in FROM_SCRATCH, "__module__": __name__}
     base = type(family, (parent,), {**attrs, "backbone": backbone_of(DEFAULT_STUNET_SIZE),
@@ -62,7 +62,7 @@ def _make_family(family: str) -> dict[str, type]:
 
 
 TRAINERS: dict[str, type] = {}
-for _family in _family_defaults():
+for _family in recipe_families():
     TRAINERS.update(_make_family(_family))
 globals().update(TRAINERS)
 __all__ = sorted(TRAINERS)

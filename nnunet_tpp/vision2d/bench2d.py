@@ -39,7 +39,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -315,12 +315,3 @@ def describe_runs(suite: Suite, shard: tuple[int, int] | None = None) -> list[st
                      f"seed {run.seed}: {state}  ({run.out})")
     lines += [f"  note: {n}" for n in suite.notes]
     return lines
-
-
-def run_suite(suite: Suite, log: Callable[[str], None] = print, jobs: int | None = None, progress: bool = True,
-              devices: list[str] | None = None, shard: tuple[int, int] | None = None,
-              stale_after: float | None = None) -> dict:
-    """Runs the suite's unfinished runs (of ``shard``), each in a fresh child process, then writes the results
-    (:func:`nnunet_tpp.vision2d.bench2d_run.run_suite`, which documents the arguments)."""
-    from nnunet_tpp.vision2d.bench2d_run import run_suite as execute
-    return execute(suite, log=log, jobs=jobs, progress=progress, devices=devices, shard=shard, stale_after=stale_after)

@@ -178,10 +178,10 @@ def _writer() -> str:
 
 
 def machine(device: str) -> str:
-    """The machine description of :func:`nnunet_tpp.bench.machine_description` for the suite's device."""
+    """The machine description of :func:`nnunet_tpp.measuring.machine_description` for the suite's device."""
     import torch
 
-    from nnunet_tpp.bench import machine_description
+    from nnunet_tpp.measuring import machine_description
     kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
     return machine_description(kind)
 

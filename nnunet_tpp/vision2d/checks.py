@@ -17,6 +17,8 @@ from torch import nn
 
 from nnunet_tpp import peft
 from nnunet_tpp.vision2d.config import LITEMEDSAM, Train2dConfig, identity_of
+from nnunet_tpp.vision2d.model import build_task_model
+from nnunet_tpp.vision2d.ssa_settings import check_ssa_run
 
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "checkpoint.pth"
@@ -122,7 +124,6 @@ def check_settings(cfg: Train2dConfig) -> tuple[torch.device, dict | None]:
         raise peft.PeftError(f"PEFT method {cfg.method!r} adapts {', '.join(method.models)}, not a ViT; see "
                              f"nnunet-tpp methods")
     if cfg.ssa != "none":
-        from nnunet_tpp.vision2d.ssa import check_ssa_run
         check_ssa_run(cfg)
     check_vit_shape(cfg)
     device = resolve_device(cfg.device)
@@ -133,7 +134,6 @@ def check_backbones(cfg: Train2dConfig, backbones: list[nn.Module], num_classes:
     """The method's checks on the built backbones before anything is written: it is applied to a copy of the task
     model (``partial``'s ``quarter: auto`` needs a known pre-training of each backbone; ``vpt``, ``evp`` and ``dtl``
     need one token stream, which LiteMedSAM's encoder has not); raises :class:`~nnunet_tpp.peft.PeftError`."""
-    from nnunet_tpp.vision2d.train import build_task_model
     with torch.random.fork_rng(devices=[]):  # the run's random numbers do not depend on this check
         copies = [copy.deepcopy(b) for b in backbones]
         peft.apply(build_task_model(cfg, copies[0], num_classes, copies[1:]), cfg.method, **cfg.method_options)

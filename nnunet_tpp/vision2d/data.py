@@ -226,7 +226,13 @@ def _three_way(labels, n, seed):
     return rest[train], rest[val], test
 
 
-def _detect_layout(path: Path) -> str:
+def detect_layout(path: Path) -> str:
+    """The layout of the dataset at ``path``: ``npz`` (a MedMNIST file), ``mhist`` (``annotations.csv``),
+    ``image_mask`` (an ``images`` folder: segmentation) or ``class_folders``.
+
+    Raises:
+        DataError: ``path`` is neither an ``.npz`` file nor a folder.
+    """
     if path.is_file() and path.suffix == ".npz":
         return "npz"
     if not path.is_dir():
@@ -275,7 +281,7 @@ def load_dataset(path: str | Path, task: str, img_size: int, in_chans: int | Non
     if path.is_dir() and not (path / "annotations.csv").is_file() and not _has_images(path):
         raise DataError(f"{path}: found no images (no {', '.join(sorted(IMAGE_SUFFIXES))} files in it or its "
                         f"sub-folders); point --data at a dataset folder or a MedMNIST .npz")
-    layout = layout or _detect_layout(path)
+    layout = layout or detect_layout(path)
     if (task == "seg") != (layout == "image_mask"):
         raise DataError(f"{path}: a {layout} dataset cannot be used for task {task!r}"
                         + (" (segmentation needs images/ + masks/)" if task == "seg" else ""))

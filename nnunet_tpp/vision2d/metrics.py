@@ -11,16 +11,21 @@ Units: ACC, AUC, F1, Dice and ``trainable_ratio`` are **fractions** (0-1) in eve
 ``history.json``, the benchmarks' files), which name them in a ``"units"`` entry (:data:`UNITS`); HD95 is in
 pixels here (2-D images carry no spacing; ``nnunet-tpp evaluate`` reports it in mm). Printed tables and log lines
 show percent and say so. Files written before this convention (no ``"units"`` entry) held percent;
-:func:`read_metrics` converts them.
+:func:`read_metrics` converts them. A run's peak memory is measured by :func:`peak_memory_mb`.
 """
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nnunet_tpp.evaluation import dice_hd95
+
+if TYPE_CHECKING:
+    import torch
 
 FRACTIONS = ("acc", "auc", "f1", "dice", "trainable_ratio")
 UNITS = {"acc": "fraction", "auc": "fraction", "f1": "fraction", "dice": "fraction", "hd95": "pixel",
@@ -111,3 +116,15 @@ def read_metrics(path: str | Path) -> dict:
 def percent(value: float) -> float:
     """A fraction as percent, for printed tables and logs."""
     return 100.0 * float(value)
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """Peak memory so far and what it measures: CUDA allocated memory, or this process' peak RSS on CPU.
+
+    Returns:
+        ``(MiB, a description of the measure)``, e.g. ``(812.0, "process peak RSS")``.
+    """
+    import torch  # only measuring needs it; reading and writing metrics does not
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"

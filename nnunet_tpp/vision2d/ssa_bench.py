@@ -17,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from nnunet_tpp.bench import _count, _load, machine_description
-from nnunet_tpp.bench_workers import _sync
+from nnunet_tpp.measuring import load_average, machine_description, short_count, synchronize
 from nnunet_tpp.pretext.dino import ema_update
-from nnunet_tpp.vision2d.ssa import SSAError, SSASettings, build_ssa, check_method, ssa_settings, ssa_step
+from nnunet_tpp.vision2d.ssa import build_ssa, ssa_step
+from nnunet_tpp.vision2d.ssa_settings import SSAError, SSASettings, check_method, ssa_settings
 
 REFERENCE = "full"
 DEFAULT_METHODS = ("full", "apla", "lora", "ssf")
@@ -49,11 +49,11 @@ def _measure(backbone_factory, method: str, batch: int, steps: int, device: str,
         group["lr"] = settings.peak_lr(method)
     times = []
     for step in range(warmup + steps):
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         ssa_step(m, images, settings, step, 0, settings.teacher_temp, False, True)
         ema_update(m.student, m.teacher, settings.momentum_teacher)
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - start)
     step_time = statistics.median(times[warmup:])
     return {"method": method, "step_time_s": step_time, "images_per_s": batch / step_time,
@@ -124,13 +124,13 @@ def run_ssa_bench(arch: str = "vit_base", img_size: int = 224, patch_size: int =
     result = {"machine": machine_description("cuda" if device.startswith("cuda") else "cpu", threads),
               "device": device, "arch": arch, "img_size": img_size, "patch_size": patch_size, "in_chans": in_chans,
               "arch_options": arch_options or {}, "batch": batch, "steps": steps, "warmup": warmup,
-              "n_local": settings.n_local, "out_dim": settings.out_dim, "load_before": _load(), "methods": {}}
+              "n_local": settings.n_local, "out_dim": settings.out_dim, "load_before": load_average(), "methods": {}}
     for method in methods:
         log(f"SSA step, {method}: {warmup} warm-up + {steps} measured steps of {batch} images ...")
         row = measure_ssa(factory, method, batch, steps, device, settings, warmup, threads=threads)
         result["methods"][method] = row
         log(f"SSA step, {method}: {row['step_time_s']:.2f} s/step, {row['peak_memory_mb']:.0f} MiB")
-    result["load_after"] = _load()
+    result["load_after"] = load_average()
     ref = result["methods"][REFERENCE]
     for row in result["methods"].values():
         row["trainable_ratio"] = row["trainable_params"] / row["total_params"]
@@ -155,7 +155,7 @@ def format_ssa_report(result: dict) -> str:
              "| SSA method | Trainable | Ratio (%) | s/step | Images/s | Peak memory (MiB) | Memory vs full | "
              "Speed vs full |", "|---|---|---|---|---|---|---|---|"]
     for name, row in r["methods"].items():
-        lines.append(f"| {name} | {_count(row['trainable_params'])} | {100 * row['trainable_ratio']:.2f} | "
+        lines.append(f"| {name} | {short_count(row['trainable_params'])} | {100 * row['trainable_ratio']:.2f} | "
                      f"{row['step_time_s']:.2f} | {row['images_per_s']:.2f} | {row['peak_memory_mb']:.0f} | "
                      f"{row['memory_ratio']:.2f}x | {row['speed_ratio']:.2f}x |")
     kind = next(iter(r["methods"].values()))["memory_kind"]

@@ -98,8 +98,8 @@ def pretext_images(cfg, in_chans: int, train_set):
     """The images the stage trains on: ``train_set``, or the training split of ``cfg.tpp_data``."""
     if cfg.tpp_data is None:
         return train_set
-    from nnunet_tpp.vision2d.data import _detect_layout, load_dataset
-    task = "seg" if _detect_layout(cfg.tpp_data) == "image_mask" else "cls"
+    from nnunet_tpp.vision2d.data import detect_layout, load_dataset
+    task = "seg" if detect_layout(cfg.tpp_data) == "image_mask" else "cls"
     return load_dataset(cfg.tpp_data, task, cfg.img_size, in_chans=in_chans, seed=cfg.seed, augment=False).train
 
 

@@ -66,13 +66,13 @@ def pretrain_mae_upstream(data: str | Path, out_file: str | Path, arch: str = "v
     from nnunet_tpp.pretext.mae import MAEDecoder, mae_loss, random_masking
     from nnunet_tpp.pretext.optim import weight_decay_groups
     from nnunet_tpp.vision2d.data import load_dataset, make_loader
-    from nnunet_tpp.vision2d.train import resolve_device
+    from nnunet_tpp.vision2d.checks import resolve_device
 
     out_file = Path(out_file)
     data = Path(data)
     if task is None:
-        from nnunet_tpp.vision2d.data import _detect_layout
-        task = "seg" if _detect_layout(data) == "image_mask" else "cls"
+        from nnunet_tpp.vision2d.data import detect_layout
+        task = "seg" if detect_layout(data) == "image_mask" else "cls"
     settings = {"data": str(data), "arch": arch, "img_size": img_size, "patch_size": patch_size, "in_chans": in_chans,
                 "arch_options": dict(arch_options or {}), "epochs": epochs, "batch_size": batch_size, "seed": seed,
                 "task": task, "mask_ratio": mask_ratio, "base_lr": base_lr, "weight_decay": weight_decay,

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from nnunet_tpp.cli import main
-from nnunet_tpp.vision2d.bench2d import SuiteError, load_suite, run_suite
+from nnunet_tpp.vision2d.bench2d import SuiteError, load_suite
+from nnunet_tpp.vision2d.bench2d_run import run_suite
 from tests.conftest import REPO, balanced_pneumonia_subset
 
 CONFIGS = REPO / "configs" / "2d"

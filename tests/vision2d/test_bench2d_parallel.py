@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from nnunet_tpp.cli import main
-from nnunet_tpp.vision2d.bench2d import load_suite, run_suite
+from nnunet_tpp.vision2d.bench2d import load_suite
+from nnunet_tpp.vision2d.bench2d_run import run_suite
 from nnunet_tpp.vision2d.bench2d_lock import LOCK_NAME, RunLock
 from nnunet_tpp.vision2d.bench2d_parallel import (ParallelError, in_shard, jobs_for, parse_devices, parse_shard,
                                                   record_suite)

@@ -24,7 +24,8 @@ import torch
 from nnunet_tpp import peft
 from nnunet_tpp.vision2d.config import Train2dConfig
 from nnunet_tpp.vision2d.data import load_dataset
-from nnunet_tpp.vision2d.train import build_backbone, build_model, evaluate, run_train2d
+from nnunet_tpp.vision2d.model import build_backbone, build_model
+from nnunet_tpp.vision2d.train import evaluate, run_train2d
 from tests.conftest import PNEUMONIA, SHARED, balanced_pneumonia_subset, require
 
 MARGIN = 0.05

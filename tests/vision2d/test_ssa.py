@@ -9,8 +9,9 @@ from torch.utils.data import Subset
 
 from nnunet_tpp.models.vit import build_vit
 from nnunet_tpp.vision2d.config import Train2dConfig
-from nnunet_tpp.vision2d.ssa import (BACKBONE_FILE, PLOT_FILE, STATE_FILE, SSABackbone, SSAError, build_ssa,
-                                     carry_ssa_parameters, check_ssa_run, run_ssa, ssa_settings)
+from nnunet_tpp.vision2d.ssa import (BACKBONE_FILE, PLOT_FILE, STATE_FILE, SSABackbone, build_ssa, carry_ssa_parameters,
+                                     run_ssa)
+from nnunet_tpp.vision2d.ssa_settings import SSAError, check_ssa_run, ssa_settings
 from tests.conftest import SHARED, require
 
 DATA = SHARED / "data" / "2d" / "pneumoniamnist_balanced.npz"

@@ -49,7 +49,8 @@ def test_classification_run_writes_metrics_and_adapter_weights(small_npz, tmp_pa
     assert (out / "progress.png").stat().st_size > 0 and not (out / "checkpoint.pth").exists()
     # the adapter file alone (plus the same random backbone, seed 0) reproduces the test accuracy
     from nnunet_tpp.vision2d.data import load_dataset
-    from nnunet_tpp.vision2d.train import build_backbone, build_model, evaluate
+    from nnunet_tpp.vision2d.model import build_backbone, build_model
+    from nnunet_tpp.vision2d.train import evaluate
     cfg = cls_config(small_npz, out)
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.data, "cls", cfg.img_size, seed=cfg.seed)
@@ -182,7 +183,8 @@ def test_two_ssl_backbones_combined_in_one_run(small_npz, tmp_path, mode, method
     assert {n.split(".")[1] for n in saved["state_dict"] if n.startswith("backbones.")} == {"0", "1"}
     # the adapter file plus the two checkpoints reproduce the test accuracy
     from nnunet_tpp.vision2d.data import load_dataset
-    from nnunet_tpp.vision2d.train import build_backbone, build_model, evaluate
+    from nnunet_tpp.vision2d.model import build_backbone, build_model
+    from nnunet_tpp.vision2d.train import evaluate
     cfg = Train2dConfig(task="cls", data=small_npz, out=tmp_path / "again", arch="vit_tiny", img_size=28,
                         patch_size=4, arch_options=TINY, backbone=checkpoints[0], combine_backbones=[checkpoints[1]],
                         combine=mode, method=method, device="cpu")

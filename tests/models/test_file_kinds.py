@@ -1,4 +1,4 @@
-"""nnunet_tpp.file_kinds: every kind of file is named as such, nothing unsafe is unpickled, and no message
+"""nnunet_tpp.models.file_kinds: every kind of file is named as such, nothing unsafe is unpickled, and no message
 suggests weights_only=False (issue 15)."""
 import hashlib
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_tpp import file_kinds as fk
+from nnunet_tpp.models import file_kinds as fk
 from nnunet_tpp import peft
 from nnunet_tpp.models.stunet import build_stunet
 from nnunet_tpp.models.stunet_checkpoint import CheckpointError, load_stunet_checkpoint, read_checkpoint
