@@ -256,6 +256,15 @@ def run_bench(sizes=("S",), patch=None, batch=2, methods=None, device="cpu", ste
     check_pools = plan_settings(plans_file, configuration)["pools"] if network == "plans" else pools
     names = _check(keys, patch, int(batch), methods, device, int(steps), int(warmup), check_pools, variants,
                    int(rounds))
+    if pretext and network == "stunet" and pretext_objective == "mae":  # its one view is the patch
+        from nnunet_tpp.pretext.dino import PretextSettingsError
+        from nnunet_tpp.pretext.masked import MaskedConfig
+        from nnunet_tpp.pretext.masked_views import check_mask_settings
+        try:
+            check_mask_settings(MaskedConfig.mask_ratio, MaskedConfig.block_size, patch)
+        except PretextSettingsError as e:
+            raise BenchError(f"the masked-reconstruction pretext step cannot run on this patch: {e} "
+                             f"(or pass --no-pretext)") from None
     import torch
     machine, load_before = machine_description(device, threads), load_average()
     per_backbone = {}

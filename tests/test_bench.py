@@ -76,6 +76,13 @@ def test_the_pretext_measurement_runs_the_stage_it_names(objective, monkeypatch)
     assert result["objective"] == objective and result["step_time_s"] > 0 and result["volumes_per_s"] > 0
 
 
+def test_a_patch_the_masked_pretext_cannot_mask_is_refused_before_measuring(monkeypatch):
+    """16^3 with the default 16-voxel blocks is one block, of which 75 % masks none: said before any process."""
+    monkeypatch.setattr(bench, "_measure", lambda *a, **k: pytest.fail("measured before the settings were checked"))
+    with pytest.raises(bench.BenchError, match="masks none.*--no-pretext"):
+        bench.run_bench(sizes=("S",), patch=(16, 16, 16), pools=[[2, 2, 2]] * 4 + [[1, 1, 1]], batch=1)
+
+
 def test_unknown_method_lists_known_ones(capsys):
     parser = argparse.ArgumentParser()
     bench.add_bench_arguments(parser)

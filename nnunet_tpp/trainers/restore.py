@@ -29,7 +29,6 @@ def restore_checkpoint(model_folder: Path, fold: str, backbone: Path,
     Returns:
         The written checkpoint path. Everything is checked before the file is written.
     """
-
     model_folder = Path(model_folder)
     fold_dir = model_folder / f"fold_{fold}"
     adapter_file = fold_dir / PEFT_WEIGHTS_FILE
