@@ -1,6 +1,6 @@
 """The ``nnunet-tpp`` command: ``demo``, ``bench``, ``gpu-check``, ``evaluate``, ``convert``, ``pretrain``,
-``experiment``, ``trainers``, ``methods``, ``check``, ``adopt-plans``, ``restore`` (3-D), ``train2d``, ``bench2d`` and
-``bench-ssa`` (2-D)."""
+``experiment``, ``evidence``, ``trainers``, ``methods``, ``check``, ``adopt-plans``, ``restore`` (3-D), ``train2d``,
+``bench2d`` and ``bench-ssa`` (2-D)."""
 from __future__ import annotations
 
 import argparse
@@ -299,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ssa_bench_parser(sub)
     from nnunet_tpp.pretext.probe_cli import add_probe_parser
     add_probe_parser(sub)
+    from nnunet_tpp.evidence.cli import add_evidence_parser
+    add_evidence_parser(sub)
     return parser
 
 

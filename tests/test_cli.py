@@ -6,7 +6,7 @@ import pytest
 
 HEAVY = ("torch", "nnunetv2", "timm", "SimpleITK", "monai")
 COMMANDS = ("demo", "bench", "gpu-check", "evaluate", "convert", "pretrain", "experiment", "trainers", "methods",
-            "check", "adopt-plans", "restore", "train2d", "bench2d", "bench-ssa", "tpp-probe")
+            "check", "adopt-plans", "restore", "train2d", "bench2d", "bench-ssa", "tpp-probe", "evidence")
 
 
 def _heavy_modules_after(argv: list[str]) -> list[str]:

@@ -243,3 +243,34 @@ def cases_from_folder(folder: Path) -> list[Case]:
         raise DatasetError(f"case names {clashes} occur twice in {folder} once reduced to letters and digits "
                            f"(nnU-Net's case names); rename the files")
     return cases
+
+
+def labels_of_folder(folder: Path) -> dict[str, int]:
+    """The label names of a case folder, from its ``labels.json`` (``{"background": 0, "liver": 1, ...}``).
+
+    Returns:
+        ``{name: value}``. Raises :class:`DatasetError` when the file is missing, not JSON, not a map of names to
+        integers, or does not map ``background`` to 0.
+    """
+    path = Path(folder) / "labels.json"
+    if not path.exists():
+        raise DatasetError(f"{folder}: give the label names in a labels.json there "
+                           f"(e.g. {{\"background\": 0, \"liver\": 1}})")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError as e:
+        raise DatasetError(f"{path} is not valid JSON ({e}); write e.g. {{\"background\": 0, \"liver\": 1}}"
+                           ) from None
+    return checked_labels(raw, str(path))
+
+
+def checked_labels(raw, where: str) -> dict[str, int]:
+    """``raw`` as ``{name: int}`` with ``background`` 0; raises :class:`DatasetError` naming ``where``."""
+    try:
+        labels = {str(k): int(v) for k, v in dict(raw).items()}
+    except (TypeError, ValueError):
+        raise DatasetError(f"{where}: labels are a map of names to integers, e.g. {{\"background\": 0, "
+                           f"\"liver\": 1}}; got {raw!r}") from None
+    if labels.get("background") != 0:
+        raise DatasetError(f"{where}: the labels must map 'background' to 0, got {labels}")
+    return labels

@@ -17,7 +17,7 @@ import SimpleITK as sitk
 import yaml
 
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
-    dataset_folder_name, write_raw_dataset
+    checked_labels, dataset_folder_name, labels_of_folder, write_raw_dataset
 from nnunet_tpp.data.phantom import LABELS, write_phantom_case
 from nnunet_tpp.demo.report import chance_dice, learnt, result_table
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
@@ -87,25 +87,11 @@ def _phantom_cases(folder: Path, seeds: list[int], prefix: str) -> list[Case]:
 
 def _read_labels(cfg: DemoConfig) -> dict[str, int]:
     if cfg.labels:
-        raw, where = cfg.labels, "--labels"
-    else:
-        path = Path(cfg.data) / "labels.json"
-        if not path.exists():
-            raise DatasetError(f"{cfg.data}: give the label names with --labels or a labels.json there "
-                               f"(e.g. {{\"background\": 0, \"liver\": 1}})")
-        try:
-            raw, where = json.loads(path.read_text()), str(path)
-        except ValueError as e:
-            raise DatasetError(f"{path} is not valid JSON ({e}); write e.g. {{\"background\": 0, \"liver\": 1}}"
-                               ) from None
-    try:
-        labels = {str(k): int(v) for k, v in dict(raw).items()}
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: labels are a map of names to integers, e.g. {{\"background\": 0, "
-                           f"\"liver\": 1}}; got {raw!r}") from None
-    if labels.get("background") != 0:
-        raise DatasetError(f"{where}: the labels must map 'background' to 0, got {labels}")
-    return labels
+        return checked_labels(cfg.labels, "--labels")
+    if not (Path(cfg.data) / "labels.json").exists():
+        raise DatasetError(f"{cfg.data}: give the label names with --labels or a labels.json there "
+                           f"(e.g. {{\"background\": 0, \"liver\": 1}})")
+    return labels_of_folder(Path(cfg.data))
 
 
 @dataclass

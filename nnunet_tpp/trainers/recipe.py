@@ -71,6 +71,9 @@ class TrainerRecipe:
         pretext_clip: (DINO) gradient clipping ``per_parameter`` (official) or ``global``.
         pretext_mask_ratio, pretext_mask_block: (mae) share of blocks masked (0.75) and block edge in voxels (None:
             16 on a CNN U-Net, one token (8) on Primus, as nnssl).
+        pretext_cases: the preprocessed cases the stage draws its images from (None: the fold's training cases).
+            Unlabelled use of more images than the fold trains on, e.g. a whole training pool of which a few
+            cases are labelled (``nnunet-tpp evidence``); their labels are never read by the stage.
         pretext_optimizer: (mae) ``sgd`` or ``adamw`` (None: nnssl's, SGD on a CNN U-Net, AdamW on Primus).
         lean_backward: the exact lean norm/activation memory path of :mod:`nnunet_tpp.models.lean` (norm +
             LeakyReLU (+ residual sum) keep only their output); it acts only where the backbone is frozen.
@@ -106,6 +109,7 @@ class TrainerRecipe:
     pretext_mask_ratio: float = 0.75
     pretext_mask_block: int | None = None
     pretext_optimizer: str | None = None
+    pretext_cases: list[str] | None = None
     lean_backward: bool = True
     activation_checkpointing: str = "off"
 
@@ -124,6 +128,10 @@ class TrainerRecipe:
             raise RecipeError(f"pretext_eval_cases must lie between 0 and 1 (a share of the training cases) and "
                               f"pretext_eval_samples be >= 1, got {self.pretext_eval_cases}, "
                               f"{self.pretext_eval_samples}")
+        if self.pretext_cases is not None and (not isinstance(self.pretext_cases, list) or not self.pretext_cases
+                                               or not all(isinstance(c, str) for c in self.pretext_cases)):
+            raise RecipeError(f"pretext_cases must be a non-empty list of case names (or null: the fold's "
+                              f"training cases), got {self.pretext_cases!r}")
         if self.pretext_workers is not None and int(self.pretext_workers) < 0:
             raise RecipeError(f"pretext_workers must be >= 0 (or null: nnUNet_n_proc_DA), got {self.pretext_workers}")
 

@@ -109,6 +109,17 @@ class TPPTrainer(PeftTrainer):
         return (self.continue_training and self.current_epoch == 0 and not os.environ.get(ENV_TARGET_PARAMETERS)
                 and bool((self.recorded_backbone() or {}).get("path")))
 
+    def _pretext_cases(self, names: list[str]) -> list[str]:
+        """The recipe's ``pretext_cases``, checked against the preprocessed dataset (raises
+        :class:`PretextSettingsError` naming the cases it lacks)."""
+        known = set(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+        missing = sorted(set(names) - known)
+        if missing:
+            raise PretextSettingsError(f"pretext_cases names {len(missing)} case(s) that the preprocessed dataset "
+                                       f"{self.preprocessed_dataset_folder} lacks: {', '.join(missing[:10])}; give "
+                                       f"names of its training cases (or leave pretext_cases out: the fold's)")
+        return sorted(set(names))
+
     def _fold_files(self) -> dict[str, str]:
         return {name: os.path.join(self.output_folder, name)
                 for name in (TPP_STATE, TPP_CONTROL_STATE, TPP_FILE, TPP_INITIAL)
@@ -273,6 +284,8 @@ class TPPTrainer(PeftTrainer):
                                            f"{tokens.patch}-voxel tokens of {type(net).__name__}: give a multiple "
                                            f"of {tokens.patch} (or leave it out: one token, as nnssl)")
         train_keys, _ = self.do_split()
+        if r.pretext_cases is not None:
+            train_keys = self._pretext_cases(r.pretext_cases)
         stage_keys, eval_keys = list(train_keys), []
         if r.pretext_control:
             if len(train_keys) < 2:

@@ -55,6 +55,8 @@ def test_recipe_defaults_env_and_user_file(tmp_path, monkeypatch):
     ("tpp: dino\n", "use TPPConvAdapterTrainer instead"),
     ("size: L\n", "suffix _L"),
     ("activation_checkpointing: sometimes\n", "activation_checkpointing must be one of off, on, auto"),
+    ("pretext_cases: la_001\n", "pretext_cases must be a non-empty list of case names"),
+    ("pretext_cases: []\n", "pretext_cases must be a non-empty list of case names"),
 ])
 def test_bad_recipes_fail_before_training(tmp_path, monkeypatch, text, message):
     user = tmp_path / "r.yaml"
