@@ -59,8 +59,9 @@ def write_evidence(out: Path, cfg, labels: dict, split, seeds: list[int], labels
     """Summarises the finished arms and writes the three report files into ``out`` (atomically).
 
     Returns:
-        ``{"arms", "paired", "untrained", "chance_dice", "minutes", "settings", "plan", "split", "seconds"}``
-        (``minutes``: this invocation's wall time; ``seconds``: every recorded step of the whole protocol).
+        ``{"arms", "paired", "untrained", "chance_dice", "minutes", "wall_minutes_this_run", "settings", "plan",
+        "split", "seconds"}`` (``seconds``: every recorded step of the whole protocol, over resumed invocations
+        too: planning, upstream, each arm's training and predictions; ``minutes``: their sum).
     """
     out = Path(out)
     results = read_results(out, cfg.arms, seeds)
@@ -71,7 +72,8 @@ def write_evidence(out: Path, cfg, labels: dict, split, seeds: list[int], labels
     steps = {"plan+preprocess": sum(p.get("seconds", 0.0) for p in plans.values()), **state.get("seconds", {})}
     for arm, runs in results.items():
         steps[arm] = sum(sum(run.get("seconds", {}).values()) for run in runs)
-    evidence = {**summary, "chance_dice": chance, "minutes": seconds / 60,
+    evidence = {**summary, "chance_dice": chance, "minutes": sum(steps.values()) / 60,
+                "wall_minutes_this_run": seconds / 60,
                 "settings": cfg.to_json(), "plan": plans,
                 "split": {"test": split.test, "pool": split.pool,
                           "labelled": {str(s): split.labelled(cfg.labelled, s) for s in seeds}},

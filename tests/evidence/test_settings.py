@@ -58,3 +58,17 @@ def test_an_out_folder_of_other_settings_is_refused_and_left_alone(tmp_path, cap
                  "--labelled", "1"]) == 2
     assert "epochs: 99 there, 10 now" in capsys.readouterr().err
     assert (out / "protocol.json").read_text() == before and sorted(p.name for p in out.iterdir()) == ["protocol.json"]
+
+
+def test_full_asks_for_a_gpu_and_keeps_nnunets_own_plan(tmp_path, capsys, monkeypatch):
+    import torch
+    up, down, out = _folder(tmp_path, "up"), _folder(tmp_path, "down"), tmp_path / "out"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evidence", "--upstream", str(up), "--downstream", str(down), "--out", str(out), "--full"]) == 2
+    assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err and not out.exists()
+    seen = {}
+    monkeypatch.setattr("nnunet_tpp.evidence.protocol3d.run_evidence_3d", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["evidence", "--upstream", str(up), "--downstream", str(down), "--full", "--device", "cpu",
+                 "--epochs", "7"]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.voxels, cfg.batch_size, cfg.device, cfg.epochs, cfg.upstream_epochs) == (None, None, "cpu", 7, 250)
