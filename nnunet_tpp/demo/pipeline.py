@@ -10,11 +10,10 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import SimpleITK as sitk
-import yaml
 
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, check_destination, \
     checked_labels, dataset_folder_name, labels_of_folder, write_raw_dataset
@@ -22,6 +21,7 @@ from nnunet_tpp.data.phantom import LABELS, write_phantom_case
 from nnunet_tpp.demo.report import chance_dice, learnt, result_table
 from nnunet_tpp.evaluation import evaluate_folder, markdown_table
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
+from nnunet_tpp.settings_file import settings_from_yaml
 from nnunet_tpp.trainers.restore import write_initial_checkpoint
 
 UNTRAINED = "checkpoint_untrained.pth"  # the fine-tuning run's starting point, beside its checkpoint_final.pth
@@ -64,17 +64,8 @@ class DemoConfig:
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "DemoConfig":
         """Reads a YAML recipe, then applies non-None ``overrides``."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        data = data.get("demo", data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown demo setting(s) {unknown}; valid: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("work_dir", "data", "pretrained"):
-            if data.get(key) is not None:
-                data[key] = Path(data[key])
-        return cls(**data)
+        return settings_from_yaml(cls, path, "demo", {k: v for k, v in overrides.items() if v is not None},
+                                  ("work_dir", "data", "pretrained"))
 
 
 def _phantom_cases(folder: Path, seeds: list[int], prefix: str) -> list[Case]:

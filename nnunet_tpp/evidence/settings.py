@@ -2,10 +2,10 @@
 longer schedule of ``--full``)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
+from nnunet_tpp.settings_file import settings_from_yaml
 
 #: arm -> (trainer family, TPP pretext or None, starts from the upstream checkpoint)
 ARMS_3D: dict[str, tuple[str, str | None, bool]] = {
@@ -78,17 +78,8 @@ class Evidence3D:
     @classmethod
     def from_yaml(cls, path: Path, **overrides) -> "Evidence3D":
         """The settings of a YAML file (``evidence:`` mapping, or the top level) with ``overrides`` on top."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        data = data.get("evidence", data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise EvidenceSettingsError(f"{path}: unknown evidence setting(s) {unknown}; valid: {sorted(known)}")
-        data.update(overrides)
-        for key in ("upstream", "downstream", "out"):
-            if data.get(key) is not None:
-                data[key] = Path(data[key])
-        return cls(**data)
+        return settings_from_yaml(cls, path, "evidence", overrides, ("upstream", "downstream", "out"),
+                                  EvidenceSettingsError)
 
     def check(self) -> None:
         """Every setting checked (raises :class:`EvidenceSettingsError`); the data are checked by the protocol."""
