@@ -25,8 +25,9 @@ import yaml
 
 from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, check_cases, dataset_folder_name, \
     labels_of_folder, write_raw_dataset
+from nnunet_tpp.demo.report import chance_dice
 from nnunet_tpp.evidence.plan3d import plan_and_preprocess
-from nnunet_tpp.evidence.report import write_evidence
+from nnunet_tpp.evidence.report import atomic_json, write_evidence
 from nnunet_tpp.evidence.settings import ARMS_3D, UNTRAINED_FROM, Evidence3D, EvidenceSettingsError
 from nnunet_tpp.evidence.split import Split, split_cases, subjects
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
@@ -134,8 +135,13 @@ def run_evidence_3d(cfg: Evidence3D, echo=print) -> dict:
             echo(f"[{done}/{total}] {arm}, seed {seed}: training on {', '.join(split.labelled(cfg.labelled, seed))}")
             record = _run_arm(cfg, arm, seed, upstream, split, folders, env, log, downstream_raw, inputs.labels, echo,
                               with_untrained=arm == untrained_arm)
-            _atomic_json(result_file, record)
-    return write_evidence(out, cfg, inputs.labels, split, seeds, labels_ts, plans, time.time() - start, echo)
+            atomic_json(result_file, record)
+    steps = {"plan+preprocess": sum(p.get("seconds", 0.0) for p in plans.values()),
+             **_load_state(out, cfg).get("seconds", {})}
+    split_info = {"test": split.test, "pool": split.pool,
+                  "labelled": {str(s): split.labelled(cfg.labelled, s) for s in seeds}}
+    return write_evidence(out, cfg.to_json(), cfg.arms, seeds, chance_dice(labels_ts, inputs.labels), split_info,
+                          steps, time.time() - start, untrained_arm, extra={"plan": plans}, echo=echo)
 
 
 def _load_state(out: Path, cfg: Evidence3D) -> dict:
@@ -144,14 +150,8 @@ def _load_state(out: Path, cfg: Evidence3D) -> dict:
 
 
 def _write_state(out: Path, cfg: Evidence3D, state: dict) -> None:
-    _atomic_json(out / "protocol.json", {**state, "settings": {**state.get("settings", {}), **cfg.to_json()}})
+    atomic_json(out / "protocol.json", {**state, "settings": {**state.get("settings", {}), **cfg.to_json()}})
 
-
-def _atomic_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def _prepare(cfg: Evidence3D, inputs: Inputs, folders: NNUNetFolders, env: dict, log: Path, state: dict,
@@ -187,7 +187,7 @@ def _write_splits(folders: NNUNetFolders, cfg: Evidence3D, split: Split, seeds: 
     folder = folders.preprocessed / dataset_folder_name(cfg.downstream_id, "Downstream")
     splits = [{"train": split.labelled(cfg.labelled, s), "val": split.validation(cfg.labelled, s)}
               for s in range(max(seeds) + 1)]
-    _atomic_json(folder / "splits_final.json", splits)
+    atomic_json(folder / "splits_final.json", splits)
 
 
 def _upstream(cfg: Evidence3D, folders: NNUNetFolders, env: dict, log: Path, state: dict, echo) -> Path:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_tpp.demo.report import chance_dice
 from nnunet_tpp.evaluation import markdown_table
-from nnunet_tpp.evidence.settings import COMPARISONS, UNTRAINED_FROM
+from nnunet_tpp.evidence.settings import COMPARISONS
 from nnunet_tpp.evidence.stats import arm_summary, case_dice, learnt, paired_difference
 
 EVIDENCE_JSON, EVIDENCE_MD, EVIDENCE_PLOT = "evidence.json", "evidence.md", "evidence.png"
@@ -30,9 +29,10 @@ def read_results(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list
     return found
 
 
-def summarise(results: dict[str, list[dict]], untrained_arm: str, chance: dict[str, float]) -> dict:
+def summarise(results: dict[str, list[dict]], untrained_arm: str, chance: dict[str, float],
+              comparisons: list[tuple[str, str]] = COMPARISONS) -> dict:
     """The arms' summaries, the untrained network's, which arms learnt (module docstring; also above the mean
-    chance Dice, :func:`nnunet_tpp.demo.report.chance_dice`), and the paired comparisons.
+    chance Dice, :func:`nnunet_tpp.demo.report.chance_dice`), and the paired ``comparisons`` (arm, against).
 
     Returns:
         ``{"arms": {ARM: arm_summary + "learnt"}, "untrained": arm_summary, "paired": {"A - B": {...,
@@ -47,37 +47,39 @@ def summarise(results: dict[str, list[dict]], untrained_arm: str, chance: dict[s
             above_chance = summary["dice_mean"] > float(np.mean(list(chance.values()))) if chance else True
             arms[arm] = {**summary, "learnt": (learnt(per_case, untrained) and above_chance) if untrained else None}
     paired = {}
-    for a, b in COMPARISONS:
+    for a, b in comparisons:
         if a in arms and b in arms:
             diff = paired_difference(arms[a]["per_case"], arms[b]["per_case"])
             paired[f"{a} - {b}"] = {**diff, "read": bool(arms[a]["learnt"] and arms[b]["learnt"])}
     return {"arms": arms, "untrained": arm_summary(untrained) if untrained else None, "paired": paired}
 
 
-def write_evidence(out: Path, cfg, labels: dict, split, seeds: list[int], labels_ts: Path, plans: dict,
-                   seconds: float, echo=print) -> dict:
-    """Summarises the finished arms and writes the three report files into ``out`` (atomically).
+def write_evidence(out: Path, settings: dict, arms: list[str], seeds: list[int], chance: dict[str, float],
+                   split: dict, steps: dict[str, float], seconds: float, untrained_arm: str,
+                   comparisons: list[tuple[str, str]] = COMPARISONS, extra: dict | None = None, hd95_unit: str = "mm",
+                   echo=print) -> dict:
+    """Summarises the finished arms (``out/runs/ARM/seed_K/result.json``) and writes the three report files into
+    ``out`` (atomically).
 
+    Args:
+        settings: the protocol's settings (JSON types). ``split``: the test cases, the pool and each seed's labelled
+            cases. ``steps``: seconds of the protocol's shared steps (planning, upstream...), over resumed
+            invocations too; each arm's training and prediction seconds are added from its results.
+        seconds: the wall time of this invocation. ``extra``: further entries (the 3-D plan).
+        hd95_unit: ``mm`` (3-D) or ``px`` (2-D).
     Returns:
-        ``{"arms", "paired", "untrained", "chance_dice", "minutes", "wall_minutes_this_run", "settings", "plan",
-        "split", "seconds"}`` (``seconds``: every recorded step of the whole protocol, over resumed invocations
-        too: planning, upstream, each arm's training and predictions; ``minutes``: their sum).
+        ``{"arms", "paired", "untrained", "chance_dice", "minutes", "wall_minutes_this_run", "settings", "split",
+        "seconds", "hd95_unit", **extra}`` (``minutes``: the sum of ``seconds``).
     """
     out = Path(out)
-    results = read_results(out, cfg.arms, seeds)
-    untrained_arm = next(a for a in UNTRAINED_FROM if a in cfg.arms)
-    chance = chance_dice(labels_ts, labels)
-    summary = summarise(results, untrained_arm, chance)
-    state = json.loads((out / "protocol.json").read_text()) if (out / "protocol.json").exists() else {}
-    steps = {"plan+preprocess": sum(p.get("seconds", 0.0) for p in plans.values()), **state.get("seconds", {})}
+    results = read_results(out, arms, seeds)
+    summary = summarise(results, untrained_arm, chance, comparisons)
+    steps = dict(steps)
     for arm, runs in results.items():
         steps[arm] = sum(sum(run.get("seconds", {}).values()) for run in runs)
     evidence = {**summary, "chance_dice": chance, "minutes": sum(steps.values()) / 60,
-                "wall_minutes_this_run": seconds / 60,
-                "settings": cfg.to_json(), "plan": plans,
-                "split": {"test": split.test, "pool": split.pool,
-                          "labelled": {str(s): split.labelled(cfg.labelled, s) for s in seeds}},
-                "seconds": steps}
+                "wall_minutes_this_run": seconds / 60, "settings": settings, **(extra or {}), "split": split,
+                "seconds": steps, "hd95_unit": hd95_unit}
     _atomic_write(out / EVIDENCE_JSON, json.dumps(evidence, indent=2))
     table = markdown_report(evidence)
     _atomic_write(out / EVIDENCE_MD, table + "\n")
@@ -87,8 +89,7 @@ def write_evidence(out: Path, cfg, labels: dict, split, seeds: list[int], labels
     for arm, s in summary["arms"].items():
         if s["learnt"] is False:
             echo(f"WARNING: {arm} did not learn (its Dice is not above the untrained network's with 95 % confidence, "
-                 f"or not above chance); "
-                 f"no comparison is read from it. Train longer (epochs, iterations_per_epoch).")
+                 f"or not above chance); no comparison is read from it. Train longer.")
     echo(f"\nwritten: {out / EVIDENCE_JSON}, {out / EVIDENCE_MD}, {out / EVIDENCE_PLOT}")
     return evidence
 
@@ -104,7 +105,8 @@ def markdown_report(evidence: dict) -> str:
         rows.append(["(untrained)", *[u["dice"][n] for n in labels], f"{u['dice_mean']:.3f}", u["hd95_mean"],
                      len(u["seeds"]), ""])
     rows.append(["(chance)", *[evidence["chance_dice"][n] for n in labels], "", "", "", ""])
-    table = markdown_table(["arm", *[f"Dice {n}" for n in labels], "mean Dice ± std (seeds)", "HD95 (mm)", "seeds",
+    table = markdown_table(["arm", *[f"Dice {n}" for n in labels], "mean Dice ± std (seeds)",
+                            f"HD95 ({evidence.get('hd95_unit', 'mm')})", "seeds",
                             "learnt"], rows)
     paired = [[name, d["mean_difference"], f"[{_f(d['ci95'][0])}, {_f(d['ci95'][1])}]", d["n"],
                "yes" if d["read"] else "no (an arm did not learn)"] for name, d in evidence["paired"].items()]
@@ -145,6 +147,12 @@ def plot_per_case(evidence: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def atomic_json(path: Path, data: dict) -> None:
+    """Writes ``data`` as JSON to ``path`` (its folder made) through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps(data, indent=2))
 
 
 def _atomic_write(path: Path, text: str) -> None:

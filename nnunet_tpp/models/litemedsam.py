@@ -28,6 +28,7 @@ from torch import nn
 from nnunet_tpp.models.transformer_sites import PEFT_DEFAULTS
 
 IMG_SIZE = 256
+STRIDE = 4  # the encoder's output stride (64 x 64 features at 256 x 256)
 FEATURES = 256  # channels of the encoder's output (SAM's neck)
 PREFIX = "image_encoder."
 
@@ -118,9 +119,19 @@ class LiteMedSAMBackbone(nn.Module):
         high = x.amax(dim=(1, 2, 3), keepdim=True)
         return (x - low) / (high - low).clamp_min(1e-8)
 
+    def encode(self, prepared: torch.Tensor) -> torch.Tensor:
+        """MedSAM's input (:meth:`prepare`) -> (B, 256, 64, 64)."""
+        return self.image_encoder(prepared.contiguous(memory_format=torch.channels_last))
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """(B, 3, 256, 256) -> (B, 256, 64, 64)."""
-        return self.image_encoder(self.prepare(image).contiguous(memory_format=torch.channels_last))
+        return self.encode(self.prepare(image))
+
+    def simmim_stem(self) -> tuple[nn.Module, int, int]:
+        """Where SimMIM's mask token replaces features: the patch embedding (its module, output channels and
+        stride: 64 channels at full resolution)."""
+        stem = self.image_encoder.patch_embed
+        return stem, stem.seq[-1].c.out_channels, 1
 
     def train(self, mode: bool = True) -> "LiteMedSAMBackbone":
         """As ``nn.Module.train``; BatchNorms whose parameters are all frozen stay in eval mode."""

@@ -40,7 +40,8 @@ def add_train2d_parser(sub) -> None:
                    help="auto | timm | mae | dino | path_dino | dinov2 | medcoss (the last five also name the "
                         "pre-training: partial's quarter auto and the position-embedding resampling follow it)")
     p.add_argument("--target-parameters", dest="target_parameters", help="TPP target-parameter file")
-    p.add_argument("--tpp", choices=("none", "mae", "dino"), help="target parameter pre-training first")
+    p.add_argument("--tpp", choices=("none", "mae", "dino", "simmim"),
+                   help="target parameter pre-training first (simmim: LiteMedSAM; mae: a ViT)")
     p.add_argument("--tpp-data", dest="tpp_data", help="pretext images from another dataset")
     p.add_argument("--tpp-epochs", dest="tpp_epochs", type=int)
     p.add_argument("--ssa", choices=("none", "dinov2"), help="self-supervised adaptation of the backbone first")

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 TASKS = ("cls", "seg")
-PRETEXTS = ("none", "mae", "dino")
+PRETEXTS = ("none", "mae", "dino", "simmim")
 SSA_OBJECTIVES = ("none", "dinov2")
 VIT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # nnunet_tpp.models.vit.ARCHS (timm's ViT)
 LITEMEDSAM = "litemedsam"  # LiteMedSAM's image encoder (nnunet_tpp.models.litemedsam), pre-trained on medical images
@@ -51,12 +51,13 @@ class Train2dConfig:
         amp: bfloat16 autocast on CUDA.
         compile: ``torch.compile`` the model.
         num_workers: DataLoader workers.
-        tpp: target parameter pre-training before fine-tuning: ``none``, ``mae`` or ``dino``
-            (:mod:`nnunet_tpp.vision2d.tpp`); only the method's target parameters (and a pretext head) train.
-        tpp_data: images for the pretext stage (default: the run's own training split; another dataset
-            gives the paper's cross-dataset setting).
+        tpp: target parameter pre-training before fine-tuning: ``none``, ``mae``, ``dino`` or (LiteMedSAM)
+            ``simmim`` (:mod:`nnunet_tpp.vision2d.tpp`); only the method's target parameters (and a pretext head)
+            train.
+        tpp_data: images for the pretext stage (default: the run's own training split; another dataset's training
+            split gives the paper's cross-dataset setting; a plain folder of images: all of them).
         tpp_epochs: pretext epochs.
-        tpp_options: further pretext settings (fields of the MAE / DINO 2D settings dataclasses).
+        tpp_options: further pretext settings (fields of the MAE / SimMIM / DINO 2D settings dataclasses).
         ssa: self-supervised adaptation of the backbone before everything else: ``none`` or ``dinov2``
             (ESSA, :mod:`nnunet_tpp.vision2d.ssa`).
         ssa_method: the PEFT method SSA trains through (``apla`` default; ``full`` = all parameters); a mergeable
@@ -131,6 +132,8 @@ class Train2dConfig:
             raise ValueError(f"tpp must be one of {PRETEXTS}, got {self.tpp!r}")
         if self.ssa not in SSA_OBJECTIVES:
             raise ValueError(f"ssa must be one of {SSA_OBJECTIVES}, got {self.ssa!r}")
+        if self.tpp == "simmim" and self.arch != LITEMEDSAM:
+            raise ValueError("tpp simmim masks a hierarchical encoder's stem (arch litemedsam); a ViT uses tpp mae")
         if self.tpp != "none" and self.target_parameters is not None:
             raise ValueError("give either tpp (run a pretext stage) or target_parameters (start from a file), not both")
         if self.tpp != "none":
@@ -172,7 +175,7 @@ class Train2dConfig:
                                              ("combine_backbones", bool(self.combine_backbones))) if on]
         if unsupported:
             raise ValueError(f"litemedsam does not support {', '.join(unsupported)} (they need a ViT's patch tokens "
-                             f"or class token); use --tpp dino, or a ViT arch")
+                             f"or class token); use --tpp simmim or dino, or a ViT arch")
 
     @property
     def learning_rate(self) -> float:

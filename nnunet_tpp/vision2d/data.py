@@ -151,6 +151,7 @@ class DatasetSplits:
         class_names: names in label order.
         in_chans: image channels the datasets yield.
         layout: the detected layout.
+        test_names: the test images' file stems in order, where the data gives a test folder (else None).
     """
 
     train: ImageDataset
@@ -160,6 +161,7 @@ class DatasetSplits:
     class_names: list[str]
     in_chans: int
     layout: str
+    test_names: list[str] | None = None
 
     @property
     def train_plain(self) -> ImageDataset:
@@ -286,8 +288,9 @@ def load_dataset(path: str | Path, task: str, img_size: int, in_chans: int | Non
         raise DataError(f"{path}: a {layout} dataset cannot be used for task {task!r}"
                         + (" (segmentation needs images/ + masks/)" if task == "seg" else ""))
     if layout == "image_mask":
-        splits, in_chans, names = _image_mask(path, img_size, in_chans, seed)
+        splits, in_chans, names, test_names = _image_mask(path, img_size, in_chans, seed)
     else:
+        test_names = None
         splits, in_chans, names = _classification(path, layout, img_size, in_chans, seed)
     train_x, train_y = splits["train"]
     if label_fraction < 1.0:
@@ -301,7 +304,7 @@ def load_dataset(path: str | Path, task: str, img_size: int, in_chans: int | Non
     num_classes = len(names)
     return DatasetSplits(ImageDataset(train_x, train_y, task, augment),
                          ImageDataset(*splits["val"], task, False), ImageDataset(*splits["test"], task, False),
-                         num_classes, names, in_chans, layout)
+                         num_classes, names, in_chans, layout, test_names)
 
 
 def _classification(path: Path, layout: str, size: int, in_chans: int | None, seed: int):
@@ -355,21 +358,38 @@ def _mask_for(image: Path, masks: dict[str, Path]) -> Path | None:
     return None
 
 
+def _pairs_of(root: Path, problems: list[str]) -> list[tuple[Path, Path | None]]:
+    """``root/images`` matched with ``root/masks`` (mask names: the module docstring); mismatches are appended to
+    ``problems``."""
+    if not (root / "masks").is_dir():
+        raise DataError(f"{root}: an images/ folder needs a masks/ folder beside it")
+    images, masks = _files(root / "images"), {m.stem: m for m in _files(root / "masks")}
+    pairs = [(im, _mask_for(im, masks)) for im in images]
+    unmatched = [im.name for im, m in pairs if m is None]
+    used = {m.stem for _, m in pairs if m is not None}
+    orphans = sorted(m.name for k, m in masks.items() if k not in used)
+    if unmatched:
+        problems.append(f"{root / 'images'}: no mask for {unmatched}")
+    if orphans:
+        problems.append(f"{root / 'masks'}: no image for {orphans}")
+    return pairs
+
+
+def image_mask_pairs(root: str | Path) -> list[tuple[Path, Path]]:
+    """The (image, mask) files of a folder with ``images/`` + ``masks/``, in file-name order; raises
+    :class:`DataError` listing images without a mask and masks without an image."""
+    problems: list[str] = []
+    pairs = _pairs_of(Path(root), problems)
+    if problems:
+        raise DataError("images and masks do not match:\n  " + "\n  ".join(problems))
+    return pairs
+
+
 def _image_mask(path: Path, size: int, in_chans: int | None, seed: int):
     roots = {s: path / s for s in ("train", "val", "test") if (path / s / "images").is_dir()} or {"all": path}
     pairs, problems = {}, []
     for s, root in roots.items():
-        if not (root / "masks").is_dir():
-            raise DataError(f"{root}: an images/ folder needs a masks/ folder beside it")
-        images, masks = _files(root / "images"), {m.stem: m for m in _files(root / "masks")}
-        pairs[s] = [(im, _mask_for(im, masks)) for im in images]
-        unmatched = [im.name for im, m in pairs[s] if m is None]
-        used = {m.stem for _, m in pairs[s] if m is not None}
-        orphans = sorted(m.name for k, m in masks.items() if k not in used)
-        if unmatched:
-            problems.append(f"{root / 'images'}: no mask for {unmatched}")
-        if orphans:
-            problems.append(f"{root / 'masks'}: no image for {orphans}")
+        pairs[s] = _pairs_of(root, problems)
     if problems:
         raise DataError("images and masks do not match:\n  " + "\n  ".join(problems))
     all_images = [im for v in pairs.values() for im, _ in v]
@@ -390,7 +410,23 @@ def _image_mask(path: Path, size: int, in_chans: int | None, seed: int):
         if xs:
             loaded[s] = (torch.stack(xs), torch.stack(ys))
     names = ["background"] + ([f"class {c}" for c in range(1, n_classes)] if n_classes > 2 else ["foreground"])
-    return _complete_splits(loaded, seed, by_class=False), in_chans, names
+    test_names = [im.stem for im, _ in pairs["test"]] if "test" in pairs else None
+    return _complete_splits(loaded, seed, by_class=False), in_chans, names, test_names
+
+
+def load_image_folder(folder: str | Path, size: int, in_chans: int) -> ImageDataset:
+    """Every image directly inside ``folder`` (no labels: pretext images), at ``size`` x ``size``; the targets are
+    zeros. Raises :class:`DataError` for a folder without images or with unreadable ones."""
+    paths = _files(Path(folder))
+    if not paths:
+        raise DataError(f"{folder}: no {', '.join(sorted(IMAGE_SUFFIXES))} files in it")
+    return ImageDataset(_load_images(paths, size, in_chans), torch.zeros(len(paths), dtype=torch.long), "cls", False)
+
+
+def is_image_folder(folder: str | Path) -> bool:
+    """True for a folder that holds images directly (and so no dataset layout with sub-folders)."""
+    folder = Path(folder)
+    return folder.is_dir() and bool(_files(folder))
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:

@@ -58,9 +58,27 @@ def classification_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dic
     return {"acc": float((predicted == labels).mean()), "auc": float(auc), "f1": float(f1)}
 
 
+def segmentation_per_image(masks: list[np.ndarray], predictions: list[np.ndarray], class_names: list[str]
+                           ) -> list[dict]:
+    """Dice (a fraction) and HD95 (pixels) of every foreground class, per image.
+
+    Args:
+        masks, predictions: per image (H, W) integer label maps.
+        class_names: names in label order, background first.
+    Returns:
+        ``[{"dice": {name: value}, "hd95": {name: value}}]``, one per image, in order.
+    """
+    records = []
+    for ref, pred in zip(masks, predictions):
+        scores = {name: dice_hd95(ref == c, pred == c, (1.0, 1.0)) for c, name in enumerate(class_names) if c}
+        records.append({"dice": {n: float(d) for n, (d, _) in scores.items()},
+                        "hd95": {n: float(h) for n, (_, h) in scores.items()}})
+    return records
+
+
 def segmentation_metrics(masks: list[np.ndarray], predictions: list[np.ndarray], num_classes: int
                          ) -> dict[str, float]:
-    """Mean foreground Dice (a fraction, 0-1) and HD95 (pixels) over images.
+    """Mean foreground Dice (a fraction, 0-1) and HD95 (pixels) over images (classes averaged per image first).
 
     Args:
         masks, predictions: per image (H, W) integer label maps.
@@ -70,12 +88,9 @@ def segmentation_metrics(masks: list[np.ndarray], predictions: list[np.ndarray],
     """
     if not masks:
         raise ValueError("no images to evaluate")
-    dices, hds = [], []
-    for ref, pred in zip(masks, predictions):
-        per_class = [dice_hd95(ref == c, pred == c, (1.0, 1.0)) for c in range(1, num_classes)]
-        dices.append(np.mean([d for d, _ in per_class]))
-        hds.append(np.mean([h for _, h in per_class]))
-    return {"dice": float(np.mean(dices)), "hd95": float(np.mean(hds))}
+    records = segmentation_per_image(masks, predictions, [str(c) for c in range(num_classes)])
+    return {"dice": float(np.mean([np.mean(list(r["dice"].values())) for r in records])),
+            "hd95": float(np.mean([np.mean(list(r["hd95"].values())) for r in records]))}
 
 
 def units_for(keys) -> dict[str, str]:

@@ -16,9 +16,16 @@ Settings (``tpp_options`` of a run; defaults from the TPP paper, DESIGN.md):
   0.04 -> 0.4 (none on biases and 1-D parameters); teacher temperature 0.04 -> 0.07; teacher momentum
   0.996 -> 1; 2 global crops at the image size and 4 local crops at half of it (a multiple of the patch); the class
   token feeds the DINO head. On LiteMedSAM's encoder (a fixed 256 x 256 input, no class token) the local crops are
-  resampled to 256 as well and the mean of the encoder's feature map feeds the head; MAE needs a ViT. The training loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`:
-  teacher in eval mode, prototypes frozen in the first epoch, one head call over all views with running input
-  statistics per view size, the teacher's target parameters as the result, ``tpp_diagnostics.json``).
+  resampled to 256 as well and the mean of the encoder's feature map feeds the head; MAE needs a ViT. The training
+  loop is the 3-D stage's (:func:`~nnunet_tpp.pretext.stage.run_dino_stage`: teacher in eval mode, prototypes frozen
+  in the first epoch, one head call over all views with running input statistics per view size, the teacher's
+  target parameters as the result, ``tpp_diagnostics.json``).
+* SimMIM (LiteMedSAM's encoder only: a hierarchical encoder with a convolutional stem, where MAE's dropping of
+  patches does not apply; :mod:`nnunet_tpp.pretext.simmim`): SimMIM's 32-pixel masks at ratio 0.6, a mask token on
+  the patch embedding's output, a 1 x 1 convolution + pixel shuffle decoder, L1 on the masked pixels; SimMIM's AdamW
+  (betas 0.9 / 0.999, weight decay 0.05, none on biases, 1-D parameters and the mask token). Departure, an option:
+  the peak learning rate is the TPP stage's 1.5e-3 (as MAE's here) instead of SimMIM's 8e-4 per 512 images, which
+  would not move a batch of a few images; batch 64 (at most the images), 10 % warm-up, cosine.
 
 Files in ``work_dir``: ``tpp_target_parameters.pth`` (the result; when present the stage is not run
 again), ``tpp_state.pth`` (after every epoch, atomically: a killed stage resumes, on the CPU to the uninterrupted
@@ -65,6 +72,18 @@ class MAESettings:
 
 
 @dataclass
+class SimMIMSettings:
+    """SimMIM pretext settings for LiteMedSAM's encoder (see the module docstring)."""
+
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    batch_size: int = 64
+    warmup_fraction: float = 0.1
+
+
+@dataclass
 class DINO2dSettings:
     """DINO pretext settings for ViTs (the recipe itself is :class:`DINOConfig`)."""
 
@@ -84,8 +103,9 @@ class DINO2dSettings:
 
 
 def settings_for(kind: str, options: dict[str, Any]):
-    """The settings dataclass of ``kind`` (``mae`` / ``dino``) with ``options`` applied; unknown keys raise."""
-    cls = MAESettings if kind == "mae" else DINO2dSettings
+    """The settings dataclass of ``kind`` (``mae`` / ``simmim`` / ``dino``) with ``options`` applied; unknown keys
+    raise."""
+    cls = {"mae": MAESettings, "simmim": SimMIMSettings}.get(kind, DINO2dSettings)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -95,10 +115,13 @@ def settings_for(kind: str, options: dict[str, Any]):
 
 
 def pretext_images(cfg, in_chans: int, train_set):
-    """The images the stage trains on: ``train_set``, or the training split of ``cfg.tpp_data``."""
+    """The images the stage trains on: ``train_set``, or from ``cfg.tpp_data``: every image of a plain folder of
+    images, else the training split of the dataset there."""
     if cfg.tpp_data is None:
         return train_set
-    from nnunet_tpp.vision2d.data import detect_layout, load_dataset
+    from nnunet_tpp.vision2d.data import detect_layout, is_image_folder, load_dataset, load_image_folder
+    if is_image_folder(cfg.tpp_data):
+        return load_image_folder(cfg.tpp_data, cfg.img_size, in_chans)
     task = "seg" if detect_layout(cfg.tpp_data) == "image_mask" else "cls"
     return load_dataset(cfg.tpp_data, task, cfg.img_size, in_chans=in_chans, seed=cfg.seed, augment=False).train
 
@@ -200,6 +223,8 @@ def run_tpp_2d(model: nn.Module, train_set, cfg, work_dir: Path, device: torch.d
     try:
         if cfg.tpp == "mae":
             losses = _run_mae(model, vit, images, cfg, settings, work_dir, device, log)
+        elif cfg.tpp == "simmim":
+            losses = _run_simmim(vit, images, cfg, settings, work_dir, device, log)
         else:
             losses = _run_dino(model, vit, images, cfg, settings, work_dir, device, log)
     finally:
@@ -242,6 +267,29 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
     pretext = _MAEPretext(vit, decoder, s).to(device)
     groups = weight_decay_groups(pretext.named_parameters(), s.weight_decay, skip=())  # MAE's add_weight_decay
     optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95))
+    return _run_reconstruction("mae", pretext, optimizer, images, cfg, s, work_dir, device, log)
+
+
+def _run_simmim(backbone, images, cfg, s: SimMIMSettings, work_dir: Path, device, log) -> list[float]:
+    """SimMIM (:mod:`nnunet_tpp.pretext.simmim`) on a backbone with a stem (LiteMedSAM's encoder): the target
+    parameters, the mask token and the 1 x 1 decoder train; SimMIM's AdamW (betas 0.9 / 0.999, no decay on biases,
+    1-D parameters and the mask token)."""
+    from nnunet_tpp.models.litemedsam import FEATURES, STRIDE
+    from nnunet_tpp.pretext.simmim import SimMIMPretext
+    pretext = SimMIMPretext(backbone, FEATURES, STRIDE, s.mask_patch_size, s.mask_ratio).to(device)
+    try:
+        groups = weight_decay_groups(pretext.named_parameters(), s.weight_decay, skip=("mask_token",))
+        optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
+        return _run_reconstruction("simmim", pretext, optimizer, images, cfg, s, work_dir, device, log)
+    finally:
+        pretext.stem.remove()
+
+
+def _run_reconstruction(kind: str, pretext: nn.Module, optimizer, images, cfg, s, work_dir: Path, device, log
+                        ) -> list[float]:
+    """The masked-reconstruction loop of MAE and SimMIM: ``pretext(batch)`` is the loss; warm-up then cosine;
+    masks from the global generator seeded by (seed, epoch), so a resumed stage draws what an uninterrupted one
+    does."""
     steps = -(-len(images) // min(s.batch_size, len(images)))
     total = cfg.tpp_epochs * steps
     lrs = cosine_schedule(s.lr, 0.0, total, int(s.warmup_fraction * total))
@@ -262,9 +310,9 @@ def _run_mae(model, vit, images, cfg, s: MAESettings, work_dir: Path, device, lo
             optimizer.step()
             epoch_losses.append(float(loss.detach()))
         losses.append(sum(epoch_losses) / len(epoch_losses))
-        log(_epoch_line("mae", epoch + 1, cfg.tpp_epochs, losses[-1], optimizer.param_groups[0]["lr"], started))
+        log(_epoch_line(kind, epoch + 1, cfg.tpp_epochs, losses[-1], optimizer.param_groups[0]["lr"], started))
         _save(state_file, {"pretext": pretext}, optimizer, epoch + 1, losses)
-        plot_losses(losses, str(work_dir / "tpp_progress.png"), objective="MAE")
+        plot_losses(losses, str(work_dir / "tpp_progress.png"), objective={"mae": "MAE", "simmim": "SimMIM"}[kind])
     return losses
 
 

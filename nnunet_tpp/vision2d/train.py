@@ -7,7 +7,8 @@ data, checkpoints, the method on the built backbones, a folder of other settings
 folder as it was.
 
 Files in the run folder:
-    metrics.json    test metrics (ACC/AUC/F1 or Dice as fractions, HD95 in pixels: its "units" entry),
+    metrics.json    test metrics (ACC/AUC/F1 or Dice as fractions, HD95 in pixels: its "units" entry; segmentation
+                    also per test image, "per_image"),
                     trainable_ratio (a fraction), peak_memory_mb, images_per_s (written last: a run folder with
                     metrics.json is finished and never trained over)
     adapter.pth     the adapter-only weights of the best epoch (``nnunet_tpp.peft.load`` reads it)
@@ -37,7 +38,7 @@ from nnunet_tpp.vision2d.checks import (CHECKPOINT_FILE, CONFIG_FILE, METRICS_FI
                                         check_backbones, check_settings, resolve_device)
 from nnunet_tpp.vision2d.config import LITEMEDSAM, Train2dConfig
 from nnunet_tpp.vision2d.metrics import (classification_metrics, peak_memory_mb, percent,  # noqa: F401 (re-exported)
-                                         segmentation_metrics, units_for)
+                                         segmentation_metrics, segmentation_per_image, units_for)
 from nnunet_tpp.vision2d.model import (build_backbone, build_model, build_other_backbones,  # noqa: F401 (re-exported)
                                        build_task_model, checkpoint_in_chans)
 
@@ -105,6 +106,20 @@ def evaluate(model: nn.Module, dataset, task: str, num_classes: int, device: tor
     if task == "cls":
         return classification_metrics(targets, outputs)
     return segmentation_metrics(targets, outputs, num_classes)
+
+
+def test_metrics(model: nn.Module, splits, task: str, device: torch.device, batch_size: int, amp: bool = True
+                 ) -> dict:
+    """:func:`evaluate` on the test split; for segmentation also ``"per_image"``: ``[{"image", "dice": {class:
+    value}, "hd95": {class: value}}]`` (``image``: the file stem where the data names its test images, else the
+    position in the split)."""
+    targets, outputs = predict(model, splits.test, task, device, batch_size, amp)
+    if task == "cls":
+        return classification_metrics(targets, outputs)
+    records = segmentation_per_image(targets, outputs, splits.class_names)
+    names = splits.test_names or [str(i) for i in range(len(records))]
+    return {**segmentation_metrics(targets, outputs, splits.num_classes),
+            "per_image": [{"image": name, **r} for name, r in zip(names, records)]}
 
 
 def selection_score(task: str, metrics: dict[str, float]) -> float:
@@ -176,6 +191,33 @@ def _write_json(data: dict | list, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _data_and_backbones(cfg: Train2dConfig, log: Callable[[str], None]):
+    """The run's data and backbones, built in the order (and from the seed) every run uses, so the model built
+    next is the run's starting point. Returns ``(splits, backbone, other backbones)``."""
+    from nnunet_tpp.vision2d.data import load_dataset
+    torch.manual_seed(cfg.seed)
+    in_chans = cfg.in_chans or (3 if cfg.arch == LITEMEDSAM else checkpoint_in_chans(cfg.backbone, cfg.backbone_format)
+                                if cfg.backbone else None)
+    splits = load_dataset(cfg.data, cfg.task, cfg.img_size, in_chans=in_chans, seed=cfg.seed,
+                          label_fraction=cfg.label_fraction)
+    log(splits.describe())
+    backbone = build_backbone(cfg, splits.in_chans, log)
+    others = build_other_backbones(cfg, splits.in_chans, log)
+    check_backbones(cfg, [backbone, *others], splits.num_classes)
+    return splits, backbone, others
+
+
+def evaluate_untrained(cfg: Train2dConfig, log: Callable[[str], None] = print) -> dict:
+    """The test metrics (:func:`test_metrics`) of the model a run of ``cfg`` starts from (without SSA or TPP):
+    the pre-trained backbone with the method applied and a new head, before any training step. Writes nothing."""
+    if cfg.ssa != "none":
+        raise ValueError("evaluate_untrained does not run SSA; give a config without ssa")
+    device = resolve_device(cfg.device)
+    splits, backbone, others = _data_and_backbones(cfg, log)
+    model = build_model(cfg, backbone, splits.num_classes, log, others=others).to(device)
+    return test_metrics(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
+
+
 def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
     """Trains, selects the best epoch on the validation split, evaluates it on the test split.
 
@@ -188,18 +230,10 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
     """
     from tqdm import tqdm
 
-    from nnunet_tpp.vision2d.data import load_dataset, make_loader
+    from nnunet_tpp.vision2d.data import make_loader
     device, saved = check_settings(cfg)  # nothing is written before every check has passed
     out = cfg.out
-    torch.manual_seed(cfg.seed)
-    in_chans = cfg.in_chans or (3 if cfg.arch == LITEMEDSAM else checkpoint_in_chans(cfg.backbone, cfg.backbone_format)
-                                if cfg.backbone else None)
-    splits = load_dataset(cfg.data, cfg.task, cfg.img_size, in_chans=in_chans, seed=cfg.seed,
-                          label_fraction=cfg.label_fraction)
-    log(splits.describe())
-    backbone = build_backbone(cfg, splits.in_chans, log)
-    others = build_other_backbones(cfg, splits.in_chans, log)
-    check_backbones(cfg, [backbone, *others], splits.num_classes)
+    splits, backbone, others = _data_and_backbones(cfg, log)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # stray allocations on the default device land on this run's GPU
     out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +298,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
         _save_checkpoint(out / CHECKPOINT_FILE, cfg, model, optimizer, state)
         plot_history(state.history, metric, out / "progress.png")
     peft.load_state_dict(model, state.best_weights)
-    test = evaluate(model, splits.test, cfg.task, splits.num_classes, device, cfg.batch_size, cfg.amp)
+    test = test_metrics(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
     memory, memory_kind = peak_memory_mb(device)
     peft.save(model, out / "adapter.pth", extra={"train2d": cfg.to_dict(), "best_epoch": state.best_epoch})
     metrics = {**test, "trainable_ratio": summary.trainable / max(summary.total, 1),

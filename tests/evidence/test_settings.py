@@ -5,6 +5,7 @@ import pytest
 
 from nnunet_tpp.cli import main
 from nnunet_tpp.evidence.settings import FULL_SCHEDULE, Evidence3D
+from nnunet_tpp.evidence.settings2d import FULL_SCHEDULE_2D, Evidence2D
 from tests.conftest import REPO
 
 
@@ -13,6 +14,8 @@ def test_the_shipped_settings_are_the_defaults_and_the_full_schedule():
     folder = REPO / "configs" / "evidence"
     assert Evidence3D.from_yaml(folder / "3d.yaml") == Evidence3D()
     assert yaml.safe_load((folder / "3d_full.yaml").read_text())["evidence"] == FULL_SCHEDULE
+    assert Evidence2D.from_yaml(folder / "2d.yaml") == Evidence2D()
+    assert yaml.safe_load((folder / "2d_full.yaml").read_text())["evidence"] == FULL_SCHEDULE_2D
 
 
 def _folder(root, name, labels='{"background": 0, "organ": 1}', cases=3):

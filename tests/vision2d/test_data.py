@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nnunet_tpp.vision2d.data import DataError, load_dataset
+from nnunet_tpp.vision2d.data import DataError, image_mask_pairs, is_image_folder, load_dataset, load_image_folder
 from tests.conftest import SHARED, require
 
 D2 = SHARED / "data" / "2d"
@@ -104,3 +104,24 @@ def test_bad_data_is_named(tmp_path):
         load_dataset(tmp_path / "multi.npz", "cls", 8)
     with pytest.raises(DataError, match="cannot be used for task 'seg'"):
         load_dataset(D2 / "pneumoniamnist_balanced.npz", "seg", 28)
+
+
+def test_a_plain_folder_of_images_loads_whole_and_pairs_are_matched_or_named(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for i, mode in enumerate(("L", "RGB", "RGB")):
+        Image.fromarray(np.full((30, 40, 3), 60 * i, np.uint8)).convert(mode).save(tmp_path / "pics" / f"p{i}.png")
+    assert is_image_folder(tmp_path / "pics") and not is_image_folder(tmp_path)
+    pictures = load_image_folder(tmp_path / "pics", 32, 3)
+    assert len(pictures) == 3 and pictures.images.shape == (3, 3, 32, 32)
+    with pytest.raises(DataError, match="no .* files"):
+        load_image_folder(tmp_path, 32, 3)
+    for part in ("images", "masks"):
+        (tmp_path / "set" / part).mkdir(parents=True)
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "set" / "images" / name)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "set" / "masks" / "a.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "set" / "masks" / "c.png")
+    with pytest.raises(DataError, match=r"no mask for \['b.jpg'\][\s\S]*no image for \['c.png'\]"):
+        image_mask_pairs(tmp_path / "set")
+    (tmp_path / "set" / "masks" / "c.png").rename(tmp_path / "set" / "masks" / "b.png")
+    assert [(i.name, m.name) for i, m in image_mask_pairs(tmp_path / "set")] == [("a.png", "a.png"), ("b.jpg", "b.png")]

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from nnunet_tpp.vision2d.metrics import classification_metrics, segmentation_metrics
+from nnunet_tpp.vision2d.metrics import classification_metrics, segmentation_metrics, segmentation_per_image
 
 
 def test_classification_metrics_by_hand():
@@ -58,3 +58,14 @@ def test_old_percent_files_are_read_as_fractions(tmp_path):
     with pytest.raises(ValueError, match="unexpected units"):
         read_metrics(tmp_path / "odd.json")
     assert UNITS["hd95"] == "pixel" and UNITS["dice"] == "fraction"
+
+
+def test_per_image_scores_name_the_classes_and_average_to_the_means():
+    ref = np.zeros((20, 20), int)
+    ref[5:10, 5:10], ref[12:16, 12:16] = 1, 2
+    pred = ref.copy()
+    pred[12:16, 12:16] = 0  # class 2 missed in the first image; the second image is perfect
+    records = segmentation_per_image([ref, ref], [pred, ref], ["background", "lesion", "other"])
+    assert [r["dice"] for r in records] == [{"lesion": 1.0, "other": 0.0}, {"lesion": 1.0, "other": 1.0}]
+    assert records[0]["hd95"]["other"] == pytest.approx(math.hypot(20, 20)) and records[1]["hd95"]["lesion"] == 0.0
+    assert segmentation_metrics([ref, ref], [pred, ref], 3)["dice"] == pytest.approx((0.5 + 1.0) / 2)

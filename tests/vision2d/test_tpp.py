@@ -147,3 +147,11 @@ def test_tpp_needs_a_method_that_adds_parameters(images, tmp_path):
         run_tpp_2d(model("bitfit"), images, cfg(tmp_path, "mae", 1), tmp_path / "tpp", torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown tpp_options"):
         run_tpp_2d(model(), images, cfg(tmp_path, "mae", 1, maskratio=0.5), tmp_path / "t2", torch.device("cpu"))
+
+
+def test_simmim_is_for_litemedsam_and_mae_for_vits(tmp_path):
+    from nnunet_tpp.vision2d.config import Train2dConfig
+    with pytest.raises(ValueError, match="tpp simmim masks a hierarchical encoder"):
+        Train2dConfig(task="seg", data=tmp_path, out=tmp_path / "o", arch="vit_tiny", method="adapter", tpp="simmim")
+    with pytest.raises(ValueError, match="use --tpp simmim or dino"):
+        Train2dConfig(task="seg", data=tmp_path, out=tmp_path / "o", arch="litemedsam", method="adapter", tpp="mae")

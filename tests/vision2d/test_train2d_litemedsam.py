@@ -45,6 +45,20 @@ def test_lora_on_an_unseen_folder_writes_its_metrics(unseen_folder, tmp_path):
     assert metrics["backbone"].endswith("lite_medsam.pth")  # the installed package's checkpoint, by default
     assert 0 <= metrics["dice"] <= 1 and metrics["train_images"] + metrics["test_images"] <= len(KINDS)
     assert 0 < metrics["trainable_ratio"] < 0.05 and (out / "adapter.pth").exists()
+    assert [r["image"] for r in metrics["per_image"]] == [str(i) for i in range(metrics["test_images"])]
+    assert np.mean([r["dice"]["foreground"] for r in metrics["per_image"]]) == pytest.approx(metrics["dice"])
+
+
+def test_the_untrained_evaluation_is_the_runs_starting_point(unseen_folder, tmp_path):
+    """A run whose learning rate is 0 ends where it started: its test scores are evaluate_untrained's."""
+    from nnunet_tpp.vision2d.config import Train2dConfig
+    from nnunet_tpp.vision2d.train import evaluate_untrained, run_train2d
+    cfg = Train2dConfig(task="seg", data=unseen_folder, out=tmp_path / "run", arch="litemedsam", method="adapter",
+                        epochs=1, batch_size=3, lr=0.0, device="cpu")
+    untrained = evaluate_untrained(cfg, log=lambda _: None)
+    assert not (tmp_path / "run").exists()  # it writes nothing
+    trained = run_train2d(cfg, log=lambda _: None, progress=False)
+    assert untrained["per_image"] == trained["per_image"] and untrained["dice"] == trained["dice"]
 
 
 @pytest.mark.parametrize("extra,message", [
