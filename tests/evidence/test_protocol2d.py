@@ -96,3 +96,20 @@ def test_a_folder_of_unmatched_masks_and_an_out_of_other_settings_are_refused(fo
     before = _listing(out)
     assert main(["evidence", "--downstream", str(folder), "--out", str(out), *ARGS]) == 2
     assert "epochs: 99 there, 2 now" in capsys.readouterr().err and _listing(out) == before
+
+
+def test_full_asks_for_a_gpu_and_takes_the_longer_schedule(folder, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from nnunet_tpp.evidence.settings2d import FULL_SCHEDULE_2D
+    out = tmp_path / "out"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evidence", "--protocol", "2d", "--downstream", str(folder), "--out", str(out), "--full"]) == 2
+    assert "sees no CUDA device; use --device cpu" in capsys.readouterr().err and not out.exists()
+    seen = {}
+    monkeypatch.setattr("nnunet_tpp.evidence.protocol2d.run_evidence_2d", lambda cfg: seen.setdefault("cfg", cfg))
+    assert main(["evidence", "--protocol", "2d", "--downstream", str(folder), "--out", str(out), "--full",
+                 "--device", "cpu", "--epochs", "3"]) == 0
+    cfg = seen["cfg"]
+    assert cfg.device == "cpu" and cfg.epochs == 3 and cfg.labelled == FULL_SCHEDULE_2D["labelled"]
+    assert cfg.pretext_images is None and cfg.pretext_epochs == FULL_SCHEDULE_2D["pretext_epochs"]
