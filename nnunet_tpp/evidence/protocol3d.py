@@ -13,7 +13,6 @@ TPP arms' pretext stage draws from the whole training pool (images only; ``prete
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -151,7 +150,6 @@ def _load_state(out: Path, cfg: Evidence3D) -> dict:
 
 def _write_state(out: Path, cfg: Evidence3D, state: dict) -> None:
     atomic_json(out / "protocol.json", {**state, "settings": {**state.get("settings", {}), **cfg.to_json()}})
-
 
 
 def _prepare(cfg: Evidence3D, inputs: Inputs, folders: NNUNetFolders, env: dict, log: Path, state: dict,

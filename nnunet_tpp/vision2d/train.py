@@ -108,7 +108,7 @@ def evaluate(model: nn.Module, dataset, task: str, num_classes: int, device: tor
     return segmentation_metrics(targets, outputs, num_classes)
 
 
-def test_metrics(model: nn.Module, splits, task: str, device: torch.device, batch_size: int, amp: bool = True
+def score_test_split(model: nn.Module, splits, task: str, device: torch.device, batch_size: int, amp: bool = True
                  ) -> dict:
     """:func:`evaluate` on the test split; for segmentation also ``"per_image"``: ``[{"image", "dice": {class:
     value}, "hd95": {class: value}}]`` (``image``: the file stem where the data names its test images, else the
@@ -208,14 +208,14 @@ def _data_and_backbones(cfg: Train2dConfig, log: Callable[[str], None]):
 
 
 def evaluate_untrained(cfg: Train2dConfig, log: Callable[[str], None] = print) -> dict:
-    """The test metrics (:func:`test_metrics`) of the model a run of ``cfg`` starts from (without SSA or TPP):
+    """The test metrics (:func:`score_test_split`) of the model a run of ``cfg`` starts from (without SSA or TPP):
     the pre-trained backbone with the method applied and a new head, before any training step. Writes nothing."""
     if cfg.ssa != "none":
         raise ValueError("evaluate_untrained does not run SSA; give a config without ssa")
     device = resolve_device(cfg.device)
     splits, backbone, others = _data_and_backbones(cfg, log)
     model = build_model(cfg, backbone, splits.num_classes, log, others=others).to(device)
-    return test_metrics(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
+    return score_test_split(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
 
 
 def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress: bool = True) -> dict:
@@ -298,7 +298,7 @@ def run_train2d(cfg: Train2dConfig, log: Callable[[str], None] = print, progress
         _save_checkpoint(out / CHECKPOINT_FILE, cfg, model, optimizer, state)
         plot_history(state.history, metric, out / "progress.png")
     peft.load_state_dict(model, state.best_weights)
-    test = test_metrics(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
+    test = score_test_split(model, splits, cfg.task, device, cfg.batch_size, cfg.amp)
     memory, memory_kind = peak_memory_mb(device)
     peft.save(model, out / "adapter.pth", extra={"train2d": cfg.to_dict(), "best_epoch": state.best_epoch})
     metrics = {**test, "trainable_ratio": summary.trainable / max(summary.total, 1),
