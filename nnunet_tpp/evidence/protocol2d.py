@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunet_tpp.evidence.report import atomic_json, write_evidence
+from nnunet_tpp.evidence.report import write_evidence
+from nnunet_tpp.evidence.runs import atomic_json, run_missing
 from nnunet_tpp.evidence.settings import EvidenceSettingsError
 from nnunet_tpp.evidence.settings2d import (ARMS_2D, COMPARISONS_2D, SHARED_SETTINGS_2D, UNTRAINED_FROM_2D,
                                             Evidence2D)
 from nnunet_tpp.evidence.split import Split, split_cases, subjects
 
-RESULT = "result.json"
 PROTOCOL = "protocol.json"
 
 
@@ -98,26 +98,16 @@ def run_evidence_2d(cfg: Evidence2D, echo=print) -> dict:
          f" device {cfg.device}")
     folders = {seed: _seed_folder(out / "data" / f"seed_{seed}", seed_images(split, cfg, seed), pairs)
                for seed in seeds}
-    test = load_dataset(folders[0], "seg", 256, in_chans=3, augment=False)
     untrained_arm = next(a for a in UNTRAINED_FROM_2D if a in cfg.arms)
-    total, done = len(seeds) * len(cfg.arms), 0
-    for seed in seeds:
-        for arm in cfg.arms:
-            done += 1
-            result_file = out / "runs" / arm / f"seed_{seed}" / RESULT
-            if result_file.exists():
-                echo(f"[{done}/{total}] {arm}, seed {seed}: finished earlier ({result_file})")
-                continue
-            echo(f"[{done}/{total}] {arm}, seed {seed}: {ARMS_2D[arm][0]}"
-                 f"{' after TPP (SimMIM)' if ARMS_2D[arm][1] != 'none' else ''}")
-            record = _run_arm(cfg, arm, seed, folders[seed], result_file.parent, echo,
-                              with_untrained=arm == untrained_arm)
-            atomic_json(result_file, record)
-    split_info = {"test": split.test, "pool": split.pool,
-                  "labelled": {str(s): split.labelled(cfg.labelled, s) for s in seeds}}
-    return write_evidence(out, cfg.to_json(), cfg.arms, seeds, chance_dice_2d(test.test.targets, test.class_names),
-                          split_info, {}, time.time() - start, untrained_arm, COMPARISONS_2D, hd95_unit="px",
-                          echo=echo)
+    run_missing(out, seeds, cfg.arms,
+                lambda arm, seed, arm_dir: _run_arm(cfg, arm, seed, folders[seed], arm_dir, echo,
+                                                    with_untrained=arm == untrained_arm),
+                lambda arm, seed: ARMS_2D[arm][0] + (" after TPP (SimMIM)" if ARMS_2D[arm][1] != "none" else ""),
+                echo)
+    test = load_dataset(folders[0], "seg", 256, in_chans=3, augment=False)  # every seed's test images
+    chance = chance_dice_2d(test.test.targets, test.class_names)
+    return write_evidence(out, cfg.to_json(), cfg.arms, seeds, chance, split.record(cfg.labelled, seeds), {},
+                          time.time() - start, untrained_arm, COMPARISONS_2D, hd95_unit="px", echo=echo)
 
 
 def chance_dice_2d(masks, class_names: list[str]) -> dict[str, float]:

@@ -26,13 +26,13 @@ from nnunet_tpp.data.nnunet_raw import Case, DatasetError, cases_from_folder, ch
     labels_of_folder, write_raw_dataset
 from nnunet_tpp.demo.report import chance_dice
 from nnunet_tpp.evidence.plan3d import plan_and_preprocess
-from nnunet_tpp.evidence.report import atomic_json, write_evidence
+from nnunet_tpp.evidence.report import write_evidence
+from nnunet_tpp.evidence.runs import atomic_json, run_missing
 from nnunet_tpp.evidence.settings import ARMS_3D, UNTRAINED_FROM, Evidence3D, EvidenceSettingsError
 from nnunet_tpp.evidence.split import Split, split_cases, subjects
 from nnunet_tpp.nnunet_commands import NNUNetFolders, run_nnunet
 
 UNTRAINED = "checkpoint_untrained.pth"
-RESULT = "result.json"
 #: settings a rerun must share with the run in ``out`` to reuse its files (seeds and arms may be added)
 SHARED_SETTINGS = ("upstream", "downstream", "group", "test", "labelled", "size", "epochs", "iterations_per_epoch",
                    "upstream_epochs", "pretext_epochs", "pretext_iterations_per_epoch", "voxels", "batch_size",
@@ -121,26 +121,16 @@ def run_evidence_3d(cfg: Evidence3D, echo=print) -> dict:
     _write_state(out, cfg, state)
     downstream_raw = folders.raw / dataset_folder_name(cfg.downstream_id, "Downstream")
     labels_ts = downstream_raw / "labelsTs"
-    total = len(seeds) * len(cfg.arms)
-    done = 0
     untrained_arm = next(a for a in UNTRAINED_FROM if a in cfg.arms)
-    for seed in seeds:
-        for arm in cfg.arms:
-            done += 1
-            result_file = out / "runs" / arm / f"seed_{seed}" / RESULT
-            if result_file.exists():
-                echo(f"[{done}/{total}] {arm}, seed {seed}: finished earlier ({result_file})")
-                continue
-            echo(f"[{done}/{total}] {arm}, seed {seed}: training on {', '.join(split.labelled(cfg.labelled, seed))}")
-            record = _run_arm(cfg, arm, seed, upstream, split, folders, env, log, downstream_raw, inputs.labels, echo,
-                              with_untrained=arm == untrained_arm)
-            atomic_json(result_file, record)
+    run_missing(out, seeds, cfg.arms,
+                lambda arm, seed, _: _run_arm(cfg, arm, seed, upstream, split, folders, env, log, downstream_raw,
+                                              inputs.labels, echo, with_untrained=arm == untrained_arm),
+                lambda arm, seed: f"training on {', '.join(split.labelled(cfg.labelled, seed))}", echo)
     steps = {"plan+preprocess": sum(p.get("seconds", 0.0) for p in plans.values()),
              **_load_state(out, cfg).get("seconds", {})}
-    split_info = {"test": split.test, "pool": split.pool,
-                  "labelled": {str(s): split.labelled(cfg.labelled, s) for s in seeds}}
-    return write_evidence(out, cfg.to_json(), cfg.arms, seeds, chance_dice(labels_ts, inputs.labels), split_info,
-                          steps, time.time() - start, untrained_arm, extra={"plan": plans}, echo=echo)
+    return write_evidence(out, cfg.to_json(), cfg.arms, seeds, chance_dice(labels_ts, inputs.labels),
+                          split.record(cfg.labelled, seeds), steps, time.time() - start, untrained_arm,
+                          extra={"plan": plans}, echo=echo)
 
 
 def _load_state(out: Path, cfg: Evidence3D) -> dict:

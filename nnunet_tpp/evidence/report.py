@@ -14,19 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_tpp.evaluation import markdown_table
+from nnunet_tpp.evidence.runs import atomic_write, read_results
 from nnunet_tpp.evidence.settings import COMPARISONS
 from nnunet_tpp.evidence.stats import arm_summary, case_dice, learnt, paired_difference
 
 EVIDENCE_JSON, EVIDENCE_MD, EVIDENCE_PLOT = "evidence.json", "evidence.md", "evidence.png"
-
-
-def read_results(out: Path, arms: list[str], seeds: list[int]) -> dict[str, list[dict]]:
-    """``{arm: [runs/ARM/seed_K/result.json for each finished seed]}``."""
-    found = {}
-    for arm in arms:
-        files = [Path(out) / "runs" / arm / f"seed_{s}" / "result.json" for s in seeds]
-        found[arm] = [json.loads(f.read_text()) for f in files if f.exists()]
-    return found
 
 
 def summarise(results: dict[str, list[dict]], untrained_arm: str, chance: dict[str, float],
@@ -80,9 +72,9 @@ def write_evidence(out: Path, settings: dict, arms: list[str], seeds: list[int],
     evidence = {**summary, "chance_dice": chance, "minutes": sum(steps.values()) / 60,
                 "wall_minutes_this_run": seconds / 60, "settings": settings, **(extra or {}), "split": split,
                 "seconds": steps, "hd95_unit": hd95_unit}
-    _atomic_write(out / EVIDENCE_JSON, json.dumps(evidence, indent=2))
+    atomic_write(out / EVIDENCE_JSON, json.dumps(evidence, indent=2))
     table = markdown_report(evidence)
-    _atomic_write(out / EVIDENCE_MD, table + "\n")
+    atomic_write(out / EVIDENCE_MD, table + "\n")
     plot_per_case(evidence, out / EVIDENCE_PLOT)
     echo("")
     echo(table)
@@ -146,16 +138,4 @@ def plot_per_case(evidence: dict, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def atomic_json(path: Path, data: dict) -> None:
-    """Writes ``data`` as JSON to ``path`` (its folder made) through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(data, indent=2))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
     os.replace(tmp, path)

@@ -31,6 +31,36 @@ class EvidenceSettingsError(ValueError):
     """A setting of the evidence protocol that cannot work; the message says which and how to fix it."""
 
 
+def check_counts(settings, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Raises :class:`EvidenceSettingsError` unless each ``required`` field is an integer >= 1 and each ``optional``
+    one is that or None."""
+    for name in required + optional:
+        value = getattr(settings, name)
+        if value is None and name in optional:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise EvidenceSettingsError(f"{name} must be an integer >= 1{' (or null)' if name in optional else ''}, "
+                                        f"got {value!r}")
+
+
+def check_arms(arms: list[str], known, protocol: str) -> None:
+    """Raises :class:`EvidenceSettingsError` for no arm or an arm not in ``known``."""
+    unknown = [a for a in arms if a not in known]
+    if unknown or not arms:
+        raise EvidenceSettingsError(f"--arms {','.join(map(str, arms))}: unknown arm(s) {unknown} for the {protocol} "
+                                    f"protocol; choose from {', '.join(known)}")
+
+
+def check_device(device: str, allowed: tuple[str, ...]) -> None:
+    """Raises :class:`EvidenceSettingsError` for a device not in ``allowed``, or ``cuda`` where PyTorch sees none."""
+    if device not in allowed:
+        raise EvidenceSettingsError(f"--device must be {' or '.join(allowed)}, got {device!r}")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise EvidenceSettingsError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+
+
 @dataclass
 class Evidence3D:
     """The 3-D protocol (CHAOS -> LA in the README): upstream supervised pre-training of STU-Net on ``upstream``,
@@ -83,27 +113,12 @@ class Evidence3D:
 
     def check(self) -> None:
         """Every setting checked (raises :class:`EvidenceSettingsError`); the data are checked by the protocol."""
-        for name in ("seeds", "labelled", "epochs", "iterations_per_epoch", "upstream_epochs", "pretext_epochs",
-                     "pretext_iterations_per_epoch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise EvidenceSettingsError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("voxels", "batch_size", "test"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise EvidenceSettingsError(f"{name} must be an integer >= 1 (or null), got {value!r}")
-        unknown = [a for a in self.arms if a not in ARMS_3D]
-        if unknown or not self.arms:
-            raise EvidenceSettingsError(f"--arms {','.join(map(str, self.arms))}: unknown arm(s) {unknown}; choose "
-                                        f"from {', '.join(ARMS_3D)}")
+        check_counts(self, ("seeds", "labelled", "epochs", "iterations_per_epoch", "upstream_epochs", "pretext_epochs",
+                            "pretext_iterations_per_epoch"), ("voxels", "batch_size", "test"))
+        check_arms(self.arms, ARMS_3D, "3-D")
         if self.size not in ("S", "B", "L", "H"):
             raise EvidenceSettingsError(f"size must be S, B, L or H, got {self.size!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise EvidenceSettingsError(f"--device must be cpu or cuda, got {self.device!r}")
-        if self.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                raise EvidenceSettingsError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+        check_device(self.device, ("cpu", "cuda"))
         for name in ("upstream", "downstream"):
             folder = getattr(self, name)
             if folder is None or not Path(folder).is_dir():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nnunet_tpp.evidence.settings import EvidenceSettingsError
+from nnunet_tpp.evidence.settings import EvidenceSettingsError, check_arms, check_counts, check_device
 from nnunet_tpp.settings_file import settings_from_yaml
 
 #: arm -> (the PEFT method on LiteMedSAM's encoder, the TPP pretext or "none")
@@ -76,25 +76,10 @@ class Evidence2D:
 
     def check(self) -> None:
         """Every setting checked (raises :class:`EvidenceSettingsError`); the data are checked by the protocol."""
-        for name in ("seeds", "labelled", "validation", "epochs", "batch_size", "pretext_epochs",
-                     "pretext_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EvidenceSettingsError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("pretext_images", "test"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise EvidenceSettingsError(f"{name} must be an integer >= 1 (or null), got {value!r}")
-        unknown = [a for a in self.arms if a not in ARMS_2D]
-        if unknown or not self.arms:
-            raise EvidenceSettingsError(f"--arms {','.join(map(str, self.arms))}: unknown arm(s) {unknown} for the "
-                                        f"2-D protocol; choose from {', '.join(ARMS_2D)}")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise EvidenceSettingsError(f"--device must be cpu, cuda or auto, got {self.device!r}")
-        if self.device == "cuda":
-            import torch
-            if not torch.cuda.is_available():
-                raise EvidenceSettingsError("--device cuda: this PyTorch sees no CUDA device; use --device cpu")
+        check_counts(self, ("seeds", "labelled", "validation", "epochs", "batch_size", "pretext_epochs",
+                            "pretext_batch_size"), ("pretext_images", "test"))
+        check_arms(self.arms, ARMS_2D, "2-D")
+        check_device(self.device, ("cpu", "cuda", "auto"))
         folder = self.downstream
         if folder is None or not (Path(folder) / "images").is_dir() or not (Path(folder) / "masks").is_dir():
             raise EvidenceSettingsError(f"--downstream {folder}: the 2-D protocol needs a folder with images/ and "

@@ -73,6 +73,10 @@ class Split:
         rest = self._ordered(seed)[n:]
         return rest[:count] if rest else self._ordered(seed)[:count]
 
+    def record(self, n: int, seeds: list[int]) -> dict:
+        """``{"test", "pool", "labelled": {seed: cases}}`` for the report."""
+        return {"test": self.test, "pool": self.pool, "labelled": {str(s): self.labelled(n, s) for s in seeds}}
+
     def _ordered(self, seed: int) -> list[str]:
         by_subject: dict[str, list[str]] = {}
         for case in self.pool:

@@ -82,6 +82,7 @@ class LiteMedSAMBackbone(nn.Module):
     in_chans = 3
     img_size = IMG_SIZE
     embed_dim = FEATURES
+    output_stride = STRIDE
 
     def __init__(self, checkpoint: str | os.PathLike | None = "default",
                  input_mean: tuple[float, ...] = (0.485, 0.456, 0.406),

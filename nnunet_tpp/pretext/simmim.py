@@ -76,17 +76,17 @@ class SimMIMPretext(nn.Module):
     """Encoder + SimMIM decoder; ``forward(images)`` returns the loss.
 
     Args:
-        backbone: maps the loader's images to features (B, features, H / stride, W / stride); it must have
-            ``prepare(images)`` (the encoder's input, the reconstruction target), ``encode(prepared)`` and
-            ``simmim_stem()`` -> (module, its output channels, its stride): the mask token replaces its output.
-        features, stride: the encoder's output channels and stride.
+        backbone: maps the loader's images to features (B, ``embed_dim``, H / ``output_stride``, W /
+            ``output_stride``); it must have ``prepare(images)`` (the encoder's input, the reconstruction target),
+            ``encode(prepared)`` and ``simmim_stem()`` -> (module, its output channels, its stride): the mask token
+            replaces its output.
         mask_patch_size, mask_ratio: SimMIM's mask.
     """
 
-    def __init__(self, backbone: nn.Module, features: int, stride: int, mask_patch_size: int = 32,
-                 mask_ratio: float = 0.6):
+    def __init__(self, backbone: nn.Module, mask_patch_size: int = 32, mask_ratio: float = 0.6):
         super().__init__()
         self.backbone = backbone
+        features, stride = backbone.embed_dim, backbone.output_stride
         stem, channels, self.stem_stride = backbone.simmim_stem()
         if mask_patch_size % self.stem_stride:
             raise ValueError(f"the mask patch size {mask_patch_size} must be a multiple of the stem's stride "

@@ -274,9 +274,8 @@ def _run_simmim(backbone, images, cfg, s: SimMIMSettings, work_dir: Path, device
     """SimMIM (:mod:`nnunet_tpp.pretext.simmim`) on a backbone with a stem (LiteMedSAM's encoder): the target
     parameters, the mask token and the 1 x 1 decoder train; SimMIM's AdamW (betas 0.9 / 0.999, no decay on biases,
     1-D parameters and the mask token)."""
-    from nnunet_tpp.models.litemedsam import FEATURES, STRIDE
     from nnunet_tpp.pretext.simmim import SimMIMPretext
-    pretext = SimMIMPretext(backbone, FEATURES, STRIDE, s.mask_patch_size, s.mask_ratio).to(device)
+    pretext = SimMIMPretext(backbone, s.mask_patch_size, s.mask_ratio).to(device)
     try:
         groups = weight_decay_groups(pretext.named_parameters(), s.weight_decay, skip=("mask_token",))
         optimizer = torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnunet_tpp import peft
-from nnunet_tpp.models.litemedsam import FEATURES, STRIDE, LiteMedSAMBackbone, LiteMedSAMSegmenter
+from nnunet_tpp.models.litemedsam import LiteMedSAMBackbone, LiteMedSAMSegmenter
 from nnunet_tpp.pretext.simmim import MaskedStem, SimMIMPretext, simmim_loss, simmim_mask, upsample_mask
 
 
@@ -61,7 +61,7 @@ def test_a_simmim_stage_trains_the_adapters_token_and_decoder_and_lowers_the_hel
     for name, param in model.named_parameters():
         param.requires_grad_(name in targets)
     frozen = {k: v.clone() for k, v in model.state_dict().items() if k not in targets}
-    pretext = SimMIMPretext(model.backbone, FEATURES, STRIDE)
+    pretext = SimMIMPretext(model.backbone)
     trained = {n for n, p in pretext.named_parameters() if p.requires_grad}
     assert trained == set(targets) | {"stem.mask_token", "decoder.0.weight", "decoder.0.bias"}
     start = {n: p.detach().clone() for n, p in pretext.named_parameters() if p.requires_grad}
@@ -82,3 +82,22 @@ def test_a_simmim_stage_trains_the_adapters_token_and_decoder_and_lowers_the_hel
     assert held_out_loss() < before
     assert all(not torch.equal(p, start[n]) for n, p in pretext.named_parameters() if p.requires_grad)
     assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items() if k in frozen)  # BN stats too
+
+
+def test_the_pretext_runs_under_bfloat16_autocast_and_reaches_every_trained_tensor():
+    """The users' GPU path (the stage runs under bfloat16 autocast on CUDA), here on the CPU."""
+    torch.manual_seed(0)
+    model = peft.apply(LiteMedSAMSegmenter(LiteMedSAMBackbone(None), 2), "adapter")
+    targets = peft.target_parameters(model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in targets)
+    pretext = SimMIMPretext(model.backbone).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pretext(torch.randn(1, 3, 256, 256), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    trained = {name: param for name, param in pretext.named_parameters() if param.requires_grad}
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained.values())
+    for name in ("stem.mask_token", "decoder.0.weight",
+                 "backbone.image_encoder.layers.1.blocks.0.adapter_attn.up.weight"):  # the adapter's zero-init side
+        assert trained[name].grad.abs().sum() > 0, name
